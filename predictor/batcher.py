@@ -1,0 +1,372 @@
+"""Continuous batching: concurrent requests share forward passes, joining and leaving between decode steps.
+
+One worker thread owns the running batch. Each step it admits waiting requests (a prefill, merged into the running
+KV cache), advances every running sequence by one token, and retires the sequences that finished, were cancelled or
+ran out of time. A request never waits for a long batch to end, and one request's options never change another's
+tokens (see ``sampling``). Beam-search requests keep several hypotheses each and run whole through ``generate`` on
+a second thread, so they do not stall the running batch. Generation never runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+import torch
+
+from .engine import Engine, KVBatch
+from .errors import Draining, GenerationFailed, Overloaded
+from .options import GenerationJob
+from .sampling import SequenceSampler, choose_next_tokens, make_sampler
+
+logger = logging.getLogger(__name__)
+
+FAILURES_BEFORE_UNHEALTHY = 3  # consecutive failed steps that mark the engine broken (a lost GPU, say)
+
+
+@dataclass(frozen=True)
+class SequenceOutput:
+    token_ids: tuple[int, ...]  # generated ids, eos included when the sequence stopped on it
+    finish_reason: str  # "stop" (eos), "length", "time_limit" or "cancelled"
+    logprobs: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    sequences: tuple[SequenceOutput, ...]
+    prompt_tokens: int
+    queue_seconds: float
+    generation_seconds: float
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """Streaming: ``token_id`` was generated for sequence ``index``; ``finish_reason`` is set on its last one."""
+
+    index: int
+    token_id: int | None
+    finish_reason: str | None = None
+
+
+class Ticket:
+    """A submitted request: await ``result()``, iterate ``events()`` when streaming, ``cancel()`` to give up."""
+
+    def __init__(self, job: GenerationJob, loop: asyncio.AbstractEventLoop, stream: bool, time_budget_s: float):
+        self.job = job
+        self.stream = stream
+        self.time_budget_s = time_budget_s
+        self.submitted_at = time.monotonic()
+        self.started_at: float | None = None
+        self._loop = loop
+        self._future: asyncio.Future[GenerationResult] = loop.create_future()
+        self._events: asyncio.Queue[TokenEvent] | None = asyncio.Queue() if stream else None
+        self._cancelled = threading.Event()
+
+    # -- the client's side (event loop) ----------------------------------------------------------------------
+    async def result(self) -> GenerationResult:
+        return await asyncio.shield(self._future)
+
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        """Token events until every sequence finished; raises the request's error if it failed."""
+        assert self._events is not None, "submit(stream=True) to receive events"
+        finished = 0
+        while finished < self.job.options.num_return_sequences:
+            getter = asyncio.ensure_future(self._events.get())
+            await asyncio.wait([getter, self._future], return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                if self._events.empty():
+                    self._future.result()  # raises if the request failed
+                    return
+                continue
+            event = getter.result()
+            finished += event.finish_reason is not None
+            yield event
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    # -- the worker's side -----------------------------------------------------------------------------------
+    def out_of_time(self) -> bool:
+        return self.started_at is not None and time.monotonic() - self.started_at > self.time_budget_s
+
+    def should_stop(self) -> bool:
+        return self.cancelled or self.out_of_time()
+
+    def emit(self, event: TokenEvent) -> None:
+        if self._events is not None:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    def resolve(self, sequences: list[SequenceOutput]) -> None:
+        now = time.monotonic()
+        started = self.started_at or now
+        result = GenerationResult(tuple(sequences), len(self.job.prompt_ids), started - self.submitted_at,
+                                  now - started)
+        self._loop.call_soon_threadsafe(_settle, self._future, result, None)
+
+    def fail(self, error: BaseException) -> None:
+        self._loop.call_soon_threadsafe(_settle, self._future, None, error)
+
+
+def _settle(future: asyncio.Future, result: GenerationResult | None, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+@dataclass
+class _Sequence:
+    """One row of the running batch."""
+
+    ticket: Ticket
+    index: int
+    tokens: list[int]  # prompt + generated
+    sampler: SequenceSampler
+    prompt_len: int
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+
+class Batcher:
+    """Queues requests and runs them in shared batches on worker threads."""
+
+    def __init__(self, engine: Engine, max_batch_size: int = 32, max_queue: int = 128,
+                 time_budget_s: float = 300.0, on_step_error: Callable[[BaseException], None] | None = None):
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.time_budget_s = time_budget_s
+        self._on_step_error = on_step_error
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[Ticket] = collections.deque()
+        self._beam_waiting: collections.deque[Ticket] = collections.deque()
+        self._closed = False
+        self._running: list[_Sequence] = []
+        self._finished: dict[Ticket, list[_Sequence]] = {}  # done sequences of requests with others still running
+        self._kv: KVBatch | None = None
+        self._in_flight = 0  # submitted and not yet settled
+        self._consecutive_failures = 0
+        self._threads = [threading.Thread(target=self._decode_loop, name="batcher-decode", daemon=True),
+                         threading.Thread(target=self._beam_loop, name="batcher-beams", daemon=True)]
+
+    # -- public API (event loop) -----------------------------------------------------------------------------
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, job: GenerationJob, *, stream: bool = False) -> Ticket:
+        """Queue ``job``; raise ``Overloaded`` when the queue is full, ``Draining`` after ``close()``."""
+        ticket = Ticket(job, asyncio.get_running_loop(), stream, self.time_budget_s)
+        with self._lock:
+            if self._closed:
+                raise Draining("the server is shutting down and takes no new requests")
+            if self.waiting >= self.max_queue:
+                raise Overloaded(f"the server is at capacity ({self.max_queue} requests waiting): retry shortly",
+                                 headers={"Retry-After": "1"})
+            (self._beam_waiting if job.options.uses_beams else self._waiting).append(ticket)
+            self._in_flight += 1
+            self._lock.notify_all()
+        ticket._future.add_done_callback(lambda _: self._settled())
+        return ticket
+
+    def close(self) -> None:
+        """Take no new requests; those already submitted still run to completion."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting) + len(self._beam_waiting)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def running_sequences(self) -> int:
+        return len(self._running)
+
+    @property
+    def healthy(self) -> bool:
+        """False after repeated consecutive failures: the device is likely gone and the pod should restart."""
+        return self._consecutive_failures < FAILURES_BEFORE_UNHEALTHY
+
+    def _settled(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    # -- the decode worker -----------------------------------------------------------------------------------
+    def _decode_loop(self) -> None:
+        while True:
+            joining = self._take_joining()
+            if joining is None:
+                return
+            try:
+                self._step(joining)
+                self._consecutive_failures = 0
+            except Exception as exc:  # noqa: BLE001 - one failed step must not end the worker
+                self._fail_batch(joining, exc)
+
+    def _take_joining(self) -> list[Ticket] | None:
+        """Waiting requests that fit in the batch now; blocks while there is nothing to do. None: shut down."""
+        with self._lock:
+            while not self._running and not self._waiting:
+                if self._closed and not self._beam_waiting and self._in_flight == 0:
+                    return None
+                self._lock.wait(timeout=0.5)
+            joining, rows = [], len(self._running)
+            while self._waiting:
+                ticket = self._waiting[0]
+                need = ticket.job.options.num_return_sequences
+                if rows + need > self.max_batch_size and rows > 0:
+                    break
+                self._waiting.popleft()
+                if ticket.cancelled:
+                    ticket.resolve([SequenceOutput((), "cancelled")] * need)
+                    continue
+                joining.append(ticket)
+                rows += need
+            return joining
+
+    @torch.inference_mode()
+    def _step(self, joining: list[Ticket]) -> None:
+        logits = []
+        if self._running:
+            logits.append(self.engine.decode_step(self._kv, [seq.tokens[-1] for seq in self._running]))
+        if joining:
+            logits.append(self._prefill(joining))
+        self._choose(torch.cat(logits) if len(logits) > 1 else logits[0])
+        self._retire()
+
+    def _prefill(self, joining: list[Ticket]) -> torch.Tensor:
+        new: list[_Sequence] = []
+        now = time.monotonic()
+        for ticket in joining:
+            ticket.started_at = now
+            prompt = list(ticket.job.prompt_ids)
+            for index in range(ticket.job.options.num_return_sequences):
+                sampler = make_sampler(ticket.job.options, prompt, index, self.engine.device)
+                new.append(_Sequence(ticket, index, list(prompt), sampler, len(prompt)))
+        kv, logits = self.engine.prefill([seq.tokens for seq in new])
+        self._kv = kv if self._kv is None else self.engine.merge(self._kv, kv)
+        self._running.extend(new)
+        return logits
+
+    def _choose(self, logits: torch.Tensor) -> None:
+        running = self._running
+        tokens, logprobs = choose_next_tokens(logits, [s.sampler for s in running], [s.tokens for s in running])
+        for seq, token, logprob in zip(running, tokens, logprobs):
+            seq.tokens.append(token)
+            if logprob is not None:
+                seq.logprobs.append(logprob)
+            seq.finish_reason = self._finish_reason(seq, token)
+            seq.ticket.emit(TokenEvent(seq.index, token, seq.finish_reason))
+
+    @staticmethod
+    def _finish_reason(seq: _Sequence, token: int) -> str | None:
+        options = seq.ticket.job.options
+        if token in options.eos_token_ids:
+            return "stop"
+        if len(seq.generated) >= options.max_new_tokens:
+            return "length"
+        if seq.ticket.cancelled:
+            return "cancelled"
+        if seq.ticket.out_of_time():
+            return "time_limit"
+        return None
+
+    def _retire(self) -> None:
+        """Drop finished sequences from the batch; answer a request once all of its sequences are done."""
+        keep = [i for i, seq in enumerate(self._running) if seq.finish_reason is None]
+        if len(keep) == len(self._running):
+            return
+        for seq in self._running:
+            if seq.finish_reason is not None:
+                self._finished.setdefault(seq.ticket, []).append(seq)
+        self._running = [self._running[i] for i in keep]
+        self._kv = self.engine.select(self._kv, keep) if keep else None
+        for ticket, sequences in list(self._finished.items()):
+            if len(sequences) == ticket.job.options.num_return_sequences:
+                del self._finished[ticket]
+                self._resolve(ticket, sequences)
+
+    @staticmethod
+    def _resolve(ticket: Ticket, sequences: list[_Sequence]) -> None:
+        outputs = [SequenceOutput(tuple(seq.generated), seq.finish_reason or "length",
+                                  tuple(seq.logprobs) if seq.sampler.logprobs else None)
+                   for seq in sorted(sequences, key=lambda s: s.index)]
+        ticket.resolve(outputs)
+
+    def _fail_batch(self, joining: list[Ticket], exc: Exception) -> None:
+        """Fail every request in the broken step, free what it held, and keep serving."""
+        self._consecutive_failures += 1
+        logger.error("Generation step failed for %d request(s): %s", len(joining) + len(self._running), exc,
+                     exc_info=exc)
+        tickets = {seq.ticket for seq in self._running} | set(joining) | set(self._finished)
+        self._running, self._kv, self._finished = [], None, {}
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        for ticket in tickets:
+            ticket.fail(_as_generation_failure(exc))
+        if self._on_step_error is not None:
+            self._on_step_error(exc)
+
+    # -- the beam-search worker ------------------------------------------------------------------------------
+    def _beam_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._beam_waiting:
+                    if self._closed and self._in_flight == 0:
+                        return
+                    self._lock.wait(timeout=0.5)
+                ticket = self._beam_waiting.popleft()
+            self._run_beams(ticket)
+
+    def _run_beams(self, ticket: Ticket) -> None:
+        options = ticket.job.options
+        if ticket.cancelled:
+            ticket.resolve([SequenceOutput((), "cancelled")] * options.num_return_sequences)
+            return
+        ticket.started_at = time.monotonic()
+        try:
+            out = self.engine.generate_beams(list(ticket.job.prompt_ids), options, ticket.should_stop)
+            self._consecutive_failures = 0
+        except Exception as exc:  # noqa: BLE001 - fail this request, keep the worker
+            self._consecutive_failures += 1
+            logger.error("Beam search failed: %s", exc, exc_info=exc)
+            ticket.fail(_as_generation_failure(exc))
+            return
+        interrupted = "cancelled" if ticket.cancelled else "time_limit" if ticket.out_of_time() else "length"
+        outputs = []
+        for i, seq in enumerate(out.sequences):
+            reason = "stop" if out.finished[i] else interrupted
+            logprobs = tuple(out.logprobs[i]) if out.logprobs is not None else None
+            outputs.append(SequenceOutput(tuple(seq), reason, logprobs))
+            for token in seq:
+                ticket.emit(TokenEvent(i, token))
+            ticket.emit(TokenEvent(i, None, reason))
+        ticket.resolve(outputs)
+
+
+def _as_generation_failure(exc: BaseException) -> GenerationFailed:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return GenerationFailed("the accelerator ran out of memory for this batch; retry, or ask for fewer or "
+                                "shorter sequences")
+    return GenerationFailed(f"generation failed: {type(exc).__name__}")

@@ -1,0 +1,130 @@
+"""Command-line configuration: KServe's flags plus this server's, parsed once into a frozen ``ServerConfig``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+from .options import Limits
+from .variants import find_variant
+
+DEMO_MODEL_NAME = "falcon-tiny-demo"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server needs to know, after defaults and environment variables are applied."""
+
+    model_name: str
+    model_id: str | None  # Hugging Face id (loaded from the local Hugging Face cache or the Hub)
+    model_dir: str | None  # local Hugging Face-format checkpoint; wins over model_id
+    revision: str | None
+    dtype: str  # "auto": bfloat16 on a GPU, float32 on the CPU
+    device: str  # "auto": every visible GPU if there is one, else the CPU
+    http_port: int
+    limits: Limits
+    max_batch_size: int  # sequences decoded together in one forward pass
+    max_queue: int  # requests waiting for a batch slot before new ones get 429
+    request_timeout_s: float  # generation time one request may take before it is cut short
+    max_body_bytes: int
+    drain_timeout_s: float  # how long SIGTERM waits for in-flight requests
+    api_key: str | None
+    log_prompts: bool
+    compile: bool  # static KV cache + torch.compile on CUDA
+    load_in_8bit: bool
+
+    @property
+    def is_demo(self) -> bool:
+        """No model was chosen: serve a tiny Falcon built on this machine."""
+        return self.model_dir is None and self.model_id is None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """KServe's model-server parser extended with this server's flags (``--help`` lists both)."""
+    from kserve import model_server  # importing KServe parses sys.argv and builds its app: only when asked
+
+    parser = argparse.ArgumentParser(
+        prog="python -m predictor", parents=[model_server.parser],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Serve a Falcon model with KServe: POST /chat, KServe's v1/v2 routes and OpenAI-compatible "
+                    "routes. With no model chosen it serves a tiny random Falcon built locally, as a demo.")
+    add_predictor_arguments(parser)
+    return parser
+
+
+def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
+    """This server's own flags; the defaults shown by ``--help`` are the ones in force."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_id", default=None,
+                       help="Hugging Face model id; defaults to the variant named by --model_name "
+                            "(falcon-7b, falcon-7b-instruct, falcon-40b, falcon-40b-instruct)")
+    model.add_argument("--model_dir", default=None,
+                       help="local directory with a Hugging Face-format Falcon checkpoint, e.g. /mnt/models where "
+                            "KServe's storage initializer puts weights; takes precedence over --model_id")
+    model.add_argument("--revision", default=None, help="revision of --model_id; defaults to the variant's pin")
+    model.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                       help="weights dtype; auto is bfloat16 on a GPU, float32 on the CPU")
+    model.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                       help="auto uses every visible GPU (layers split across them) if any, else the CPU")
+    model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="on CUDA, use a static KV cache with torch.compile (warmed up before readiness)")
+    model.add_argument("--load_in_8bit", action=argparse.BooleanOptionalAction, default=False,
+                       help="load weights in 8 bits (needs bitsandbytes): falcon-40b on one 80 GB GPU")
+
+    limits = parser.add_argument_group("limits")
+    defaults = Limits()
+    limits.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens,
+                        help="most tokens one sequence may generate")
+    limits.add_argument("--max_num_beams", type=int, default=defaults.max_num_beams)
+    limits.add_argument("--max_num_return_sequences", type=int, default=defaults.max_num_return_sequences)
+    limits.add_argument("--max_sequences_per_request", type=int, default=defaults.max_sequences,
+                        help="cap on num_beams * num_return_sequences")
+    limits.add_argument("--max_batch_size", type=int, default=32, help="sequences decoded together")
+    limits.add_argument("--max_queue", type=int, default=128,
+                        help="requests waiting for a batch slot; past it requests get 429 with Retry-After")
+    limits.add_argument("--request_timeout", type=float, default=300.0,
+                        help="seconds of generation one request may use; then it stops with finish_reason "
+                             "'time_limit' and returns what it has")
+    limits.add_argument("--max_body_bytes", type=int, default=2 * 1024 * 1024,
+                        help="largest request body; larger ones get 413 before parsing")
+    limits.add_argument("--drain_timeout", type=float, default=60.0,
+                        help="seconds SIGTERM waits for in-flight requests before exiting")
+
+    security = parser.add_argument_group("security")
+    security.add_argument("--api_key", default=None,
+                          help="if set (or $PREDICTOR_API_KEY), /chat and inference routes need "
+                               "'Authorization: Bearer <key>'; health and metrics stay open")
+    security.add_argument("--log_prompts", action=argparse.BooleanOptionalAction, default=False,
+                          help="log prompts and generated text (off: they may hold personal data)")
+
+
+def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
+    """Parse the command line (``sys.argv`` when ``argv`` is None) into a ``ServerConfig``."""
+    args = build_parser().parse_args(argv)
+    return config_from_args(args)
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    variant = find_variant(args.model_id) or find_variant(args.model_name)
+    model_id = args.model_id or (variant.hf_id if variant else None)
+    revision = args.revision or (variant.revision if variant and model_id == variant.hf_id else None)
+    model_name = args.model_name
+    if args.model_dir is None and model_id is None and model_name == "model":
+        model_name = DEMO_MODEL_NAME
+    limits = Limits(
+        context_length=variant.context_length if variant else Limits.context_length,
+        max_new_tokens=args.max_new_tokens, max_num_beams=args.max_num_beams,
+        max_num_return_sequences=args.max_num_return_sequences, max_sequences=args.max_sequences_per_request)
+    for flag in ("max_new_tokens", "max_num_beams", "max_num_return_sequences", "max_sequences_per_request",
+                 "max_batch_size", "max_queue", "max_body_bytes"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag} must be at least 1")
+    return ServerConfig(
+        model_name=model_name, model_id=model_id, model_dir=args.model_dir, revision=revision, dtype=args.dtype,
+        device=args.device, http_port=args.http_port, limits=limits, max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue, request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
+        drain_timeout_s=args.drain_timeout, api_key=args.api_key or os.environ.get("PREDICTOR_API_KEY") or None, log_prompts=args.log_prompts,
+        compile=args.compile, load_in_8bit=args.load_in_8bit)
+

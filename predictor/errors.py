@@ -1,0 +1,82 @@
+"""Typed errors: each names what went wrong, the field at fault and the HTTP status it maps to.
+
+Nothing here imports KServe or FastAPI; the HTTP layer turns these into responses in one place.
+"""
+
+from __future__ import annotations
+
+
+class PredictorError(Exception):
+    """Base of every error a client can be told about."""
+
+    status: int = 500
+    error_type: str = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+
+class InvalidRequest(PredictorError):
+    """A field has the wrong type, is out of range, or does not fit with another field."""
+
+    status = 400
+    error_type = "invalid_request"
+
+
+class MissingPrompt(InvalidRequest):
+    """No prompt, or an empty one (the message is the one the Falcon /chat clients know)."""
+
+    error_type = "missing_prompt"
+
+    def __init__(self) -> None:
+        super().__init__("Text generation parameter prompt required", param="prompt")
+
+
+class UnknownParameter(InvalidRequest):
+    error_type = "unknown_parameter"
+
+
+class ContextLengthExceeded(PredictorError):
+    """The prompt and the tokens asked for do not fit in the model's context."""
+
+    status = 422
+    error_type = "context_length_exceeded"
+
+
+class BodyTooLarge(PredictorError):
+    status = 413
+    error_type = "body_too_large"
+
+
+class Unauthorized(PredictorError):
+    status = 401
+    error_type = "unauthorized"
+
+
+class Overloaded(PredictorError):
+    """The queue of waiting requests is full: the client should retry later."""
+
+    status = 429
+    error_type = "overloaded"
+
+
+class NotReady(PredictorError):
+    status = 503
+    error_type = "not_ready"
+
+
+class Draining(PredictorError):
+    """The server is shutting down and takes no new work."""
+
+    status = 503
+    error_type = "draining"
+
+
+class GenerationFailed(PredictorError):
+    """Generation raised (out of memory, a device fault): this request failed, the server goes on."""
+
+    status = 500
+    error_type = "generation_failed"

@@ -1,0 +1,173 @@
+"""The KServe model: loads a Falcon, turns /chat payloads into generation jobs and results into responses.
+
+``preprocess`` validates and tokenizes, ``predict`` queues the job with the batcher and awaits it, ``postprocess``
+shapes the Falcon /chat response. The same three steps serve ``POST /chat`` and KServe's
+``POST /v1/models/<name>:predict``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import kserve
+
+from . import metrics
+from .batcher import Batcher, GenerationResult, Ticket
+from .config import ServerConfig
+from .engine import Engine, LoadSpec, load_engine
+from .errors import NotReady
+from .options import GenerationJob, Limits, to_generation_job
+from .schema import ChatRequest, decode_json_body, parse_chat_request
+from .tiny import build_tiny_falcon, default_cache_dir
+from .variants import find_variant
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished job and its result, ready to be shaped into a response."""
+
+    job: GenerationJob
+    result: GenerationResult
+
+
+class FalconModel(kserve.Model):
+    def __init__(self, config: ServerConfig) -> None:
+        super().__init__(config.model_name)
+        self.config = config
+        self.engine: Engine | None = None
+        self.batcher: Batcher | None = None
+        self.limits: Limits = config.limits
+        self.draining = False
+
+    # -- loading ---------------------------------------------------------------------------------------------
+    def load(self) -> bool:
+        spec = self._load_spec()
+        check_fits(self.config)
+        self.engine = load_engine(spec)
+        self.limits = dataclasses.replace(
+            self.config.limits, context_length=min(self.config.limits.context_length, self.engine.context_length))
+        self._warm_up()
+        self.batcher = Batcher(self.engine, self.config.max_batch_size, self.config.max_queue,
+                               self.config.request_timeout_s)
+        self.batcher.start()
+        self.ready = True
+        logger.info("Model %s is ready", self.name)
+        return self.ready
+
+    def _load_spec(self) -> LoadSpec:
+        config = self.config
+        if config.model_dir:
+            source, revision = config.model_dir, None
+        elif config.model_id:
+            source, revision = config.model_id, config.revision
+        else:
+            source = str(build_tiny_falcon(default_cache_dir() / "tiny-falcon-7b", "7b"))
+            revision = None
+            logger.warning("No model chosen: serving a tiny Falcon with random weights built at %s. Its text is "
+                           "noise; it shows the API works. To serve a real model pass --model_name falcon-7b "
+                           "(or falcon-7b-instruct, falcon-40b, falcon-40b-instruct), or --model_dir DIR with a "
+                           "Hugging Face-format Falcon checkpoint.", source)
+        return LoadSpec(source=source, revision=revision, dtype=config.dtype, device=config.device,
+                        load_in_8bit=config.load_in_8bit)
+
+    def _warm_up(self) -> None:
+        """One short generation so the first request does not pay for lazy initialisation."""
+        engine = self.engine
+        prompt = engine.encode("Hello") or [0]
+        kv, logits = engine.prefill([prompt])
+        engine.decode_step(kv, [int(logits.argmax(-1)[0])])
+
+    # -- request handling ------------------------------------------------------------------------------------
+    async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> GenerationJob:
+        if isinstance(payload, (bytes, str)):  # KServe passes bodies not labelled as JSON through undecoded
+            payload = decode_json_body(payload.encode() if isinstance(payload, str) else payload)
+        return await self.prepare(parse_chat_request(payload))
+
+    async def prepare(self, request: ChatRequest) -> GenerationJob:
+        """Tokenize (off the event loop: prompts can be long) and map the request onto a job."""
+        engine = self._require_ready()
+        prompt_ids = await asyncio.to_thread(engine.encode, (request.prefix or "") + request.prompt)
+        if self.config.log_prompts:
+            logger.info("prompt: %r", request.prompt)
+        return to_generation_job(request, prompt_ids, engine.info, self.limits)
+
+    async def predict(self, job: GenerationJob, headers: dict[str, str] | None = None) -> Completion:
+        ticket = self.submit(job)
+        return Completion(job, await ticket.result())
+
+    def submit(self, job: GenerationJob, *, stream: bool = False) -> Ticket:
+        self._require_ready()
+        return self.batcher.submit(job, stream=stream)
+
+    def postprocess(self, completion: Completion, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        return self.to_response(completion)
+
+    def to_response(self, completion: Completion) -> dict[str, Any]:
+        """The Falcon /chat response: ``Result`` is a string, or a list for several sequences; ``details`` adds
+        token counts, finish reasons and (when asked) per-token log-probabilities."""
+        job, result = completion.job, completion.result
+        texts = [self.continuation(job, seq.token_ids) for seq in result.sequences]
+        if job.return_full_text:
+            texts = [job.prompt + text for text in texts]
+        details: dict[str, Any] = {
+            "prompt_tokens": result.prompt_tokens,
+            "generated_tokens": [len(seq.token_ids) for seq in result.sequences],
+            "finish_reasons": [seq.finish_reason for seq in result.sequences],
+        }
+        if job.truncated_tokens:
+            details["truncated_prompt_tokens"] = job.truncated_tokens
+        if job.options.logprobs:
+            details["logprobs"] = [list(seq.logprobs or ()) for seq in result.sequences]
+        self._observe(result)
+        if self.config.log_prompts:
+            logger.info("generated: %r", texts)
+        return {"Result": texts[0] if len(texts) == 1 else texts, "details": details}
+
+    def continuation(self, job: GenerationJob, token_ids: tuple[int, ...] | list[int]) -> str:
+        """The text the generated ids add to the prompt. Decoding prompt and continuation together and cutting
+        the prompt's text off keeps characters whose bytes straddle the boundary whole."""
+        engine = self.engine
+        clean = job.clean_up_tokenization_spaces
+        prompt_text = engine.decode(list(job.prompt_ids), clean)
+        return engine.decode(list(job.prompt_ids) + list(token_ids), clean)[len(prompt_text):]
+
+    def _observe(self, result: GenerationResult) -> None:
+        metrics.QUEUE_SECONDS.observe(result.queue_seconds)
+        metrics.GENERATION_SECONDS.observe(result.generation_seconds)
+        metrics.PROMPT_TOKENS.observe(result.prompt_tokens)
+        metrics.GENERATED_TOKENS.observe(sum(len(seq.token_ids) for seq in result.sequences))
+
+    def _require_ready(self) -> Engine:
+        if not self.ready or self.engine is None or self.batcher is None:
+            raise NotReady(f"model {self.name} is not loaded yet")
+        return self.engine
+
+    def stop(self) -> None:
+        self.ready = False
+        if self.batcher is not None:
+            self.batcher.close()
+
+
+def check_fits(config: ServerConfig) -> None:
+    """Refuse early, with the ways that work, when the weights cannot fit the visible GPUs."""
+    import torch
+
+    variant = find_variant(config.model_id) or find_variant(config.model_name)
+    if variant is None or config.device == "cpu" or not torch.cuda.is_available():
+        return
+    needed = variant.gpu_memory_gib / (2 if config.load_in_8bit else 1)
+    total = sum(torch.cuda.mem_get_info(i)[1] for i in range(torch.cuda.device_count())) / 2**30
+    if total < needed:
+        raise SystemExit(
+            f"{variant.name} needs about {needed:.0f} GiB of GPU memory in {variant.dtype} ({variant.gpus} GPU(s)); "
+            f"this machine has {torch.cuda.device_count()} GPU(s) with {total:.0f} GiB in all. Ways that work: "
+            f"{variant.gpus} GPUs of 80 GB (layers are split across them), one GPU with more memory "
+            "(e.g. 141 GB), or --load_in_8bit (needs bitsandbytes; about half the memory).")
+
+

@@ -1,0 +1,237 @@
+"""One pure function maps a validated request onto generation: ``to_generation_job``.
+
+Every normalisation lives here, in one order of precedence (a value the request set, then the model's own
+generation config, then the /chat API default): temperature 0 means greedy, Falcon's missing pad token becomes eos,
+``max_new_tokens`` wins over ``max_length``, a prompt longer than the context is cut ("hole") or refused. The result
+is a frozen ``GenerationJob`` the engine runs without further checks. No model is needed to test this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import ContextLengthExceeded, InvalidRequest
+from .schema import ChatRequest, GenerateKwargs
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request bounds that keep one request from exhausting memory or holding the accelerator."""
+
+    context_length: int = 2048  # prompt + generated tokens the model attends over
+    max_new_tokens: int = 2048  # generated tokens per sequence
+    max_num_beams: int = 8
+    max_num_return_sequences: int = 8
+    max_sequences: int = 16  # num_beams * num_return_sequences: rows one request may occupy in a batch
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the mapping needs to know about the served model and its tokenizer."""
+
+    vocab_size: int
+    eos_token_id: int | None
+    pad_token_id: int | None = None
+    generation_defaults: Mapping[str, Any] = field(default_factory=dict)  # the checkpoint's own generation config
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How to generate, with every default and normalisation applied. Hashable: it is a batching signature."""
+
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    encoder_no_repeat_ngram_size: int = 0
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: tuple[int, ...] = ()
+    remove_invalid_values: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    num_beams: int = 1
+    num_beam_groups: int = 1
+    diversity_penalty: float = 0.0
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    logprobs: bool = False  # report each generated token's log-probability
+    seed: int | None = None
+
+    @property
+    def uses_beams(self) -> bool:
+        return self.num_beams > 1
+
+    def to_generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for transformers' ``generate`` (the beam-search path)."""
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, do_sample=self.do_sample,
+            num_beams=self.num_beams, num_beam_groups=self.num_beam_groups, length_penalty=self.length_penalty,
+            early_stopping=self.early_stopping, num_return_sequences=self.num_return_sequences,
+            repetition_penalty=self.repetition_penalty, no_repeat_ngram_size=self.no_repeat_ngram_size,
+            encoder_no_repeat_ngram_size=self.encoder_no_repeat_ngram_size,
+            bad_words_ids=[list(word) for word in self.bad_words_ids] or None,
+            forced_bos_token_id=self.forced_bos_token_id,
+            forced_eos_token_id=list(self.forced_eos_token_id) or None,
+            remove_invalid_values=self.remove_invalid_values,
+            eos_token_id=list(self.eos_token_ids) or None, pad_token_id=self.pad_token_id,
+            output_scores=self.logprobs, return_dict_in_generate=True,
+        )
+        if self.num_beam_groups > 1:
+            kwargs["diversity_penalty"] = self.diversity_penalty
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, typical_p=self.typical_p)
+        return kwargs
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """A request ready for the engine: token ids, options, and how to shape the answer."""
+
+    prompt_ids: tuple[int, ...]
+    options: GenerationOptions
+    prompt: str  # the client's prompt, returned in front of the continuation when return_full_text is set
+    return_full_text: bool = True
+    clean_up_tokenization_spaces: bool = False
+    truncated_tokens: int = 0  # prompt tokens cut from the left by handle_long_generation="hole"
+
+
+def to_generation_job(request: ChatRequest, prompt_ids: list[int], model: ModelInfo, limits: Limits) -> GenerationJob:
+    """Map a validated request and its tokenized prompt (``prefix`` included) onto a ``GenerationJob``.
+
+    Raises ``InvalidRequest`` or ``ContextLengthExceeded`` naming the field at fault and what would fit.
+    """
+    sent = _resolve(request.generate_kwargs, model.generation_defaults)
+    max_new = _max_new_tokens(sent, len(prompt_ids), limits)
+    prompt_ids, truncated = _fit_context(prompt_ids, max_new, request.handle_long_generation, limits)
+    options = _options(sent, len(prompt_ids) + truncated, max_new, model, limits, request.seed)
+    return GenerationJob(prompt_ids=tuple(prompt_ids), options=options, prompt=request.prompt,
+                         return_full_text=request.return_full_text,
+                         clean_up_tokenization_spaces=request.clean_up_tokenization_spaces,
+                         truncated_tokens=truncated)
+
+
+def _resolve(kwargs: GenerateKwargs, model_defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """Each option: the request's value if it set one, else the checkpoint's, else the API default."""
+    values = kwargs.model_dump()
+    for name in GenerateKwargs.model_fields:
+        if name not in kwargs.model_fields_set and model_defaults.get(name) is not None:
+            values[name] = model_defaults[name]
+    return values
+
+
+def _max_new_tokens(kw: dict[str, Any], prompt_len: int, limits: Limits) -> int:
+    if kw["max_new_tokens"] is not None:
+        max_new, param = kw["max_new_tokens"], "generate_kwargs.max_new_tokens"
+    else:
+        max_new, param = kw["max_length"] - prompt_len, "generate_kwargs.max_length"
+        if max_new < 1:
+            raise InvalidRequest(
+                f"generate_kwargs.max_length is {kw['max_length']} but the prompt already has {prompt_len} tokens: "
+                f"set max_length above {prompt_len} or set max_new_tokens", param=param)
+    if max_new > limits.max_new_tokens:
+        raise InvalidRequest(f"{param} asks for {max_new} new tokens; this server generates at most "
+                             f"{limits.max_new_tokens} per sequence", param=param)
+    if max_new >= limits.context_length:
+        raise ContextLengthExceeded(f"{param} asks for {max_new} new tokens, but the model's context holds "
+                                    f"{limits.context_length} tokens in all, prompt included", param=param)
+    return max_new
+
+
+def _fit_context(prompt_ids: list[int], max_new: int, handle_long_generation: str | None,
+                 limits: Limits) -> tuple[list[int], int]:
+    room = limits.context_length - max_new
+    if len(prompt_ids) <= room:
+        return prompt_ids, 0
+    if handle_long_generation == "hole":
+        return prompt_ids[-room:], len(prompt_ids) - room
+    raise ContextLengthExceeded(
+        f"the prompt has {len(prompt_ids)} tokens and {max_new} new tokens were asked for, but the model's context "
+        f"holds {limits.context_length} tokens: send at most {room} prompt tokens, ask for fewer new tokens, or set "
+        '"handle_long_generation": "hole" to cut the prompt from the left', param="prompt")
+
+
+def _options(kw: dict[str, Any], prompt_len: int, max_new: int, model: ModelInfo, limits: Limits,
+             seed: int | None) -> GenerationOptions:
+    eos_ids = _token_ids(kw["eos_token_id"], "eos_token_id", model)
+    if not eos_ids and model.eos_token_id is not None:
+        eos_ids = (model.eos_token_id,)
+    pad_id = kw["pad_token_id"] if kw["pad_token_id"] is not None else model.pad_token_id
+    if pad_id is None:
+        pad_id = eos_ids[0] if eos_ids else 0  # Falcon has no pad token: pad with eos, as transformers does
+    _token_ids(pad_id, "pad_token_id", model)
+
+    min_new = kw["min_new_tokens"] if kw["min_new_tokens"] is not None else max(0, kw["min_length"] - prompt_len)
+    if min_new > max_new:
+        param = "min_new_tokens" if kw["min_new_tokens"] is not None else "min_length"
+        raise InvalidRequest(f"generate_kwargs.{param} asks for at least {min_new} new tokens but at most {max_new} "
+                             "may be generated: min_length must not exceed max_length",
+                             param=f"generate_kwargs.{param}")
+
+    # temperature 0 is the usual way to ask for greedy decoding; transformers 5 raises on it.
+    do_sample = kw["do_sample"] and kw["temperature"] > 0
+    num_beams, groups, n = kw["num_beams"], kw["num_beam_groups"], kw["num_return_sequences"]
+    _check_beams(num_beams, groups, n, do_sample, limits)
+
+    bad_words = tuple(tuple(word) for word in kw["bad_words_ids"] or ())
+    for word in bad_words:
+        _token_ids(list(word), "bad_words_ids", model)
+    forced_bos = kw["forced_bos_token_id"]
+    _token_ids(forced_bos, "forced_bos_token_id", model)
+    return GenerationOptions(
+        max_new_tokens=max_new, min_new_tokens=min_new, do_sample=do_sample,
+        temperature=kw["temperature"] if do_sample else 1.0,
+        top_k=kw["top_k"] if do_sample else 0,
+        top_p=kw["top_p"] if do_sample else 1.0,
+        typical_p=kw["typical_p"] if do_sample else 1.0,
+        repetition_penalty=kw["repetition_penalty"], no_repeat_ngram_size=kw["no_repeat_ngram_size"],
+        encoder_no_repeat_ngram_size=kw["encoder_no_repeat_ngram_size"], bad_words_ids=bad_words,
+        forced_bos_token_id=forced_bos,
+        forced_eos_token_id=_token_ids(kw["forced_eos_token_id"], "forced_eos_token_id", model),
+        remove_invalid_values=bool(kw["remove_invalid_values"]), eos_token_ids=eos_ids, pad_token_id=pad_id,
+        num_beams=num_beams, num_beam_groups=groups,
+        diversity_penalty=kw["diversity_penalty"] if groups > 1 else 0.0,
+        length_penalty=kw["length_penalty"], early_stopping=kw["early_stopping"], num_return_sequences=n,
+        logprobs=kw["output_scores"] and kw["return_dict_in_generate"], seed=seed,
+    )
+
+
+def _check_beams(num_beams: int, groups: int, n: int, do_sample: bool, limits: Limits) -> None:
+    def fail(param: str, message: str) -> None:
+        raise InvalidRequest(f"generate_kwargs.{param}: {message}", param=f"generate_kwargs.{param}")
+
+    if num_beams > limits.max_num_beams:
+        fail("num_beams", f"{num_beams} is above this server's limit of {limits.max_num_beams}")
+    if n > limits.max_num_return_sequences:
+        fail("num_return_sequences", f"{n} is above this server's limit of {limits.max_num_return_sequences}")
+    if num_beams * n > limits.max_sequences:
+        fail("num_return_sequences", f"num_beams * num_return_sequences = {num_beams * n} is above this "
+                                     f"server's limit of {limits.max_sequences} sequences per request")
+    if num_beams > 1 and n > num_beams:
+        fail("num_return_sequences", f"beam search returns at most num_beams = {num_beams} sequences, not {n}")
+    if num_beams == 1 and n > 1 and not do_sample:
+        fail("num_return_sequences", f"greedy decoding gives one sequence, not {n}: set do_sample (with a "
+                                     "temperature above 0) or num_beams >= num_return_sequences")
+    if groups > 1:
+        if num_beams % groups:
+            fail("num_beam_groups", f"{groups} must divide num_beams ({num_beams})")
+        if do_sample:
+            fail("num_beam_groups", "diverse beam search does not sample: set do_sample to false")
+
+
+def _token_ids(value: int | list[int] | None, name: str, model: ModelInfo) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    ids = (value,) if isinstance(value, int) else tuple(value)
+    for token_id in ids:
+        if not 0 <= token_id < model.vocab_size:
+            raise InvalidRequest(f"generate_kwargs.{name}: token id {token_id} is outside the vocabulary "
+                                 f"[0, {model.vocab_size - 1}]", param=f"generate_kwargs.{name}")
+    return ids

@@ -1,0 +1,147 @@
+"""The /chat wire format: what a client may send, with the defaults of the Falcon /chat service it replaces.
+
+Pydantic lives here and only here. ``parse_chat_request`` turns a decoded JSON body into a ``ChatRequest`` or
+raises an ``InvalidRequest`` whose message names the offending field and what it allows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import InvalidRequest, MissingPrompt, UnknownParameter
+
+# generate() options that load code or objects, or reach outside the request. They are never accepted; the
+# allowlist below is what keeps them out, this list only makes the refusal explain itself.
+CODE_LOADING_OPTIONS = frozenset({
+    "custom_generate", "trust_remote_code", "assistant_model", "assistant_tokenizer", "tokenizer", "streamer",
+    "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus", "generation_config",
+    "negative_prompt_ids", "negative_prompt_attention_mask", "watermarking_config", "cache_implementation",
+    "cache_config", "past_key_values", "cache", "compile_config", "prompt_lookup_num_tokens", "assistant_early_exit",
+})
+
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class GenerateKwargs(BaseModel):
+    """Hugging Face generation options a request may set; each has its transformers meaning."""
+
+    model_config = _STRICT
+
+    max_length: int = Field(200, ge=1, description="prompt + generated tokens, unless max_new_tokens is set")
+    max_new_tokens: int | None = Field(None, ge=1, description="generated tokens; takes precedence over max_length")
+    min_length: int = Field(0, ge=0, description="prompt + generated tokens before eos may be generated")
+    min_new_tokens: int | None = Field(None, ge=0, description="generated tokens before eos; overrides min_length")
+    do_sample: bool = True
+    early_stopping: bool | Literal["never"] = False
+    num_beams: int = Field(1, ge=1)
+    num_beam_groups: int = Field(1, ge=1)
+    diversity_penalty: float = Field(0.0, ge=0)
+    temperature: float = Field(1.0, ge=0, description="0 means greedy decoding")
+    top_k: int = Field(10, ge=0, description="0 disables top-k filtering")
+    top_p: float = Field(1.0, gt=0, le=1)
+    typical_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = Field(0, ge=0)
+    encoder_no_repeat_ngram_size: int = Field(0, ge=0)
+    bad_words_ids: list[list[int]] | None = None
+    num_return_sequences: int = Field(1, ge=1)
+    output_scores: bool = False
+    return_dict_in_generate: bool = False
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | list[int] | None = None
+    remove_invalid_values: bool | None = None
+    pad_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    @field_validator("bad_words_ids")
+    @classmethod
+    def _no_empty_words(cls, value: list[list[int]] | None) -> list[list[int]] | None:
+        if value is not None and any(len(word) == 0 for word in value):
+            raise ValueError("each banned word must be a non-empty list of token ids")
+        return value
+
+
+class ChatRequest(BaseModel):
+    """The body of ``POST /chat``."""
+
+    model_config = _STRICT
+
+    prompt: str = Field(min_length=1)
+    return_full_text: bool = True
+    clean_up_tokenization_spaces: bool = False
+    prefix: str | None = None
+    handle_long_generation: Literal["hole"] | None = None
+    generate_kwargs: GenerateKwargs = Field(default_factory=GenerateKwargs)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="makes sampling reproducible")
+    stream: bool = False
+
+    @field_validator("generate_kwargs", mode="before")
+    @classmethod
+    def _null_means_defaults(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @field_validator("prompt", "prefix")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    """Validate a decoded JSON body; raise ``InvalidRequest`` naming the first field at fault."""
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"the request body must be a JSON object, got {_json_type(body)}")
+    if body.get("prompt") in (None, ""):
+        raise MissingPrompt()
+    kwargs = body.get("generate_kwargs")
+    if isinstance(kwargs, dict):
+        _refuse_unknown_options(kwargs)
+    try:
+        return ChatRequest.model_validate(body)
+    except ValidationError as exc:
+        raise _to_invalid_request(exc) from None
+
+
+def _refuse_unknown_options(kwargs: dict[str, Any]) -> None:
+    for key in kwargs:
+        if key in GenerateKwargs.model_fields:
+            continue
+        if key in CODE_LOADING_OPTIONS:
+            raise UnknownParameter(f"generate_kwargs.{key} is never accepted: options that load code or objects "
+                                   "cannot be set by a request", param=f"generate_kwargs.{key}")
+        allowed = ", ".join(GenerateKwargs.model_fields)
+        raise UnknownParameter(f"generate_kwargs.{key} is not a supported generation option; supported: {allowed}",
+                               param=f"generate_kwargs.{key}")
+
+
+def _to_invalid_request(exc: ValidationError) -> InvalidRequest:
+    error = exc.errors(include_url=False)[0]
+    param = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return UnknownParameter(f"{param} is not a field of this request", param=param)
+    got = error.get("input")
+    shown = repr(got) if not isinstance(got, (dict, list)) else _json_type(got)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return InvalidRequest(f"{param}: {error['msg']} (got {shown})", param=param)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def decode_json_body(raw: bytes) -> Any:
+    """Decode a request body strictly: invalid UTF-8, NaN/Infinity literals and nesting deeper than 1024 levels
+    are client errors, not server faults."""
+    import orjson
+
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None

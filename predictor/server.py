@@ -1,0 +1,217 @@
+"""HTTP: the /chat and health routes on KServe's app, request guards, error responses, and graceful drain.
+
+Every ``PredictorError`` becomes a JSON response here and nowhere else::
+
+    {"detail": "...", "error": "...", "error_type": "invalid_request", "param": "generate_kwargs.top_p"}
+
+``detail`` is what the Falcon /chat clients read; ``error``/``error_type`` follow text-generation-inference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import time
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from kserve import ModelServer
+
+from . import metrics
+from .config import ServerConfig
+from .errors import BodyTooLarge, Draining, PredictorError, Unauthorized
+from .model import Completion, FalconModel
+from .schema import decode_json_body, parse_chat_request
+
+logger = logging.getLogger(__name__)
+
+OPEN_PATHS = ("/health", "/healthz", "/metrics", "/v2/health/", "/docs", "/openapi.json")
+
+
+def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
+    """Add this server's routes, guards and error handlers to KServe's app (before the server starts)."""
+    app.add_exception_handler(PredictorError, predictor_error_handler)
+    app.add_middleware(RequestGuard, max_body_bytes=config.max_body_bytes, api_key=config.api_key)
+
+    @app.post("/chat", tags=["falcon"], summary="Generate text for a prompt (the Falcon /chat API)")
+    async def chat(request: Request) -> Any:
+        return await _chat(request, model)
+
+    async def health() -> JSONResponse:
+        state = health_state(model)
+        return JSONResponse({"status": state}, status_code=200 if state == "Healthy" else 503)
+
+    for path in ("/health", "/healthz"):
+        app.add_api_route(path, health, methods=["GET"], tags=["falcon"],
+                          summary="200 once the model is loaded and serving; 503 while loading or draining")
+
+
+def health_state(model: FalconModel) -> str:
+    if model.draining:
+        return "Draining"
+    if not model.ready:
+        return "Loading"
+    if model.batcher is not None and not model.batcher.healthy:
+        return "Unhealthy"
+    return "Healthy"
+
+
+async def _chat(request: Request, model: FalconModel) -> Any:
+    route = "/chat"
+    try:
+        if model.draining:
+            raise Draining("the server is shutting down and takes no new requests")
+        chat_request = parse_chat_request(decode_json_body(await request.body()))
+        job = await model.prepare(chat_request)
+        ticket = model.submit(job, stream=chat_request.stream)
+        if chat_request.stream:
+            from .streaming import stream_chat  # noqa: PLC0415 - streaming is optional per request
+
+            return stream_chat(model, job, ticket, request)
+        result = await _until_done_or_disconnected(ticket, request)
+    except PredictorError as exc:
+        metrics.REQUESTS.labels(route, exc.error_type).inc()
+        raise
+    if result is None:
+        metrics.REQUESTS.labels(route, "cancelled").inc()
+        return JSONResponse({"detail": "client disconnected"}, status_code=499)
+    metrics.REQUESTS.labels(route, "success").inc()
+    return model.to_response(Completion(job, result))
+
+
+async def _until_done_or_disconnected(ticket, request: Request):
+    """The ticket's result, or None after cancelling it when the client went away first."""
+    result = asyncio.ensure_future(ticket.result())
+    gone = asyncio.ensure_future(wait_for_disconnect(request))
+    await asyncio.wait([result, gone], return_when=asyncio.FIRST_COMPLETED)
+    if result.done():
+        gone.cancel()
+        return result.result()
+    ticket.cancel()
+    result.cancel()
+    return None
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read, so only disconnect is left)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def predictor_error_handler(_: Request, exc: PredictorError) -> JSONResponse:
+    return error_response(exc)
+
+
+def error_response(exc: PredictorError) -> JSONResponse:
+    if exc.status >= 500:
+        logger.error("%s: %s", exc.error_type, exc.message)
+    body = {"detail": exc.message, "error": exc.message, "error_type": exc.error_type, "param": exc.param}
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+
+class RequestGuard:
+    """ASGI middleware: optional bearer-token auth on inference routes, and a body-size limit (413) enforced
+    before the body is parsed, whether or not the client sent Content-Length."""
+
+    def __init__(self, app, max_body_bytes: int, api_key: str | None) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.api_key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        headers = dict(scope["headers"])
+        if self.api_key is not None and _needs_auth(path) and not self._authorized(headers):
+            return await error_response(Unauthorized(
+                "this route needs 'Authorization: Bearer <api key>'"))(scope, receive, send)
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return await self._too_large(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyLimitExceeded()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyLimitExceeded:
+            await self._too_large(scope, receive, send)
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+
+    async def _too_large(self, scope, receive, send) -> None:
+        await error_response(BodyTooLarge(f"the request body is larger than this server's limit of "
+                                          f"{self.max_body_bytes} bytes"))(scope, receive, send)
+
+
+class _BodyLimitExceeded(Exception):
+    pass
+
+
+def _needs_auth(path: str) -> bool:
+    return path != "/" and not path.startswith(OPEN_PATHS) and not _is_readiness(path)
+
+
+def _is_readiness(path: str) -> bool:
+    # GET /v1/models/<name> and /v2/models/<name>/ready are probes; :predict and /infer are inference.
+    return (path.startswith("/v1/models") and ":" not in path) or path.endswith("/ready")
+
+
+class FalconModelServer(ModelServer):
+    """KServe's model server with a graceful drain on SIGTERM: readiness turns 503 at once, new requests get
+    503, in-flight requests finish (up to ``drain_timeout_s``), then the process exits 0."""
+
+    def __init__(self, model: FalconModel, drain_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._model = model
+        self._drain_timeout_s = drain_timeout_s
+
+    def register_signal_handler(self) -> None:
+        super().register_signal_handler()
+        uvicorn_server = self._rest_server._server  # uvicorn installs its own handlers while it serves
+        stop_uvicorn = uvicorn_server.handle_exit
+
+        def handle_exit(sig: int, frame: Any) -> None:
+            if sig != signal.SIGTERM or self._model.draining:
+                return stop_uvicorn(sig, frame)
+            logger.info("SIGTERM: draining (%d request(s) in flight)", self._in_flight())
+            begin_drain(self._model)
+            asyncio.get_event_loop().create_task(
+                _after_drain(self._model, self._drain_timeout_s, lambda: stop_uvicorn(sig, frame)))
+
+        uvicorn_server.handle_exit = handle_exit
+
+    def _in_flight(self) -> int:
+        return self._model.batcher.in_flight if self._model.batcher else 0
+
+
+def begin_drain(model: FalconModel) -> None:
+    model.draining = True
+    model.ready = False  # KServe's readiness routes answer 503 from now on
+    if model.batcher is not None:
+        model.batcher.close()
+
+
+async def _after_drain(model: FalconModel, timeout_s: float, then: Callable[[], None]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while model.batcher is not None and model.batcher.in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    logger.info("Drained; stopping the server")
+    then()
+
+
