@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 
 from .config import parse_config
 
@@ -25,9 +26,21 @@ def main() -> None:
     model = FalconModel(config)
     install(model_server.app, model, config)
     server = FalconModelServer(model, config.drain_timeout_s, http_port=config.http_port, workers=1)
+    _log_like_kserve()
     server.register_model(model)
     threading.Thread(target=_load_or_exit, args=(model,), name="model-loader", daemon=True).start()
     server.start([])  # the model is registered already; start([model]) would insist it be loaded first
+
+
+def _log_like_kserve() -> None:
+    """Send this package's log records through the handlers KServe configured, in its format."""
+    kserve_logger = logging.getLogger("kserve")
+    logger.setLevel(kserve_logger.getEffectiveLevel())
+    for handler in kserve_logger.handlers:
+        logger.addHandler(handler)
+    logger.propagate = False
+    # KServe 0.21 answers with FastAPI's ORJSONResponse, which warns on every request in this FastAPI.
+    warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
 
 
 def _load_or_exit(model) -> None:

@@ -32,7 +32,6 @@ class ServerConfig:
     drain_timeout_s: float  # how long SIGTERM waits for in-flight requests
     api_key: str | None
     log_prompts: bool
-    compile: bool  # static KV cache + torch.compile on CUDA
     load_in_8bit: bool
 
     @property
@@ -68,8 +67,6 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
                        help="weights dtype; auto is bfloat16 on a GPU, float32 on the CPU")
     model.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
                        help="auto uses every visible GPU (layers split across them) if any, else the CPU")
-    model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                       help="on CUDA, use a static KV cache with torch.compile (warmed up before readiness)")
     model.add_argument("--load_in_8bit", action=argparse.BooleanOptionalAction, default=False,
                        help="load weights in 8 bits (needs bitsandbytes): falcon-40b on one 80 GB GPU")
 
@@ -126,5 +123,5 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         device=args.device, http_port=args.http_port, limits=limits, max_batch_size=args.max_batch_size,
         max_queue=args.max_queue, request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
         drain_timeout_s=args.drain_timeout, api_key=args.api_key or os.environ.get("PREDICTOR_API_KEY") or None, log_prompts=args.log_prompts,
-        compile=args.compile, load_in_8bit=args.load_in_8bit)
+        load_in_8bit=args.load_in_8bit)
 

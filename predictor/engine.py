@@ -8,6 +8,7 @@ runs through transformers' ``generate`` in ``generate_beams``.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -196,13 +197,15 @@ def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]
 def load_engine(spec: LoadSpec) -> Engine:
     """Load the tokenizer and model with transformers (native Falcon code; remote code is never run)."""
     device, dtype = resolve_device_and_dtype(spec.device, spec.dtype)
+    if spec.load_in_8bit and (device != "cuda" or importlib.util.find_spec("bitsandbytes") is None):
+        raise SystemExit("--load_in_8bit needs a CUDA GPU and the bitsandbytes package (pip install bitsandbytes)")
     logger.info("Loading %s (revision %s) on %s as %s", spec.source, spec.revision or "default", device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(spec.source, revision=spec.revision, trust_remote_code=False)
     kwargs: dict = dict(revision=spec.revision, dtype=dtype, trust_remote_code=False)
     if device == "cuda":
         kwargs["device_map"] = "auto"  # splits the layers over every visible GPU (falcon-40b needs two)
         if spec.load_in_8bit:
-            from transformers import BitsAndBytesConfig
+            from transformers import BitsAndBytesConfig  # noqa: PLC0415 - needs bitsandbytes, GPU only
 
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     model = AutoModelForCausalLM.from_pretrained(spec.source, **kwargs)

@@ -23,7 +23,7 @@ from .errors import NotReady
 from .options import GenerationJob, Limits, to_generation_job
 from .schema import ChatRequest, decode_json_body, parse_chat_request
 from .tiny import build_tiny_falcon, default_cache_dir
-from .variants import find_variant
+from .variants import Variant, find_variant
 
 logger = logging.getLogger(__name__)
 
@@ -161,13 +161,20 @@ def check_fits(config: ServerConfig) -> None:
     variant = find_variant(config.model_id) or find_variant(config.model_name)
     if variant is None or config.device == "cpu" or not torch.cuda.is_available():
         return
-    needed = variant.gpu_memory_gib / (2 if config.load_in_8bit else 1)
-    total = sum(torch.cuda.mem_get_info(i)[1] for i in range(torch.cuda.device_count())) / 2**30
-    if total < needed:
-        raise SystemExit(
-            f"{variant.name} needs about {needed:.0f} GiB of GPU memory in {variant.dtype} ({variant.gpus} GPU(s)); "
-            f"this machine has {torch.cuda.device_count()} GPU(s) with {total:.0f} GiB in all. Ways that work: "
-            f"{variant.gpus} GPUs of 80 GB (layers are split across them), one GPU with more memory "
-            "(e.g. 141 GB), or --load_in_8bit (needs bitsandbytes; about half the memory).")
+    gpu_gib = [torch.cuda.mem_get_info(i)[1] / 2**30 for i in range(torch.cuda.device_count())]
+    problem = memory_shortfall(variant, gpu_gib, config.load_in_8bit)
+    if problem:
+        raise SystemExit(problem)
 
 
+def memory_shortfall(variant: Variant, gpu_gib: list[float], load_in_8bit: bool = False) -> str | None:
+    """Why ``variant`` cannot be served on GPUs of these sizes, and what would work; None when it fits."""
+    needed = variant.gpu_memory_gib / (2 if load_in_8bit else 1)
+    total = sum(gpu_gib)
+    if total >= needed:
+        return None
+    dtype = "8-bit" if load_in_8bit else variant.dtype
+    return (f"{variant.name} needs about {needed:.0f} GiB of GPU memory in {dtype}; this machine has "
+            f"{len(gpu_gib)} GPU(s) with {total:.0f} GiB in all. Ways that work: {variant.gpus} GPUs of 80 GB "
+            "(the layers are split across them), one GPU with more memory (e.g. 141 GB), or --load_in_8bit "
+            "(needs bitsandbytes; about half the memory).")

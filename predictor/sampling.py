@@ -82,15 +82,19 @@ def choose_next_tokens(logits: torch.Tensor, samplers: list[SequenceSampler],
     scores = logits.float()  # [batch, vocab]
     _apply_id_processors(scores, samplers, sequences)
     _suppress_early_eos(scores, samplers, sequences)
-    tokens = torch.empty(len(samplers), dtype=torch.long, device=scores.device)
-    for warp_key, rows in _group_by_warp(samplers).items():
-        index = torch.tensor(rows, device=scores.device)
-        if warp_key is None:
-            tokens[index] = scores[index].argmax(dim=-1)
-        else:
-            warped = _warp(scores[index], warp_key)
-            scores[index] = warped
-            tokens[index] = _sample(warped.softmax(dim=-1), [samplers[i].generator for i in rows])
+    groups = _group_by_warp(samplers)
+    if len(groups) == 1:  # the usual case: every sequence shares its warpers, no indexing needed
+        (warp_key, rows), = groups.items()
+        if warp_key is not None:
+            scores = _warp(scores, warp_key)
+        tokens = _pick(scores, warp_key, [samplers[i].generator for i in rows])
+    else:
+        tokens = torch.empty(len(samplers), dtype=torch.long, device=scores.device)
+        for warp_key, rows in groups.items():
+            index = torch.tensor(rows, device=scores.device)
+            if warp_key is not None:
+                scores[index] = _warp(scores[index], warp_key)
+            tokens[index] = _pick(scores[index], warp_key, [samplers[i].generator for i in rows])
     chosen = tokens.tolist()
     return chosen, _logprobs(scores, tokens, samplers)
 
@@ -128,6 +132,13 @@ def _warp(scores: torch.Tensor, key: WarpKey) -> torch.Tensor:
     if typical_p < 1.0:
         scores = TypicalLogitsWarper(typical_p)(None, scores)
     return scores
+
+
+def _pick(scores: torch.Tensor, warp_key: WarpKey | None, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Greedy rows take the best token; sampled rows draw from their (already warped) distribution."""
+    if warp_key is None:
+        return scores.argmax(dim=-1)
+    return _sample(scores.softmax(dim=-1), generators)
 
 
 def _sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
