@@ -24,7 +24,9 @@ from . import metrics
 from .config import ServerConfig
 from .errors import BodyTooLarge, Draining, PredictorError, Unauthorized
 from .model import Completion, FalconModel
+from .openai_api import install_openai_routes
 from .schema import decode_json_body, parse_chat_request
+from .streaming import stream_chat
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
         app.add_api_route(path, health, methods=["GET"], tags=["falcon"],
                           summary="200 once the model is loaded and serving; 503 while loading or draining")
 
+    install_openai_routes(app, model)
+
 
 def health_state(model: FalconModel) -> str:
     if model.draining:
@@ -68,9 +72,7 @@ async def _chat(request: Request, model: FalconModel) -> Any:
         job = await model.prepare(chat_request)
         ticket = model.submit(job, stream=chat_request.stream)
         if chat_request.stream:
-            from .streaming import stream_chat  # noqa: PLC0415 - streaming is optional per request
-
-            return stream_chat(model, job, ticket, request)
+            return stream_chat(model, job, ticket)
         result = await _until_done_or_disconnected(ticket, request)
     except PredictorError as exc:
         metrics.REQUESTS.labels(route, exc.error_type).inc()

@@ -1,0 +1,236 @@
+"""Streaming: a request's token events become text as it is generated, and /chat sends them as server-sent events.
+
+``stream_text`` turns a ticket's ``TokenEvent``s into ``TextDelta``s per sequence, with two text-side jobs the engine
+does not do:
+
+- incremental detokenization (``IncrementalDecoder``): a character whose UTF-8 bytes are split over several byte-level
+  tokens is held back until it is whole, so the pieces add up to exactly the text the non-streaming answer decodes;
+- stop strings (``StopMatcher``): the text is cut before the first stop string, and once every sequence has ended
+  the ticket is cancelled so the batcher stops spending steps on it.
+
+``stream_chat`` is the ``"stream": true`` answer of ``POST /chat``: an event per generated token with the text it
+completes (``""`` while a character is still partial; the prompt is not repeated), then the non-streaming response
+body, then ``[DONE]``::
+
+    data: {"index": 0, "token_id": 1013, "text": " upon"}
+    data: {"index": 0, "token_id": 11, "text": "", "finish_reason": "stop"}
+    data: {"Result": "Once upon", "details": {"prompt_tokens": 1, "generated_tokens": [2], ...}}
+    data: [DONE]
+
+Beam search has its sequences only at the end, so their events come together. An error after the stream has begun
+is sent as an event (``{"error": ..., "error_type": ...}``) followed by ``[DONE]``; a client that disconnects cancels
+the request (Starlette cancels the stream, and ``stream_text``'s ``finally`` cancels the ticket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+
+from . import metrics
+from .batcher import Ticket, TokenEvent
+from .errors import PredictorError
+from .model import Completion, FalconModel
+from .options import GenerationJob
+
+logger = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the events
+DONE_EVENT = "data: [DONE]\n\n"
+PROMPT_CONTEXT_TOKENS = 4  # prompt tokens decoded in front of the first generated one, for boundary effects
+
+T = TypeVar("T")
+
+
+class IncrementalDecoder:
+    """Turns one sequence's token ids into text piece by piece; the pieces add up to decoding them all at once.
+
+    Each step decodes a short window (TGI's and vLLM's prefix/read offsets) rather than the whole sequence, and
+    holds the text back while it ends in U+FFFD: the bytes of a character not yet complete.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], prompt_ids: Sequence[int]) -> None:
+        self._decode = decode
+        self._ids = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
+        self._prefix = 0  # start of the window decoded for context
+        self._read = len(self._ids)  # ids up to here have been turned into text
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """What is left at the end of the sequence, an incomplete character (as U+FFFD) included."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        if self._read == len(self._ids):
+            return ""
+        seen = self._decode(self._ids[self._prefix:self._read])
+        text = self._decode(self._ids[self._prefix:])
+        if not final and text.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(seen):]
+
+
+class StopMatcher:
+    """Finds the first stop string in text that arrives in pieces, holding back a tail that could begin one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stop for stop in stops if stop)
+        self._held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """The text that can be passed on, and whether a stop string ended the output (the stop is not passed)."""
+        text = self._held + text
+        found = [at for at in (text.find(stop) for stop in self.stops) if at >= 0]
+        if found:
+            self._held = ""
+            return text[:min(found)], True
+        keep = max((n for stop in self.stops for n in range(len(stop) - 1, 0, -1) if text.endswith(stop[:n])),
+                   default=0)
+        self._held = text[len(text) - keep:]
+        return text[:len(text) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New text of sequence ``index``; ``finish_reason`` is set on its last delta."""
+
+    index: int
+    text: str
+    token_id: int | None  # the token this delta came with (None for the end-of-sequence marker of beam search)
+    finish_reason: str | None = None  # the engine's ("stop", "length", ...), or "stop" for a stop string
+    tokens: int = 0  # tokens of this sequence so far; at a stop string, those up to the one that completed it
+
+
+@dataclass
+class _SequenceText:
+    decoder: IncrementalDecoder
+    stops: StopMatcher
+    tokens: int = 0
+    finish_reason: str | None = None
+
+    def advance(self, event: TokenEvent) -> str:
+        text = ""
+        if event.token_id is not None:
+            self.tokens += 1
+            text = self.decoder.push(event.token_id)
+        if event.finish_reason is not None:
+            text += self.decoder.flush()
+        text, stopped = self.stops.push(text)
+        if stopped:
+            self.finish_reason = "stop"
+        elif event.finish_reason is not None:
+            text += self.stops.flush()
+            self.finish_reason = event.finish_reason
+        return text
+
+
+async def stream_text(model: FalconModel, job: GenerationJob, ticket: Ticket,
+                      stops: Sequence[str] = ()) -> AsyncIterator[TextDelta]:
+    """Text deltas of a ticket submitted with ``stream=True``, each sequence cut at its first stop string.
+
+    The ticket is cancelled when this ends, whether every sequence finished, the caller stopped iterating (a
+    client went away) or an error was raised, so no generation outlives the response.
+    """
+    def decode(ids: list[int]) -> str:
+        return model.engine.decode(ids, job.clean_up_tokenization_spaces)
+
+    sequences = [_SequenceText(IncrementalDecoder(decode, job.prompt_ids), StopMatcher(stops))
+                 for _ in range(job.options.num_return_sequences)]
+    try:
+        async with aclosing(ticket.events()) as events:
+            async for event in events:
+                sequence = sequences[event.index]
+                if sequence.finish_reason is not None:
+                    continue  # cut at a stop string while the engine went on
+                text = sequence.advance(event)
+                yield TextDelta(event.index, text, event.token_id, sequence.finish_reason, sequence.tokens)
+                if all(s.finish_reason is not None for s in sequences):
+                    break
+    finally:
+        ticket.cancel()  # a no-op once every sequence has finished in the engine
+
+
+def stream_chat(model: FalconModel, job: GenerationJob, ticket: Ticket) -> StreamingResponse:
+    """The streaming answer of ``POST /chat`` (see the module docstring for its events)."""
+    return sse_response(_chat_payloads(model, job, ticket), "/chat", _chat_error)
+
+
+async def _chat_payloads(model: FalconModel, job: GenerationJob, ticket: Ticket) -> AsyncIterator[dict[str, Any]]:
+    async with aclosing(stream_text(model, job, ticket)) as deltas:
+        async for delta in deltas:
+            event: dict[str, Any] = {"index": delta.index, "token_id": delta.token_id, "text": delta.text}
+            if delta.finish_reason is not None:
+                event["finish_reason"] = delta.finish_reason
+            yield event
+    yield model.to_response(Completion(job, await ticket.result()))
+
+
+def _chat_error(exc: PredictorError) -> dict[str, Any]:
+    return {"error": exc.message, "error_type": exc.error_type}
+
+
+def sse_response(payloads: AsyncIterator[Any], route: str,
+                 error_event: Callable[[PredictorError], Any]) -> StreamingResponse:
+    """Server-sent events: one ``data:`` line per payload, then ``data: [DONE]``. An error raised while streaming
+    becomes the event ``error_event(error)`` before ``[DONE]``: the status line has been sent already."""
+    return StreamingResponse(_sse(payloads, route, error_event), media_type="text/event-stream",
+                             headers=SSE_HEADERS)
+
+
+async def _sse(payloads: AsyncIterator[Any], route: str,
+               error_event: Callable[[PredictorError], Any]) -> AsyncIterator[str]:
+    outcome = "cancelled"  # unless it ends otherwise: the client went away
+    try:
+        async with aclosing(payloads):
+            async for payload in payloads:
+                yield sse_event(payload)
+        outcome = "success"
+    except PredictorError as exc:
+        outcome = exc.error_type
+        yield sse_event(error_event(exc))
+    except Exception:  # noqa: BLE001 - a bug in shaping one answer must still end its stream properly
+        outcome = PredictorError.error_type
+        logger.exception("Streaming an answer on %s failed", route)
+        yield sse_event(error_event(PredictorError("internal error while streaming the answer")))
+    finally:
+        metrics.REQUESTS.labels(route, outcome).inc()
+    yield DONE_EVENT
+
+
+def sse_event(data: Any) -> str:
+    return f"data: {orjson.dumps(data).decode()}\n\n"
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> tuple[bool, T | None]:
+    """Await ``work`` unless the client closes the connection first, which cancels it: (finished, its result)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        finished = task.done()
+        if not finished:
+            task.cancel()
+    return (True, task.result()) if finished else (False, None)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read, so only that is left to receive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
