@@ -77,8 +77,12 @@ class Ticket:
         finished = 0
         while finished < self.job.options.num_return_sequences:
             getter = asyncio.ensure_future(self._events.get())
-            await asyncio.wait([getter, self._future], return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
+            try:
+                await asyncio.wait([getter, self._future], return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:  # the consumer went away: leave no task behind
+                getter.cancel()
+                raise
+            if not getter.done():  # the request settled before another event came
                 getter.cancel()
                 if self._events.empty():
                     self._future.result()  # raises if the request failed

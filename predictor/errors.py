@@ -39,6 +39,11 @@ class UnknownParameter(InvalidRequest):
     error_type = "unknown_parameter"
 
 
+class ModelNotFound(PredictorError):
+    status = 404
+    error_type = "model_not_found"
+
+
 class ContextLengthExceeded(PredictorError):
     """The prompt and the tokens asked for do not fit in the model's context."""
 

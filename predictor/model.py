@@ -91,7 +91,7 @@ class FalconModel(kserve.Model):
 
     async def prepare(self, request: ChatRequest) -> GenerationJob:
         """Tokenize (off the event loop: prompts can be long) and map the request onto a job."""
-        engine = self._require_ready()
+        engine = self.require_ready()
         prompt_ids = await asyncio.to_thread(engine.encode, (request.prefix or "") + request.prompt)
         if self.config.log_prompts:
             logger.info("prompt: %r", request.prompt)
@@ -102,7 +102,7 @@ class FalconModel(kserve.Model):
         return Completion(job, await ticket.result())
 
     def submit(self, job: GenerationJob, *, stream: bool = False) -> Ticket:
-        self._require_ready()
+        self.require_ready()
         return self.batcher.submit(job, stream=stream)
 
     def postprocess(self, completion: Completion, headers: dict[str, str] | None = None) -> dict[str, Any]:
@@ -124,7 +124,7 @@ class FalconModel(kserve.Model):
             details["truncated_prompt_tokens"] = job.truncated_tokens
         if job.options.logprobs:
             details["logprobs"] = [list(seq.logprobs or ()) for seq in result.sequences]
-        self._observe(result)
+        self.record(result)
         if self.config.log_prompts:
             logger.info("generated: %r", texts)
         return {"Result": texts[0] if len(texts) == 1 else texts, "details": details}
@@ -137,13 +137,14 @@ class FalconModel(kserve.Model):
         prompt_text = engine.decode(list(job.prompt_ids), clean)
         return engine.decode(list(job.prompt_ids) + list(token_ids), clean)[len(prompt_text):]
 
-    def _observe(self, result: GenerationResult) -> None:
+    def record(self, result: GenerationResult) -> None:
+        """Feed a finished request's timings and token counts to the Prometheus histograms."""
         metrics.QUEUE_SECONDS.observe(result.queue_seconds)
         metrics.GENERATION_SECONDS.observe(result.generation_seconds)
         metrics.PROMPT_TOKENS.observe(result.prompt_tokens)
         metrics.GENERATED_TOKENS.observe(sum(len(seq.token_ids) for seq in result.sequences))
 
-    def _require_ready(self) -> Engine:
+    def require_ready(self) -> Engine:
         if not self.ready or self.engine is None or self.batcher is None:
             raise NotReady(f"model {self.name} is not loaded yet")
         return self.engine

@@ -44,8 +44,8 @@ from transformers import PreTrainedTokenizerBase
 
 from . import metrics
 from .chat_format import CHAT_STOP, render_chat
-from .engine import Engine
-from .errors import ContextLengthExceeded, Draining, InvalidRequest, NotReady, PredictorError, UnknownParameter
+from .errors import (ContextLengthExceeded, Draining, InvalidRequest, ModelNotFound, NotReady, PredictorError,
+                     UnknownParameter)
 from .model import FalconModel
 from .options import Limits, to_generation_job
 from .schema import ChatRequest, decode_json_body, parse_chat_request
@@ -65,11 +65,6 @@ OPENAI_PARAMS = {"generate_kwargs.max_new_tokens": "max_tokens", "generate_kwarg
 FINISH_REASONS = {"stop": "stop", "length": "length"}  # others (time_limit, cancelled) were cut short: "length"
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-
-class ModelNotFound(PredictorError):
-    status = 404
-    error_type = "model_not_found"
 
 
 # -- wire format ---------------------------------------------------------------------------------------------------
@@ -367,7 +362,7 @@ async def create(request: Request, model: FalconModel, api: CompletionsApi) -> R
         if body.model != model.name:
             raise ModelNotFound(f"the model {body.model!r} does not exist; this server serves {model.name!r}",
                                 param="model")
-        engine = _loaded_engine(model)
+        engine = model.require_ready()
         prompt, stops = api.prompt(body, engine.tokenizer)
         if model.config.log_prompts:
             logger.info("prompt: %r", prompt)
@@ -389,12 +384,6 @@ async def create(request: Request, model: FalconModel, api: CompletionsApi) -> R
         return _failed(api, exc)
     metrics.REQUESTS.labels(api.route, "success" if finished else "cancelled").inc()
     return JSONResponse(answer) if finished else Response(status_code=499)  # 499: the client closed the request
-
-
-def _loaded_engine(model: FalconModel) -> Engine:
-    if not model.ready or model.engine is None:
-        raise NotReady(f"model {model.name} is not loaded yet")
-    return model.engine
 
 
 def _failed(api: CompletionsApi, exc: PredictorError) -> Response:
