@@ -166,6 +166,8 @@ class Batcher:
         self._kv: KVBatch | None = None
         self._in_flight = 0  # submitted and not yet settled
         self._consecutive_failures = 0
+        self._rng = torch.Generator(device=engine.device)
+        self._rng.seed()  # unseeded requests sample from this, randomly seeded at start-up
         self._threads = [threading.Thread(target=self._decode_loop, name="batcher-decode", daemon=True),
                          threading.Thread(target=self._beam_loop, name="batcher-beams", daemon=True)]
 
@@ -275,7 +277,8 @@ class Batcher:
 
     def _choose(self, logits: torch.Tensor) -> None:
         running = self._running
-        tokens, logprobs = choose_next_tokens(logits, [s.sampler for s in running], [s.tokens for s in running])
+        tokens, logprobs = choose_next_tokens(logits, [s.sampler for s in running], [s.tokens for s in running],
+                                              self._rng)
         for seq, token, logprob in zip(running, tokens, logprobs):
             seq.tokens.append(token)
             if logprob is not None:

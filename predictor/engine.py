@@ -76,8 +76,12 @@ class Engine:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int], clean_up_tokenization_spaces: bool = False) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True,
-                                     clean_up_tokenization_spaces=clean_up_tokenization_spaces)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if clean_up_tokenization_spaces:
+            # transformers 5 ignores this flag for BPE tokenizers such as Falcon's; the /chat service this replaces
+            # ran on transformers 4, where it removed spaces before punctuation. Clients asking for it get that.
+            text = self.tokenizer.clean_up_tokenization(text)
+        return text
 
     # -- batched decoding ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -143,8 +147,12 @@ class Engine:
             from .group_beam_search import group_beam_search
 
             kwargs["custom_generate"] = group_beam_search  # the project's own: transformers 5 moved it to the Hub
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
-                                  stopping_criteria=StoppingCriteriaList([_StopWhen(should_stop)]), **kwargs)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # a seed affects this request only
+            if options.seed is not None:
+                torch.manual_seed(options.seed)
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
+                                      stopping_criteria=StoppingCriteriaList([_StopWhen(should_stop)]), **kwargs)
         generated = out.sequences[:, ids.shape[1]:]
         logprobs = None
         if options.logprobs:

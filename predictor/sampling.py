@@ -69,16 +69,25 @@ def make_sampler(options: GenerationOptions, prompt_ids: list[int], sequence_ind
         processors.append(InfNanRemoveLogitsProcessor())
     generator = None
     if options.seed is not None and options.do_sample:
-        generator = torch.Generator(device=device).manual_seed(options.seed + sequence_index)
+        generator = torch.Generator(device=device).manual_seed(sequence_seed(options.seed, sequence_index))
     warp_key = (options.temperature, options.top_k, options.top_p, options.typical_p) if options.do_sample else None
     return SequenceSampler(prompt_len=len(prompt_ids), min_new_tokens=options.min_new_tokens,
                            eos_token_ids=options.eos_token_ids, processors=processors, warp_key=warp_key,
                            generator=generator, logprobs=options.logprobs)
 
 
-def choose_next_tokens(logits: torch.Tensor, samplers: list[SequenceSampler],
-                       sequences: list[list[int]]) -> tuple[list[int], list[float | None]]:
-    """Pick one token per row of ``logits`` [batch, vocab]; ``sequences`` holds each row's ids so far."""
+def sequence_seed(seed: int, sequence_index: int) -> int:
+    """The seed of sequence ``sequence_index`` of a request: distinct per sequence, and unlike ``seed + index``
+    not the seed another request's first sequence would use."""
+    return (seed * 1_000_003 + sequence_index * 7_919) % 2**63
+
+
+def choose_next_tokens(logits: torch.Tensor, samplers: list[SequenceSampler], sequences: list[list[int]],
+                       rng: torch.Generator | None = None) -> tuple[list[int], list[float | None]]:
+    """Pick one token per row of ``logits`` [batch, vocab]; ``sequences`` holds each row's ids so far.
+
+    Sequences without a seed of their own draw from ``rng`` (the batcher's), never from torch's global generator,
+    which a seeded beam search on another thread may be using."""
     scores = logits.float()  # [batch, vocab]
     _apply_id_processors(scores, samplers, sequences)
     _suppress_early_eos(scores, samplers, sequences)
@@ -87,14 +96,14 @@ def choose_next_tokens(logits: torch.Tensor, samplers: list[SequenceSampler],
         (warp_key, rows), = groups.items()
         if warp_key is not None:
             scores = _warp(scores, warp_key)
-        tokens = _pick(scores, warp_key, [samplers[i].generator for i in rows])
+        tokens = _pick(scores, warp_key, [samplers[i].generator or rng for i in rows])
     else:
         tokens = torch.empty(len(samplers), dtype=torch.long, device=scores.device)
         for warp_key, rows in groups.items():
             index = torch.tensor(rows, device=scores.device)
             if warp_key is not None:
                 scores[index] = _warp(scores[index], warp_key)
-            tokens[index] = _pick(scores[index], warp_key, [samplers[i].generator for i in rows])
+            tokens[index] = _pick(scores[index], warp_key, [samplers[i].generator or rng for i in rows])
     chosen = tokens.tolist()
     return chosen, _logprobs(scores, tokens, samplers)
 
@@ -143,8 +152,8 @@ def _pick(scores: torch.Tensor, warp_key: WarpKey | None, generators: list[torch
 
 def _sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
     """One draw per row; rows with a seed use their own generator so batching cannot change their draws."""
-    if all(g is None for g in generators):
-        return torch.multinomial(probs, num_samples=1).squeeze(1)
+    if all(g is generators[0] for g in generators):
+        return torch.multinomial(probs, num_samples=1, generator=generators[0]).squeeze(1)
     return torch.cat([torch.multinomial(probs[i], num_samples=1, generator=g) for i, g in enumerate(generators)])
 
 

@@ -103,7 +103,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     try:
         return ChatRequest.model_validate(body)
     except ValidationError as exc:
-        raise _to_invalid_request(exc) from None
+        raise _to_invalid_request(exc, body) from None
 
 
 def _refuse_unknown_options(kwargs: dict[str, Any]) -> None:
@@ -118,16 +118,34 @@ def _refuse_unknown_options(kwargs: dict[str, Any]) -> None:
                                param=f"generate_kwargs.{key}")
 
 
-def _to_invalid_request(exc: ValidationError) -> InvalidRequest:
+# Fields that take more than one form: pydantic reports a failure per form, this says what is allowed at once.
+_ALLOWED_FORMS = {
+    "early_stopping": 'true, false or "never"',
+    "eos_token_id": "a token id or a list of token ids",
+    "forced_eos_token_id": "a token id or a list of token ids",
+}
+_FIELD_NAMES = frozenset(ChatRequest.model_fields) | frozenset(GenerateKwargs.model_fields)
+
+
+def _to_invalid_request(exc: ValidationError, body: dict[str, Any]) -> InvalidRequest:
     error = exc.errors(include_url=False)[0]
-    param = ".".join(str(part) for part in error["loc"])
-    if error["type"] == "extra_forbidden":
+    # The location without pydantic's union-member tags ("eos_token_id.int"): field names and list indexes only.
+    extra = error["type"] == "extra_forbidden"
+    parts = [str(p) for p in error["loc"] if isinstance(p, int) or p in _FIELD_NAMES or extra]
+    param = ".".join(parts)
+    if extra:
         return UnknownParameter(f"{param} is not a field of this request", param=param)
-    got = error.get("input")
-    shown = repr(got) if not isinstance(got, (dict, list)) else _json_type(got)
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
-    return InvalidRequest(f"{param}: {error['msg']} (got {shown})", param=param)
+    field = next((p for p in reversed(parts) if p in _FIELD_NAMES), "")
+    if field in _ALLOWED_FORMS:
+        param = field if field in ChatRequest.model_fields else f"generate_kwargs.{field}"
+        got = _shown((body.get("generate_kwargs") or {}).get(field, body.get(field)))
+        return InvalidRequest(f"{param}: must be {_ALLOWED_FORMS[field]} (got {got})", param=param)
+    return InvalidRequest(f"{param}: {error['msg']} (got {_shown(error.get('input'))})", param=param)
+
+
+def _shown(value: Any) -> str:
+    shown = repr(value) if not isinstance(value, (dict, list)) else _json_type(value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
 
 
 def _json_type(value: Any) -> str:
