@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 import torch
 
@@ -27,6 +27,7 @@ from .sampling import SequenceSampler, choose_next_tokens, make_sampler
 logger = logging.getLogger(__name__)
 
 FAILURES_BEFORE_UNHEALTHY = 3  # consecutive failed steps that mark the engine broken (a lost GPU, say)
+SELF_CHECK_INTERVAL_S = 5.0  # how often a broken engine tries a one-token generation to see if it recovered
 
 
 @dataclass(frozen=True)
@@ -151,12 +152,11 @@ class Batcher:
     """Queues requests and runs them in shared batches on worker threads."""
 
     def __init__(self, engine: Engine, max_batch_size: int = 32, max_queue: int = 128,
-                 time_budget_s: float = 300.0, on_step_error: Callable[[BaseException], None] | None = None):
+                 time_budget_s: float = 300.0):
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.time_budget_s = time_budget_s
-        self._on_step_error = on_step_error
         self._lock = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._beam_waiting: collections.deque[Ticket] = collections.deque()
@@ -166,6 +166,7 @@ class Batcher:
         self._kv: KVBatch | None = None
         self._in_flight = 0  # submitted and not yet settled
         self._consecutive_failures = 0
+        self._next_self_check = 0.0
         self._rng = torch.Generator(device=engine.device)
         self._rng.seed()  # unseeded requests sample from this, randomly seeded at start-up
         self._threads = [threading.Thread(target=self._decode_loop, name="batcher-decode", daemon=True),
@@ -224,18 +225,23 @@ class Batcher:
             joining = self._take_joining()
             if joining is None:
                 return
+            if not joining and not self._running:
+                self._self_check()
+                continue
             try:
                 self._step(joining)
-                self._consecutive_failures = 0
             except Exception as exc:  # noqa: BLE001 - one failed step must not end the worker
                 self._fail_batch(joining, exc)
 
     def _take_joining(self) -> list[Ticket] | None:
-        """Waiting requests that fit in the batch now; blocks while there is nothing to do. None: shut down."""
+        """Waiting requests that fit in the batch now; blocks while there is nothing to do. None: shut down;
+        an empty list while idle: time for the broken engine's self-check."""
         with self._lock:
             while not self._running and not self._waiting:
                 if self._closed and not self._beam_waiting and self._in_flight == 0:
                     return None
+                if not self.healthy and time.monotonic() >= self._next_self_check:
+                    return []
                 self._lock.wait(timeout=0.5)
             joining, rows = [], len(self._running)
             while self._waiting:
@@ -257,11 +263,18 @@ class Batcher:
         if self._running:
             logits.append(self.engine.decode_step(self._kv, [seq.tokens[-1] for seq in self._running]))
         if joining:
-            logits.append(self._prefill(joining))
+            try:
+                logits.append(self._prefill(joining))
+            except Exception as exc:  # noqa: BLE001 - the running batch is untouched: only the newcomers fail
+                self._fail_requests(joining, exc)
+                if not logits:
+                    return
         self._choose(torch.cat(logits) if len(logits) > 1 else logits[0])
         self._retire()
+        self._consecutive_failures = 0
 
     def _prefill(self, joining: list[Ticket]) -> torch.Tensor:
+        """Start the joining requests' sequences and merge them into the batch; their next-token logits."""
         new: list[_Sequence] = []
         now = time.monotonic()
         for ticket in joining:
@@ -274,6 +287,20 @@ class Batcher:
         self._kv = kv if self._kv is None else self.engine.merge(self._kv, kv)
         self._running.extend(new)
         return logits
+
+    @torch.inference_mode()
+    def _self_check(self) -> None:
+        """After repeated failures, try a one-token generation now and then: success makes the engine healthy
+        again (a transient fault), failure keeps readiness at 503 (a lost device)."""
+        self._next_self_check = time.monotonic() + SELF_CHECK_INTERVAL_S
+        try:
+            kv, logits = self.engine.prefill([[self.engine.info.eos_token_id or 0]])
+            self.engine.decode_step(kv, [int(logits.argmax(dim=-1)[0])])
+        except Exception as exc:  # noqa: BLE001
+            logger.error("Self-check failed; the engine stays unhealthy: %s", exc)
+            return
+        logger.warning("Self-check passed after %d failed steps; serving again", self._consecutive_failures)
+        self._consecutive_failures = 0
 
     def _choose(self, logits: torch.Tensor) -> None:
         running = self._running
@@ -323,17 +350,18 @@ class Batcher:
 
     def _fail_batch(self, joining: list[Ticket], exc: Exception) -> None:
         """Fail every request in the broken step, free what it held, and keep serving."""
-        self._consecutive_failures += 1
-        logger.error("Generation step failed for %d request(s): %s", len(joining) + len(self._running), exc,
-                     exc_info=exc)
         tickets = {seq.ticket for seq in self._running} | set(joining) | set(self._finished)
         self._running, self._kv, self._finished = [], None, {}
+        self._fail_requests(list(tickets), exc)
+
+    def _fail_requests(self, tickets: list[Ticket], exc: Exception) -> None:
+        self._consecutive_failures += 1
+        self._next_self_check = time.monotonic() + SELF_CHECK_INTERVAL_S
+        logger.error("Generation failed for %d request(s): %s", len(tickets), exc, exc_info=exc)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         for ticket in tickets:
             ticket.fail(_as_generation_failure(exc))
-        if self._on_step_error is not None:
-            self._on_step_error(exc)
 
     # -- the beam-search worker ------------------------------------------------------------------------------
     def _beam_loop(self) -> None:

@@ -39,8 +39,12 @@ class UnknownParameter(InvalidRequest):
     error_type = "unknown_parameter"
 
 
-class ModelNotFound(PredictorError):
+class NotFound(PredictorError):
     status = 404
+    error_type = "not_found"
+
+
+class ModelNotFound(NotFound):
     error_type = "model_not_found"
 
 
@@ -59,6 +63,10 @@ class BodyTooLarge(PredictorError):
 class Unauthorized(PredictorError):
     status = 401
     error_type = "unauthorized"
+
+    def __init__(self, message: str, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("WWW-Authenticate", "Bearer")
 
 
 class Overloaded(PredictorError):

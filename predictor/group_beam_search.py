@@ -37,6 +37,18 @@ and with ``output_scores=True`` also ``sequences_scores`` and ``scores`` (per st
 processed log-probs, diversity penalty included, so ``model.compute_transition_scores(out.sequences, out.scores,
 out.beam_indices)`` sums to ``sequences_scores * generated_len ** length_penalty``); ``output_logits`` fills
 ``logits``. Attentions / hidden states are not collected; encoder-decoder models and sampling are not supported.
+
+Notes:
+
+* Logits processors are called once per group on that group's ``batch * group_size`` rows (as in 4.x), so a
+  processor that infers prompts from the row count with the *full* ``num_beams`` (``prefix_allowed_tokens_fn``)
+  would misassign rows; row-wise processors and the encoder-input ones (which divide by the row count) are fine.
+* Unlike HF's beam search, running beams are ranked by a stable sort on "finished" rather than by
+  ``score - 1e9`` (which ties in float32): otherwise at ``max_length`` the tokens later groups are penalised for
+  would be arbitrary. Padding after EOS uses ``pad_token_id``; HF 5 beam search pads with ``pad or eos``, which
+  differs only when ``pad_token_id == 0``.
+* This relies on ``GenerationMixin`` internals of transformers 5.24 (``_prefill``, ``_has_unfinished_sequences``,
+  ``_update_model_kwargs_for_generation``, ``prepare_inputs_for_generation``), like HF's own decoding methods.
 """
 
 from __future__ import annotations
@@ -64,6 +76,17 @@ class _Beams:
     beam_indices: torch.Tensor  # [B, k, max_new_tokens] row of `scores[step]` each token came from; -1 = none
 
 
+@dataclass
+class _Group:
+    """Search state of one beam group (``group_size`` beams per prompt)."""
+
+    running: _Beams  # live beams, best first
+    finished: _Beams  # best finished hypotheses so far (scores -1e9 while a slot is empty)
+    is_finished: torch.Tensor  # [B, group_size] slot holds a finished hypothesis
+    improvable: torch.Tensor  # [B, 1] can the running beams still beat the finished ones (HF heuristic)
+    row_offset: torch.Tensor  # [B, 1] flat row of the group's first beam: prompt * num_beams + g * group_size
+
+
 def _gather(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Select along the beam dimension (dim 1) with per-prompt ``indices`` of shape ``[B, k]``."""
     while indices.dim() < tensor.dim():
@@ -72,7 +95,7 @@ def _gather(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 def _select(beams: _Beams, indices: torch.Tensor) -> _Beams:
-    return _Beams(_gather(beams.sequences, indices), _gather(beams.scores, indices), _gather(beams.beam_indices, indices))
+    return _Beams(*(_gather(t, indices) for t in (beams.sequences, beams.scores, beams.beam_indices)))
 
 
 def _cat(a: _Beams, b: _Beams) -> _Beams:
@@ -134,32 +157,70 @@ def _next_running(candidates: _Beams, hits_stop: torch.Tensor, group_size: int) 
     return running
 
 
-def _update_finished(finished: _Beams, is_finished: torch.Tensor, candidates: _Beams, hits_stop: torch.Tensor,
-                     improvable: torch.Tensor, gen_len: int, config: GenerationConfig,
-                     group_size: int) -> tuple[_Beams, torch.Tensor]:
+def _update_finished(group: _Group, candidates: _Beams, hits_stop: torch.Tensor, gen_len: int,
+                     config: GenerationConfig) -> None:
     """Merge newly finished candidates into the group's ``group_size`` best finished hypotheses."""
+    group_size = group.is_finished.shape[1]
     # Like 4.x BeamSearchScorer: only candidates ranked among the top `group_size` may become hypotheses,
     # the rest merely backs up the running beams.
     in_top = torch.arange(hits_stop.shape[1], device=hits_stop.device) < group_size
     just_finished = hits_stop & in_top
     scores = candidates.scores / (gen_len ** config.length_penalty)
     # Nothing may be added once the group has enough hypotheses (early_stopping=True) or cannot improve.
-    full = is_finished.all(dim=1, keepdim=True) & (config.early_stopping is True)
-    scores = scores + full.float() * _NEG + (~improvable).float() * _NEG + (~just_finished).float() * _NEG
-    merged = _cat(finished, _Beams(candidates.sequences, scores, candidates.beam_indices))
+    full = group.is_finished.all(dim=1, keepdim=True) & (config.early_stopping is True)
+    scores = scores + full.float() * _NEG + (~group.improvable).float() * _NEG + (~just_finished).float() * _NEG
+    merged = _cat(group.finished, _Beams(candidates.sequences, scores, candidates.beam_indices))
     keep = torch.topk(merged.scores, k=group_size).indices
-    return _select(merged, keep), _gather(torch.cat((is_finished, just_finished), dim=1), keep)
+    group.finished = _select(merged, keep)
+    group.is_finished = _gather(torch.cat((group.is_finished, just_finished), dim=1), keep)
 
 
-def _still_improvable(improvable: torch.Tensor, running: _Beams, finished: _Beams, is_finished: torch.Tensor,
-                      gen_len: int, max_new_tokens: int, config: GenerationConfig) -> torch.Tensor:
-    """Can the running beams still beat the worst finished hypothesis? (HF's early-stopping heuristic)."""
+def _update_improvable(group: _Group, gen_len: int, max_new_tokens: int, config: GenerationConfig) -> None:
+    """HF's early-stopping heuristic: can the best running beam still beat the worst finished hypothesis?"""
     length_penalty = config.length_penalty
     # early_stopping="never" with a length bonus: the best case is a hypothesis of maximal length.
     best_len = max_new_tokens if (config.early_stopping == "never" and length_penalty > 0.0) else gen_len
-    best_possible = running.scores[:, :1] / (best_len ** length_penalty)
-    worst_finished = torch.where(is_finished, finished.scores.min(dim=1, keepdim=True).values, _NEG)
-    return improvable & (best_possible > worst_finished).any(dim=-1, keepdim=True)
+    best_possible = group.running.scores[:, :1] / (best_len ** length_penalty)
+    worst_finished = torch.where(group.is_finished, group.finished.scores.min(dim=1, keepdim=True).values, _NEG)
+    group.improvable = group.improvable & (best_possible > worst_finished).any(dim=-1, keepdim=True)
+
+
+def _advance_group(group: _Group, log_probs: torch.Tensor, cur_len: int, prompt_len: int, num_candidates: int,
+                   stopping_criteria: StoppingCriteriaList, all_scores: tuple | None,
+                   config: GenerationConfig) -> torch.Tensor:
+    """One beam-search step of one group on its processed log-probs ``[B, group_size, V]``; returns hits_stop."""
+    batch_size, group_size = group.is_finished.shape
+    candidates = _top_candidates(group.running, log_probs, cur_len, cur_len - prompt_len, group.row_offset,
+                                 num_candidates)
+    flat_candidates = candidates.sequences[:, :, :cur_len + 1].reshape(batch_size * num_candidates, cur_len + 1)
+    hits_stop = stopping_criteria(flat_candidates, all_scores).view(batch_size, num_candidates)
+    group.running = _next_running(candidates, hits_stop, group_size)
+    _update_finished(group, candidates, hits_stop, cur_len + 1 - prompt_len, config)
+    return hits_stop
+
+
+def _init_groups(input_ids: torch.Tensor, num_groups: int, group_size: int, max_length: int,
+                 fill: int) -> list[_Group]:
+    num_beams = num_groups * group_size
+    batch_size, prompt_len = input_ids.shape[0] // num_beams, input_ids.shape[1]
+    device = input_ids.device
+    prompts = torch.full((batch_size, num_beams, max_length), fill, dtype=torch.long, device=device)
+    prompts[:, :, :prompt_len] = input_ids.view(batch_size, num_beams, prompt_len)
+    groups = []
+    for g in range(num_groups):
+        # Only the first beam of each group is live at the start, otherwise a group's beams would all be equal.
+        scores = torch.full((batch_size, group_size), _NEG, device=device)
+        scores[:, 0] = 0.0
+        sequences = prompts[:, g * group_size:(g + 1) * group_size].clone()
+        no_indices = torch.full((batch_size, group_size, max_length - prompt_len), -1, dtype=torch.long, device=device)
+        groups.append(_Group(
+            running=_Beams(sequences, scores, no_indices),
+            finished=_Beams(sequences.clone(), torch.full_like(scores, _NEG), no_indices.clone()),
+            is_finished=torch.zeros(batch_size, group_size, dtype=torch.bool, device=device),
+            improvable=torch.ones(batch_size, 1, dtype=torch.bool, device=device),
+            row_offset=torch.arange(batch_size, device=device)[:, None] * num_beams + g * group_size,
+        ))
+    return groups
 
 
 def _reorder_cache(model: PreTrainedModel, model_kwargs: dict[str, Any], beam_rows: torch.Tensor) -> None:
@@ -202,46 +263,31 @@ def group_beam_search(
     if streamer is not None:
         raise ValueError("streamer cannot be used with beam search")
     num_groups, group_size = _check_config(model, generation_config)
-    num_beams = generation_config.num_beams
-    penalty = float(generation_config.diversity_penalty or 0.0)
+    num_beams, penalty = generation_config.num_beams, float(generation_config.diversity_penalty or 0.0)
     want_dict = generation_config.return_dict_in_generate
-    want_scores, want_logits = want_dict and generation_config.output_scores, want_dict and generation_config.output_logits
+    want_scores = want_dict and generation_config.output_scores
+    want_logits = want_dict and generation_config.output_logits
     pad, eos = generation_config._pad_token_tensor, generation_config._eos_token_tensor
     device = input_ids.device
-
     batch_size, prompt_len = input_ids.shape[0] // num_beams, input_ids.shape[1]
     max_length = generation_config.max_length
-    max_new_tokens = max_length - prompt_len
     # Keep (EOS count + 1) x beams candidates (at least 2x), so enough non-finished ones remain to continue.
     num_candidates = max(2, 1 + (eos.shape[0] if eos is not None else 0)) * group_size
     fill = int(pad) if pad is not None else (int(eos[0]) if eos is not None else 0)
-
-    # Row layout everywhere (model inputs, cache, `scores`): prompt b, group g, beam s -> b*num_beams + g*group_size + s.
-    prompts = torch.full((batch_size, num_beams, max_length), fill, dtype=torch.long, device=device)
-    prompts[:, :, :prompt_len] = input_ids.view(batch_size, num_beams, prompt_len)
-    running, finished, is_finished, improvable, row_offsets = [], [], [], [], []
-    for g in range(num_groups):
-        # Only the first beam of each group is live at the start, otherwise a group's beams would all be equal.
-        scores = torch.full((batch_size, group_size), _NEG, device=device)
-        scores[:, 0] = 0.0
-        sequences = prompts[:, g * group_size:(g + 1) * group_size].clone()
-        no_indices = torch.full((batch_size, group_size, max_new_tokens), -1, dtype=torch.long, device=device)
-        running.append(_Beams(sequences, scores, no_indices))
-        finished.append(_Beams(sequences.clone(), torch.full_like(scores, _NEG), no_indices.clone()))
-        is_finished.append(torch.zeros(batch_size, group_size, dtype=torch.bool, device=device))
-        improvable.append(torch.ones(batch_size, 1, dtype=torch.bool, device=device))
-        row_offsets.append(torch.arange(batch_size, device=device)[:, None] * num_beams + g * group_size)
+    # Row layout everywhere (model inputs, cache, `scores`): prompt b, group g, beam s is row
+    # b * num_beams + g * group_size + s.
+    groups = _init_groups(input_ids, num_groups, group_size, max_length, fill)
 
     all_scores: tuple[torch.Tensor, ...] | None = () if want_scores else None
     raw_logits: tuple[torch.Tensor, ...] | None = () if want_logits else None
-    cur_len, this_peer_finished = prompt_len, False
+    cur_len, this_peer_finished, prefill_consumed = prompt_len, False, False
     outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
-    prefill_consumed = False
     while model._has_unfinished_sequences(this_peer_finished, synced_gpus, device=device):
-        flat_inputs = torch.stack([r.sequences for r in running], dim=1).view(-1, max_length)[:, :cur_len]
         if prefill_consumed:
-            next_len = 1 if model_kwargs["use_cache"] else None
-            model_inputs = model.prepare_inputs_for_generation(flat_inputs, next_sequence_length=next_len, **model_kwargs)
+            flat_inputs = torch.stack([g.running.sequences for g in groups], 1).view(-1, max_length)[:, :cur_len]
+            next_len = 1 if model_kwargs.get("use_cache", True) else None
+            model_inputs = model.prepare_inputs_for_generation(flat_inputs, next_sequence_length=next_len,
+                                                               **model_kwargs)
             outputs = model(**model_inputs, return_dict=True)
         prefill_consumed = True
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
@@ -250,55 +296,49 @@ def group_beam_search(
         logits = outputs.logits[:, -1, :].to(copy=True, dtype=torch.float32, device=device)
         del outputs  # don't keep the (possibly huge) prefill logits alive
         log_probs = nn.functional.log_softmax(logits, dim=-1).view(batch_size, num_groups, group_size, -1)
-        vocab_size, step, gen_len = log_probs.shape[-1], cur_len - prompt_len, cur_len + 1 - prompt_len
+        vocab_size = log_probs.shape[-1]
 
         step_scores, chosen, hits = [], [], []
-        for g in range(num_groups):  # sequential: group g is penalised by what groups < g just chose
+        for g, group in enumerate(groups):  # sequential: group g is penalised by what groups < g just chose
             group_log_probs = log_probs[:, g]
             if penalty > 0.0 and chosen:
                 group_log_probs = group_log_probs - _hamming_penalty(chosen, vocab_size, penalty)[:, None, :]
-            group_inputs = running[g].sequences[:, :, :cur_len].reshape(-1, cur_len)
+            group_inputs = group.running.sequences[:, :, :cur_len].reshape(-1, cur_len)
             group_log_probs = logits_processor(group_inputs, group_log_probs.reshape(-1, vocab_size))
             group_log_probs = group_log_probs.view(batch_size, group_size, vocab_size)
             step_scores.append(group_log_probs)
-
-            candidates = _top_candidates(running[g], group_log_probs, cur_len, step, row_offsets[g], num_candidates)
-            hits_stop = stopping_criteria(candidates.sequences[:, :, :cur_len + 1].reshape(-1, cur_len + 1), all_scores)
-            hits_stop = hits_stop.view(batch_size, num_candidates)
-            running[g] = _next_running(candidates, hits_stop, group_size)
-            finished[g], is_finished[g] = _update_finished(finished[g], is_finished[g], candidates, hits_stop,
-                                                           improvable[g], gen_len, generation_config, group_size)
-            chosen.append(running[g].sequences[:, :, cur_len])
-            hits.append(hits_stop)
+            hits.append(_advance_group(group, group_log_probs, cur_len, prompt_len, num_candidates,
+                                       stopping_criteria, all_scores, generation_config))
+            chosen.append(group.running.sequences[:, :, cur_len])
 
         if want_scores:
             all_scores += (torch.stack(step_scores, dim=1).view(batch_size * num_beams, vocab_size),)
         if want_logits:
             raw_logits += (logits,)
-        _reorder_cache(model, model_kwargs, torch.stack([r.beam_indices[:, :, step] for r in running], 1).view(-1))
-
+        step = cur_len - prompt_len
+        source_rows = torch.stack([g.running.beam_indices[:, :, step] for g in groups], dim=1).view(-1)
+        _reorder_cache(model, model_kwargs, source_rows)
         cur_len += 1
-        for g in range(num_groups):
-            improvable[g] = _still_improvable(improvable[g], running[g], finished[g], is_finished[g],
-                                              gen_len, max_new_tokens, generation_config)
+        for group in groups:
+            _update_improvable(group, cur_len - prompt_len, max_length - prompt_len, generation_config)
         # Stop when no group can improve, when every group is full under early_stopping=True, or when every
         # candidate hit a stopping criterion (max_length).
-        can_improve = torch.cat(improvable).any()
-        all_full = torch.cat(is_finished).all() & (generation_config.early_stopping is True)
+        can_improve = torch.cat([g.improvable for g in groups]).any()
+        all_full = torch.cat([g.is_finished for g in groups]).all() & (generation_config.early_stopping is True)
         this_peer_finished = bool(~can_improve | all_full | torch.cat(hits).all())
 
-    return _finalize(model, finished, generation_config, prompt_len, all_scores, raw_logits, model_kwargs)
+    return _finalize([g.finished for g in groups], generation_config, prompt_len, all_scores, raw_logits, model_kwargs)
 
 
-def _finalize(model: PreTrainedModel, finished: list[_Beams], config: GenerationConfig, prompt_len: int,
-              all_scores: tuple | None, raw_logits: tuple | None,
+def _finalize(finished: list[_Beams], config: GenerationConfig, prompt_len: int, all_scores: tuple | None,
+              raw_logits: tuple | None,
               model_kwargs: dict[str, Any]) -> GenerateBeamDecoderOnlyOutput | torch.LongTensor:
     """Pick the ``num_return_sequences`` best hypotheses per prompt over all groups and crop the padding."""
     pooled = finished[0]
     for group in finished[1:]:
         pooled = _cat(pooled, group)
     best = _select(pooled, torch.topk(pooled.scores, k=config.num_return_sequences).indices)  # sorted, best first
-    sequences, scores, beam_indices = best.sequences.flatten(0, 1), best.scores.flatten(), best.beam_indices.flatten(0, 1)
+    sequences, scores, beam_indices = (t.flatten(0, 1) for t in (best.sequences, best.scores, best.beam_indices))
     # Unused steps keep beam index -1, which tells the longest generated length.
     generated = int((beam_indices >= 0).sum(dim=1).max())
     sequences, beam_indices = sequences[:, :prompt_len + generated], beam_indices[:, :generated]

@@ -56,6 +56,8 @@ class FalconModel(kserve.Model):
         self.batcher = Batcher(self.engine, self.config.max_batch_size, self.config.max_queue,
                                self.config.request_timeout_s)
         self.batcher.start()
+        metrics.WAITING.set_function(lambda: self.batcher.waiting)
+        metrics.RUNNING.set_function(lambda: self.batcher.running_sequences)
         self.ready = True
         logger.info("Model %s is ready", self.name)
         return self.ready

@@ -15,6 +15,9 @@ from .errors import ContextLengthExceeded, InvalidRequest
 from .schema import ChatRequest, GenerateKwargs
 
 
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class Limits:
     """Per-request bounds that keep one request from exhausting memory or holding the accelerator."""
@@ -109,7 +112,8 @@ def to_generation_job(request: ChatRequest, prompt_ids: list[int], model: ModelI
     Raises ``InvalidRequest`` or ``ContextLengthExceeded`` naming the field at fault and what would fit.
     """
     sent = _resolve(request.generate_kwargs, model.generation_defaults)
-    max_new = _max_new_tokens(sent, len(prompt_ids), limits)
+    length_asked = bool({"max_length", "max_new_tokens"} & request.generate_kwargs.model_fields_set)
+    max_new = _max_new_tokens(sent, len(prompt_ids), limits, length_asked)
     prompt_ids, truncated = _fit_context(prompt_ids, max_new, request.handle_long_generation, limits)
     options = _options(sent, len(prompt_ids) + truncated, max_new, model, limits, request.seed)
     return GenerationJob(prompt_ids=tuple(prompt_ids), options=options, prompt=request.prompt,
@@ -127,7 +131,7 @@ def _resolve(kwargs: GenerateKwargs, model_defaults: Mapping[str, Any]) -> dict[
     return values
 
 
-def _max_new_tokens(kw: dict[str, Any], prompt_len: int, limits: Limits) -> int:
+def _max_new_tokens(kw: dict[str, Any], prompt_len: int, limits: Limits, length_asked: bool) -> int:
     if kw["max_new_tokens"] is not None:
         max_new, param = kw["max_new_tokens"], "generate_kwargs.max_new_tokens"
     else:
@@ -136,6 +140,8 @@ def _max_new_tokens(kw: dict[str, Any], prompt_len: int, limits: Limits) -> int:
             raise InvalidRequest(
                 f"generate_kwargs.max_length is {kw['max_length']} but the prompt already has {prompt_len} tokens: "
                 f"set max_length above {prompt_len} or set max_new_tokens", param=param)
+    if max_new > limits.max_new_tokens and not length_asked:
+        return limits.max_new_tokens  # the API's default length, on a server configured for shorter answers
     if max_new > limits.max_new_tokens:
         raise InvalidRequest(f"{param} asks for {max_new} new tokens; this server generates at most "
                              f"{limits.max_new_tokens} per sequence", param=param)
@@ -175,8 +181,9 @@ def _options(kw: dict[str, Any], prompt_len: int, max_new: int, model: ModelInfo
                              "may be generated: min_length must not exceed max_length",
                              param=f"generate_kwargs.{param}")
 
-    # temperature 0 is the usual way to ask for greedy decoding; transformers 5 raises on it.
-    do_sample = kw["do_sample"] and kw["temperature"] > 0
+    # temperature 0 is the usual way to ask for greedy decoding; transformers 5 raises on it. Below 1e-5 sampling
+    # is greedy in all but float overflow, so it is treated the same (as vLLM does).
+    do_sample = kw["do_sample"] and kw["temperature"] >= GREEDY_BELOW_TEMPERATURE
     num_beams, groups, n = kw["num_beams"], kw["num_beam_groups"], kw["num_return_sequences"]
     _check_beams(num_beams, groups, n, do_sample, limits)
 

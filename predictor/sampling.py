@@ -147,7 +147,14 @@ def _pick(scores: torch.Tensor, warp_key: WarpKey | None, generators: list[torch
     """Greedy rows take the best token; sampled rows draw from their (already warped) distribution."""
     if warp_key is None:
         return scores.argmax(dim=-1)
-    return _sample(scores.softmax(dim=-1), generators)
+    probs = scores.softmax(dim=-1)
+    broken = ~torch.isfinite(probs).all(dim=-1)  # every token banned, or logits that overflowed
+    if broken.any():
+        # Such a row has no distribution to sample from; its best finite score is the only sensible choice, and a
+        # bad row must not fail the other requests sharing the batch.
+        best = torch.nan_to_num(scores[broken], nan=-torch.inf).argmax(dim=-1)
+        probs[broken] = torch.nn.functional.one_hot(best, probs.shape[-1]).to(probs.dtype)
+    return _sample(probs, generators)
 
 
 def _sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:

@@ -37,13 +37,15 @@ class GenerateKwargs(BaseModel):
     early_stopping: bool | Literal["never"] = False
     num_beams: int = Field(1, ge=1)
     num_beam_groups: int = Field(1, ge=1)
-    diversity_penalty: float = Field(0.0, ge=0)
-    temperature: float = Field(1.0, ge=0, description="0 means greedy decoding")
+    # Upper bounds keep the arithmetic finite in float32 (a temperature of 1e-300 or a penalty of 1e308 would
+    # turn logits into inf/NaN); they are far beyond any useful value.
+    diversity_penalty: float = Field(0.0, ge=0, le=1000)
+    temperature: float = Field(1.0, ge=0, le=100, description="0 (or below 1e-5) means greedy decoding")
     top_k: int = Field(10, ge=0, description="0 disables top-k filtering")
     top_p: float = Field(1.0, gt=0, le=1)
     typical_p: float = Field(1.0, gt=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
-    length_penalty: float = 1.0
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100)
+    length_penalty: float = Field(1.0, ge=-10, le=10)
     no_repeat_ngram_size: int = Field(0, ge=0)
     encoder_no_repeat_ngram_size: int = Field(0, ge=0)
     bad_words_ids: list[list[int]] | None = None

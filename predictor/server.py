@@ -22,7 +22,7 @@ from kserve import ModelServer
 
 from . import metrics
 from .config import ServerConfig
-from .errors import BodyTooLarge, Draining, PredictorError, Unauthorized
+from .errors import BodyTooLarge, Draining, NotFound, PredictorError, Unauthorized
 from .model import Completion, FalconModel
 from .openai_api import install_openai_routes
 from .schema import decode_json_body, parse_chat_request
@@ -133,6 +133,10 @@ class RequestGuard:
         if self.api_key is not None and _needs_auth(path) and not self._authorized(headers):
             return await error_response(Unauthorized(
                 "this route needs 'Authorization: Bearer <api key>'"))(scope, receive, send)
+        if path.startswith("/v2/repository/"):
+            # KServe's model-repository routes would let any client unload the one model this server exists for.
+            return await error_response(NotFound("model repository operations are disabled: this server "
+                                                 "serves one model, loaded at start-up"))(scope, receive, send)
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             return await self._too_large(scope, receive, send)

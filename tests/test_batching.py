@@ -7,6 +7,7 @@ import asyncio
 import pytest
 import torch
 
+from predictor import batcher as batcher_module
 from predictor.batcher import Batcher
 from predictor.engine import LoadSpec, load_engine
 from predictor.errors import Draining, GenerationFailed, Overloaded
@@ -147,6 +148,47 @@ def test_queue_bound_and_drain(engine):
 def test_a_failed_step_fails_its_requests_and_the_worker_goes_on(engine, monkeypatch):
     real_prefill = engine.prefill
     poison = engine.encode("poison")
+    device_lost = False
+
+    def prefill(prompts):
+        if device_lost or any(p == poison for p in prompts):
+            raise RuntimeError("injected fault")
+        return real_prefill(prompts)
+
+    monkeypatch.setattr(engine, "prefill", prefill)
+    monkeypatch.setattr(batcher_module, "SELF_CHECK_INTERVAL_S", 0.05)
+
+    async def main():
+        nonlocal device_lost
+        batcher = Batcher(engine)
+        batcher.start()
+        for _ in range(2):
+            with pytest.raises(GenerationFailed):
+                await batcher.submit(make_job(engine, "poison", max_new_tokens=4)).result()
+        assert batcher.healthy
+        ok = await batcher.submit(make_job(engine, "Hello", do_sample=False, max_new_tokens=4)).result()
+        assert len(ok.sequences[0].token_ids) >= 1 and batcher.healthy
+
+        device_lost = True  # every step fails now, the idle self-check included
+        for _ in range(3):
+            with pytest.raises(GenerationFailed):
+                await batcher.submit(make_job(engine, "Hello", max_new_tokens=4)).result()
+        await asyncio.sleep(0.3)
+        assert not batcher.healthy  # three failures in a row and a failing self-check: the device is presumed lost
+
+        device_lost = False  # the fault was transient: the next self-check finds the engine working
+        for _ in range(50):
+            if batcher.healthy:
+                break
+            await asyncio.sleep(0.05)
+        assert batcher.healthy
+        batcher.close()
+    asyncio.run(main())
+
+
+def test_a_request_failing_to_start_does_not_fail_the_running_batch(engine, monkeypatch):
+    real_prefill = engine.prefill
+    poison = engine.encode("poison")
 
     def prefill(prompts):
         if any(p == poison for p in prompts):
@@ -158,15 +200,11 @@ def test_a_failed_step_fails_its_requests_and_the_worker_goes_on(engine, monkeyp
     async def main():
         batcher = Batcher(engine)
         batcher.start()
-        for _ in range(2):
-            with pytest.raises(GenerationFailed):
-                await batcher.submit(make_job(engine, "poison", max_new_tokens=4)).result()
-        assert batcher.healthy
-        ok = await batcher.submit(make_job(engine, "Hello", do_sample=False, max_new_tokens=4)).result()
-        assert len(ok.sequences[0].token_ids) >= 1 and batcher.healthy
-        for _ in range(3):
-            with pytest.raises(GenerationFailed):
-                await batcher.submit(make_job(engine, "poison", max_new_tokens=4)).result()
-        assert not batcher.healthy  # three failures in a row: the device is presumed lost
+        running = batcher.submit(make_job(engine, "Hello", do_sample=False, max_new_tokens=40, min_new_tokens=40))
+        await asyncio.sleep(0.05)
+        with pytest.raises(GenerationFailed):
+            await batcher.submit(make_job(engine, "poison", max_new_tokens=4)).result()
+        result = await running.result()
+        assert len(result.sequences[0].token_ids) == 40
         batcher.close()
     asyncio.run(main())

@@ -1,0 +1,76 @@
+"""The real server with faults injected into generation, for tests of failure isolation.
+
+``python -m tests.fault_server <the flags of python -m predictor>`` (from the repository root) patches the engine in
+this process, then runs ``predictor.__main__.main()`` unchanged. A prompt that contains one of the markers below
+makes the engine raise while it works on that prompt, as a lost or full accelerator would:
+
+- ``<<fault:runtime>>``: ``RuntimeError`` (a device fault) in the prefill of the batch step that admits the prompt,
+  or in beam search;
+- ``<<fault:oom>>``: ``torch.OutOfMemoryError`` there instead.
+
+Other prompts run untouched, so a test can check that the next request is served normally.
+
+With ``$FAULT_SERVER_HOLD_LOAD`` set to a path, loading the model waits until that file exists, so a test can see
+the server while it is still loading, for as long as it needs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import torch
+
+from predictor import __main__ as predictor_main
+from predictor import engine, model
+
+HOLD_LOAD_MAX_S = 120  # never wait for the release longer than a test would wait for readiness
+
+SECRET = "injected-fault-detail-that-must-not-reach-clients"
+FAULTS: dict[str, Callable[[], BaseException]] = {
+    "<<fault:runtime>>": lambda: RuntimeError(f"CUDA error: an illegal memory access ({SECRET})"),
+    "<<fault:oom>>": lambda: torch.OutOfMemoryError(f"CUDA out of memory ({SECRET})"),
+}
+
+
+def raise_if_marked(tokenizer, prompts: list[list[int]]) -> None:
+    for prompt in prompts:
+        text = tokenizer.decode(prompt)
+        for marker, fault in FAULTS.items():
+            if marker in text:
+                raise fault()
+
+
+def install_faults() -> None:
+    prefill, generate_beams = engine.Engine.prefill, engine.Engine.generate_beams
+
+    def faulty_prefill(self: engine.Engine, prompts: list[list[int]]):
+        raise_if_marked(self.tokenizer, prompts)
+        return prefill(self, prompts)
+
+    def faulty_generate_beams(self: engine.Engine, prompt_ids: list[int], *args, **kwargs):
+        raise_if_marked(self.tokenizer, [prompt_ids])
+        return generate_beams(self, prompt_ids, *args, **kwargs)
+
+    engine.Engine.prefill = faulty_prefill
+    engine.Engine.generate_beams = faulty_generate_beams
+
+
+def hold_loading_until(release: str) -> None:
+    load = model.FalconModel.load
+
+    def held_load(self: model.FalconModel) -> bool:
+        deadline = time.monotonic() + HOLD_LOAD_MAX_S
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return load(self)
+
+    model.FalconModel.load = held_load
+
+
+if __name__ == "__main__":
+    install_faults()
+    if os.environ.get("FAULT_SERVER_HOLD_LOAD"):
+        hold_loading_until(os.environ["FAULT_SERVER_HOLD_LOAD"])
+    predictor_main.main()
