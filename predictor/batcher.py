@@ -19,6 +19,7 @@ from typing import AsyncIterator
 
 import torch
 
+from . import metrics
 from .engine import Engine, KVBatch
 from .errors import Draining, GenerationFailed, Overloaded
 from .options import GenerationJob
@@ -116,10 +117,19 @@ class Ticket:
         started = self.started_at or now
         result = GenerationResult(tuple(sequences), len(self.job.prompt_ids), started - self.submitted_at,
                                   now - started)
+        _record(result)
         self._loop.call_soon_threadsafe(_settle, self._future, result, None)
 
     def fail(self, error: BaseException) -> None:
         self._loop.call_soon_threadsafe(_settle, self._future, None, error)
+
+
+def _record(result: GenerationResult) -> None:
+    """Every route's requests feed the same Prometheus histograms."""
+    metrics.QUEUE_SECONDS.observe(result.queue_seconds)
+    metrics.GENERATION_SECONDS.observe(result.generation_seconds)
+    metrics.PROMPT_TOKENS.observe(result.prompt_tokens)
+    metrics.GENERATED_TOKENS.observe(sum(len(seq.token_ids) for seq in result.sequences))
 
 
 def _settle(future: asyncio.Future, result: GenerationResult | None, error: BaseException | None) -> None:

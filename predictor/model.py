@@ -126,7 +126,6 @@ class FalconModel(kserve.Model):
             details["truncated_prompt_tokens"] = job.truncated_tokens
         if job.options.logprobs:
             details["logprobs"] = [list(seq.logprobs or ()) for seq in result.sequences]
-        self.record(result)
         if self.config.log_prompts:
             logger.info("generated: %r", texts)
         return {"Result": texts[0] if len(texts) == 1 else texts, "details": details}
@@ -138,13 +137,6 @@ class FalconModel(kserve.Model):
         clean = job.clean_up_tokenization_spaces
         prompt_text = engine.decode(list(job.prompt_ids), clean)
         return engine.decode(list(job.prompt_ids) + list(token_ids), clean)[len(prompt_text):]
-
-    def record(self, result: GenerationResult) -> None:
-        """Feed a finished request's timings and token counts to the Prometheus histograms."""
-        metrics.QUEUE_SECONDS.observe(result.queue_seconds)
-        metrics.GENERATION_SECONDS.observe(result.generation_seconds)
-        metrics.PROMPT_TOKENS.observe(result.prompt_tokens)
-        metrics.GENERATED_TOKENS.observe(sum(len(seq.token_ids) for seq in result.sequences))
 
     def require_ready(self) -> Engine:
         if not self.ready or self.engine is None or self.batcher is None:

@@ -26,7 +26,7 @@ from .errors import BodyTooLarge, Draining, NotFound, PredictorError, Unauthoriz
 from .model import Completion, FalconModel
 from .openai_api import install_openai_routes
 from .schema import decode_json_body, parse_chat_request
-from .streaming import stream_chat
+from .streaming import stream_chat, unless_disconnected
 
 logger = logging.getLogger(__name__)
 
@@ -73,36 +73,16 @@ async def _chat(request: Request, model: FalconModel) -> Any:
         ticket = model.submit(job, stream=chat_request.stream)
         if chat_request.stream:
             return stream_chat(model, job, ticket)
-        result = await _until_done_or_disconnected(ticket, request)
+        finished, result = await unless_disconnected(request, ticket.result())
     except PredictorError as exc:
         metrics.REQUESTS.labels(route, exc.error_type).inc()
         raise
-    if result is None:
+    if not finished:
+        ticket.cancel()
         metrics.REQUESTS.labels(route, "cancelled").inc()
         return JSONResponse({"detail": "client disconnected"}, status_code=499)
     metrics.REQUESTS.labels(route, "success").inc()
     return model.to_response(Completion(job, result))
-
-
-async def _until_done_or_disconnected(ticket, request: Request):
-    """The ticket's result, or None after cancelling it when the client went away first."""
-    result = asyncio.ensure_future(ticket.result())
-    gone = asyncio.ensure_future(wait_for_disconnect(request))
-    await asyncio.wait([result, gone], return_when=asyncio.FIRST_COMPLETED)
-    if result.done():
-        gone.cancel()
-        return result.result()
-    ticket.cancel()
-    result.cancel()
-    return None
-
-
-async def wait_for_disconnect(request: Request) -> None:
-    """Returns when the client closes the connection (the body has been read, so only disconnect is left)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 async def predictor_error_handler(_: Request, exc: PredictorError) -> JSONResponse:
