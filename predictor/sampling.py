@@ -117,9 +117,13 @@ def _apply_id_processors(scores: torch.Tensor, samplers: list[SequenceSampler], 
 
 def _suppress_early_eos(scores: torch.Tensor, samplers: list[SequenceSampler], sequences: list[list[int]]) -> None:
     """min_new_tokens / min_length: eos may not be chosen before that many tokens were generated."""
+    rows, columns = [], []
     for row, sampler in enumerate(samplers):
-        if sampler.eos_token_ids and len(sequences[row]) - sampler.prompt_len < sampler.min_new_tokens:
-            scores[row, list(sampler.eos_token_ids)] = -float("inf")
+        if len(sequences[row]) - sampler.prompt_len < sampler.min_new_tokens:
+            rows += [row] * len(sampler.eos_token_ids)
+            columns += sampler.eos_token_ids
+    if rows:  # one indexed write for the whole batch
+        scores[torch.tensor(rows, device=scores.device), torch.tensor(columns, device=scores.device)] = -torch.inf
 
 
 def _group_by_warp(samplers: list[SequenceSampler]) -> dict[WarpKey | None, list[int]]:
