@@ -209,7 +209,8 @@ def load_engine(spec: LoadSpec) -> Engine:
         raise SystemExit("--load_in_8bit needs a CUDA GPU and the bitsandbytes package (pip install bitsandbytes)")
     logger.info("Loading %s (revision %s) on %s as %s", spec.source, spec.revision or "default", device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(spec.source, revision=spec.revision, trust_remote_code=False)
-    kwargs: dict = dict(revision=spec.revision, dtype=dtype, trust_remote_code=False)
+    # PyTorch's scaled-dot-product attention (fused kernels on GPUs); named so a transformers default cannot change it
+    kwargs: dict = dict(revision=spec.revision, dtype=dtype, trust_remote_code=False, attn_implementation="sdpa")
     if device == "cuda":
         kwargs["device_map"] = "auto"  # splits the layers over every visible GPU (falcon-40b needs two)
         if spec.load_in_8bit:

@@ -5,6 +5,7 @@ Every ``PredictorError`` becomes a JSON response here and nowhere else::
     {"detail": "...", "error": "...", "error_type": "invalid_request", "param": "generate_kwargs.top_p"}
 
 ``detail`` is what the Falcon /chat clients read; ``error``/``error_type`` follow text-generation-inference.
+The OpenAI-compatible routes (``openai_api``) answer the same errors in OpenAI's shape.
 """
 
 from __future__ import annotations

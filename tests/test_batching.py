@@ -208,3 +208,16 @@ def test_a_request_failing_to_start_does_not_fail_the_running_batch(engine, monk
         assert len(result.sequences[0].token_ids) == 40
         batcher.close()
     asyncio.run(main())
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_engine_runs_bfloat16_with_sdpa_and_generates(tiny_dirs):
+    engine = load_engine(LoadSpec(str(tiny_dirs["7b"]), device="cuda"))
+    assert engine.device.type == "cuda" and engine.model.dtype == torch.bfloat16
+    assert engine.model.config._attn_implementation == "sdpa"
+    job = make_job(engine, "Hello", do_sample=False, max_new_tokens=8, min_new_tokens=8)
+    assert len(generated(run(engine, [job])[0])[0]) == 8
+
+
+def test_attention_is_pytorch_sdpa(engine):
+    assert engine.model.config._attn_implementation == "sdpa"
