@@ -91,10 +91,12 @@ class StopMatcher:
     def push(self, text: str) -> tuple[str, bool]:
         """The text that can be passed on, and whether a stop string ended the output (the stop is not passed)."""
         text = self._held + text
-        found = [at for at in (text.find(stop) for stop in self.stops) if at >= 0]
+        # The stop that is complete first ends the output, as it would have had the text come a character at a
+        # time: "a" in "\na" stops before a longer stop "\naa" that began earlier could be completed.
+        found = [(at + len(stop), at) for stop in self.stops if (at := text.find(stop)) >= 0]
         if found:
             self._held = ""
-            return text[:min(found)], True
+            return text[:min(found)[1]], True
         keep = max((n for stop in self.stops for n in range(len(stop) - 1, 0, -1) if text.endswith(stop[:n])),
                    default=0)
         self._held = text[len(text) - keep:]
