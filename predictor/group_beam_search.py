@@ -107,7 +107,7 @@ def _check_config(model: PreTrainedModel, config: GenerationConfig) -> tuple[int
     """Validate the parameterisation (what 4.x ``BeamSearchScorer`` checked); return (groups, beams per group)."""
     num_beams, num_groups = config.num_beams, config.num_beam_groups or 1
     if model.config.is_encoder_decoder:
-        raise NotImplementedError("group_beam_search supports decoder-only models only")
+        raise TypeError("group_beam_search supports decoder-only models only")
     if config.do_sample:
         raise ValueError("Diverse beam search cannot be used in sampling mode; set do_sample=False")
     if num_beams < 1 or num_groups < 1 or num_beams % num_groups != 0:

@@ -17,7 +17,8 @@ from typing import Any
 import kserve
 
 from . import metrics
-from .batcher import Batcher, GenerationResult, Ticket
+from .batcher import Batcher
+from .tickets import GenerationResult, Ticket
 from .config import ServerConfig
 from .engine import Engine, LoadSpec, load_engine
 from .errors import NotReady

@@ -5,7 +5,7 @@ KServe 0.21's ``kserve.protocol.rest.openai`` takes its wire types and request c
 ``kserve[llm]`` extra: vllm 0.24, which pins torch 2.11 and CUDA wheels against this project's torch), and it adds
 its routes only for a model that is an ``OpenAIModel``, which counts as ready from construction while ours must
 answer 503 until its weights are loaded. So the same routes are served here, for the same ``FalconModel``, with
-small pydantic wire models of their own.
+small pydantic wire models of their own (``openai_schema``).
 
 An OpenAI request becomes a /chat request (``to_chat_request``) and goes on through ``to_generation_job``: the
 validation, limits, batching and seeds are those of /chat. The choices made in that mapping:
@@ -35,161 +35,27 @@ import os
 import time
 import uuid
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Literal, TypeVar
+from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from transformers import PreTrainedTokenizerBase
 
 from . import metrics
 from .chat_format import CHAT_STOP, render_chat
-from .errors import (ContextLengthExceeded, Draining, InvalidRequest, ModelNotFound, NotReady, PredictorError,
-                     UnknownParameter)
+from .errors import ContextLengthExceeded, Draining, InvalidRequest, ModelNotFound, NotReady, PredictorError
 from .model import FalconModel
 from .options import Limits, to_generation_job
+from .openai_schema import (ChatCompletionRequest, CompletionRequest, GenerationFields, parse_openai_request)
 from .schema import ChatRequest, decode_json_body, parse_chat_request
 from .streaming import TextDelta, sse_response, stream_text, unless_disconnected
 
 logger = logging.getLogger(__name__)
 
-MAX_STOP_SEQUENCES = 4  # OpenAI's limit
-# Options the engine cannot honour, with the values that ask for nothing (clients often send those explicitly).
-NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "logprobs": (False,),
-    "top_logprobs": (0,), "best_of": (1,), "echo": (False,), "suffix": ("",),
-}
 # /chat's names for the options an OpenAI request sets, to name the OpenAI field in an error from the mapping.
 OPENAI_PARAMS = {"generate_kwargs.max_new_tokens": "max_tokens", "generate_kwargs.num_return_sequences": "n",
                  "generate_kwargs.temperature": "temperature", "generate_kwargs.top_p": "top_p"}
 FINISH_REASONS = {"stop": "stop", "length": "length"}  # others (time_limit, cancelled) were cut short: "length"
-
-_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-
-# -- wire format ---------------------------------------------------------------------------------------------------
-class StreamOptions(BaseModel):
-    model_config = _STRICT
-
-    include_usage: bool = False  # a last chunk, with no choices, carries the usage
-
-
-class GenerationFields(BaseModel):
-    """The fields completions and chat completions share."""
-
-    model_config = _STRICT
-
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2, description="0 means greedy decoding")
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None  # an end-user id for abuse monitoring: accepted, not used
-
-    @field_validator("stop")
-    @classmethod
-    def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > MAX_STOP_SEQUENCES or any(not stop for stop in stops):
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, none of them empty")
-        return value
-
-    def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-
-    @property
-    def asked_tokens(self) -> int | None:
-        return self.max_tokens
-
-    @property
-    def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
-
-
-class CompletionRequest(GenerationFields):
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        prompts = [value] if isinstance(value, str) else value
-        if len(prompts) != 1:
-            raise ValueError(f"send one prompt per request (got {len(prompts)})")
-        if not prompts[0] or "\x00" in prompts[0]:
-            raise ValueError("must be a non-empty string without NUL characters")
-        return value
-
-    def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-
-
-class TextPart(BaseModel):
-    model_config = _STRICT
-
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = _STRICT
-
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
-
-
-class ChatCompletionRequest(GenerationFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens; wins over it
-
-    @property
-    def asked_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-
-R = TypeVar("R", bound=GenerationFields)
-
-
-def parse_openai_request(body: Any, request_type: type[R]) -> R:
-    """Validate a decoded JSON body; raise ``InvalidRequest`` naming the first field at fault. ``null`` means the
-    field's default, as OpenAI's clients send it."""
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    body = {key: value for key, value in body.items() if value is not None}
-    for name, neutral in NEUTRAL_VALUES.items():
-        if name in body and not _is_neutral(value := body.pop(name), neutral):
-            raise UnknownParameter(f"{name}={value!r} is not supported by this server (only {neutral[0]!r})",
-                                   param=name)
-    try:
-        return request_type.model_validate(body)
-    except ValidationError as exc:
-        raise _to_invalid_request(exc) from None
-
-
-def _to_invalid_request(exc: ValidationError) -> InvalidRequest:
-    """The first field at fault, named as OpenAI does (``messages[0].content``). A field that may take several
-    forms (a string or a list) fails once per form: its name is what those errors' locations share."""
-    errors = exc.errors(include_url=False)
-    first = errors[0]
-    same_field = [error for error in errors if error["loc"][:1] == first["loc"][:1]]
-    loc = os.path.commonprefix([error["loc"] for error in same_field])
-    param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
-    if first["type"] == "extra_forbidden":
-        return UnknownParameter(f"{param} is not supported by this server", param=param)
-    reasons = list(dict.fromkeys(error["msg"] for error in same_field))
-    return InvalidRequest(f"{param}: {'; or '.join(reasons[:3])}", param=param)
-
-
-def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
-    return any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in neutral)
-
 
 # -- the mapping onto /chat --------------------------------------------------------------------------------------
 def to_chat_request(request: GenerationFields, prompt: str, max_new_tokens: int) -> ChatRequest:

@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from . import metrics
-from .batcher import Ticket, TokenEvent
+from .tickets import Ticket, TokenEvent
 from .errors import PredictorError
 from .model import Completion, FalconModel
 from .options import GenerationJob

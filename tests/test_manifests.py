@@ -9,7 +9,6 @@ The checks live in manifest_checks.py; every one is also shown to fail on a drif
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import re

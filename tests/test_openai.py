@@ -9,7 +9,8 @@ from transformers import AutoTokenizer
 
 from predictor.chat_format import render_chat
 from predictor.errors import ContextLengthExceeded, InvalidRequest, UnknownParameter
-from predictor.openai_api import CompletionRequest, parse_openai_request, resolve_max_tokens, to_chat_request
+from predictor.openai_api import resolve_max_tokens, to_chat_request
+from predictor.openai_schema import CompletionRequest, parse_openai_request
 from predictor.options import Limits
 
 PROMPT = "Once upon a time"

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from predictor.batcher import SequenceOutput, Ticket, TokenEvent
+from predictor.tickets import SequenceOutput, Ticket, TokenEvent
 from predictor.errors import GenerationFailed
 from predictor.options import GenerationJob, GenerationOptions
 from predictor.streaming import IncrementalDecoder, StopMatcher, stream_chat, stream_text
