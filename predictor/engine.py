@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
@@ -20,6 +20,10 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 from .options import GenerationOptions, ModelInfo
 
 logger = logging.getLogger(__name__)
+
+# Prompt tokens decoded in front of generated ones: enough for a UTF-8 character (at most 4 bytes) split over
+# byte-level tokens at the boundary.
+PROMPT_CONTEXT_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,14 @@ class Engine:
             # ran on transformers 4, where it removed spaces before punctuation. Clients asking for it get that.
             text = self.tokenizer.clean_up_tokenization(text)
         return text
+
+    def continuation(self, prompt_ids: Sequence[int], generated_ids: Sequence[int],
+                     clean_up_tokenization_spaces: bool = False) -> str:
+        """The text ``generated_ids`` add after the prompt. The last few prompt tokens are decoded with them and
+        their text cut off again, so a character whose bytes straddle the boundary comes out whole."""
+        context = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
+        before = self.decode(context, clean_up_tokenization_spaces)
+        return self.decode(context + list(generated_ids), clean_up_tokenization_spaces)[len(before):]
 
     # -- batched decoding ------------------------------------------------------------------------------------
     @torch.inference_mode()

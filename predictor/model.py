@@ -18,12 +18,12 @@ import kserve
 
 from . import metrics
 from .batcher import Batcher
-from .tickets import GenerationResult, Ticket
 from .config import ServerConfig
 from .engine import Engine, LoadSpec, load_engine
 from .errors import NotReady
 from .options import GenerationJob, Limits, to_generation_job
 from .schema import ChatRequest, decode_json_body, parse_chat_request
+from .tickets import GenerationResult, Ticket
 from .tiny import build_tiny_falcon, default_cache_dir
 from .variants import Variant, find_variant
 
@@ -120,7 +120,8 @@ class FalconModel(kserve.Model):
         """The Falcon /chat response: ``Result`` is a string, or a list for several sequences; ``details`` adds
         token counts, finish reasons and (when asked) per-token log-probabilities."""
         job, result = completion.job, completion.result
-        texts = [self.continuation(job, seq.token_ids) for seq in result.sequences]
+        texts = [self.engine.continuation(job.prompt_ids, seq.token_ids, job.clean_up_tokenization_spaces)
+                 for seq in result.sequences]
         if job.return_full_text:
             texts = [job.prompt + text for text in texts]
         details: dict[str, Any] = {
@@ -135,14 +136,6 @@ class FalconModel(kserve.Model):
         if self.config.log_prompts:
             logger.info("generated: %r", texts)
         return {"Result": texts[0] if len(texts) == 1 else texts, "details": details}
-
-    def continuation(self, job: GenerationJob, token_ids: tuple[int, ...] | list[int]) -> str:
-        """The text the generated ids add to the prompt. Decoding prompt and continuation together and cutting
-        the prompt's text off keeps characters whose bytes straddle the boundary whole."""
-        engine = self.engine
-        clean = job.clean_up_tokenization_spaces
-        prompt_text = engine.decode(list(job.prompt_ids), clean)
-        return engine.decode(list(job.prompt_ids) + list(token_ids), clean)[len(prompt_text):]
 
     def require_ready(self) -> Engine:
         if not self.ready or self.engine is None or self.batcher is None:

@@ -36,6 +36,7 @@ from starlette.responses import StreamingResponse
 
 from . import metrics
 from .tickets import Ticket, TokenEvent
+from .engine import PROMPT_CONTEXT_TOKENS
 from .errors import PredictorError
 from .model import Completion, FalconModel
 from .options import GenerationJob
@@ -44,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the events
 DONE_EVENT = "data: [DONE]\n\n"
-PROMPT_CONTEXT_TOKENS = 4  # prompt tokens decoded in front of the first generated one, for boundary effects
 
 T = TypeVar("T")
 
