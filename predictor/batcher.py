@@ -66,6 +66,7 @@ class Batcher:
         self._in_flight = 0  # submitted and not yet settled
         self._consecutive_failures = 0
         self._next_self_check = 0.0
+        self._unhealthy_since: float | None = None
         self._rng = torch.Generator(device=engine.device)
         self._rng.seed()  # unseeded requests sample from this, randomly seeded at start-up
         self._threads = [threading.Thread(target=self._decode_loop, name="batcher-decode", daemon=True),
@@ -111,8 +112,24 @@ class Batcher:
 
     @property
     def healthy(self) -> bool:
-        """False after repeated consecutive failures: the device is likely gone and the pod should restart."""
+        """False after repeated consecutive failures, until a step or a self-check succeeds again."""
         return self._consecutive_failures < FAILURES_BEFORE_UNHEALTHY
+
+    @property
+    def unhealthy_for(self) -> float:
+        """Seconds the engine has been unhealthy without recovering (0 while healthy): a lost device shows as a
+        figure that only grows."""
+        return 0.0 if self._unhealthy_since is None else time.monotonic() - self._unhealthy_since
+
+    def _note_success(self) -> None:
+        self._consecutive_failures = 0
+        self._unhealthy_since = None
+
+    def _note_failure(self) -> None:
+        self._consecutive_failures += 1
+        self._next_self_check = time.monotonic() + SELF_CHECK_INTERVAL_S
+        if self._consecutive_failures == FAILURES_BEFORE_UNHEALTHY:
+            self._unhealthy_since = time.monotonic()
 
     def _settled(self) -> None:
         with self._lock:
@@ -170,7 +187,7 @@ class Batcher:
                     return
         self._choose(torch.cat(logits) if len(logits) > 1 else logits[0])
         self._retire()
-        self._consecutive_failures = 0
+        self._note_success()
 
     def _prefill(self, joining: list[Ticket]) -> torch.Tensor:
         """Start the joining requests' sequences and merge them into the batch; their next-token logits."""
@@ -199,7 +216,7 @@ class Batcher:
             logger.error("Self-check failed; the engine stays unhealthy: %s", exc)
             return
         logger.warning("Self-check passed after %d failed steps; serving again", self._consecutive_failures)
-        self._consecutive_failures = 0
+        self._note_success()
 
     def _choose(self, logits: torch.Tensor) -> None:
         running = self._running
@@ -254,8 +271,7 @@ class Batcher:
         self._fail_requests(list(tickets), exc)
 
     def _fail_requests(self, tickets: list[Ticket], exc: Exception) -> None:
-        self._consecutive_failures += 1
-        self._next_self_check = time.monotonic() + SELF_CHECK_INTERVAL_S
+        self._note_failure()
         logger.error("Generation failed for %d request(s): %s", len(tickets), exc, exc_info=exc)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -281,11 +297,9 @@ class Batcher:
         ticket.started_at = time.monotonic()
         try:
             out = self.engine.generate_beams(list(ticket.job.prompt_ids), options, ticket.should_stop)
-            self._consecutive_failures = 0
+            self._note_success()
         except Exception as exc:  # noqa: BLE001 - fail this request, keep the worker
-            self._consecutive_failures += 1
-            logger.error("Beam search failed: %s", exc, exc_info=exc)
-            ticket.fail(_as_generation_failure(exc))
+            self._fail_requests([ticket], exc)
             return
         interrupted = "cancelled" if ticket.cancelled else "time_limit" if ticket.out_of_time() else "length"
         outputs = []

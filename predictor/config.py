@@ -30,6 +30,7 @@ class ServerConfig:
     request_timeout_s: float  # generation time one request may take before it is cut short
     max_body_bytes: int
     drain_timeout_s: float  # how long SIGTERM waits for in-flight requests
+    dead_after_s: float  # how long the engine may stay broken before liveness fails
     api_key: str | None
     log_prompts: bool
     load_in_8bit: bool
@@ -88,6 +89,9 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest request body; larger ones get 413 before parsing")
     limits.add_argument("--drain_timeout", type=float, default=60.0,
                         help="seconds SIGTERM waits for in-flight requests before exiting")
+    limits.add_argument("--dead_after", type=float, default=120.0,
+                        help="seconds the engine may stay broken (failing its self-check, e.g. a lost GPU) before "
+                             "GET /livez answers 503 so that Kubernetes restarts the pod")
 
     security = parser.add_argument_group("security")
     security.add_argument("--api_key", default=None,
@@ -122,6 +126,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model_name=model_name, model_id=model_id, model_dir=args.model_dir, revision=revision, dtype=args.dtype,
         device=args.device, http_port=args.http_port, limits=limits, max_batch_size=args.max_batch_size,
         max_queue=args.max_queue, request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
-        drain_timeout_s=args.drain_timeout, api_key=args.api_key or os.environ.get("PREDICTOR_API_KEY") or None, log_prompts=args.log_prompts,
+        drain_timeout_s=args.drain_timeout, dead_after_s=args.dead_after,
+        api_key=args.api_key or os.environ.get("PREDICTOR_API_KEY") or None, log_prompts=args.log_prompts,
         load_in_8bit=args.load_in_8bit)
 

@@ -31,7 +31,7 @@ from .streaming import stream_chat, unless_disconnected
 
 logger = logging.getLogger(__name__)
 
-OPEN_PATHS = ("/health", "/healthz", "/metrics", "/v2/health/", "/docs", "/openapi.json")
+OPEN_PATHS = ("/health", "/healthz", "/livez", "/metrics", "/v2/health/", "/docs", "/openapi.json")
 
 
 def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
@@ -50,6 +50,14 @@ def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
     for path in ("/health", "/healthz"):
         app.add_api_route(path, health, methods=["GET"], tags=["falcon"],
                           summary="200 once the model is loaded and serving; 503 while loading or draining")
+
+    @app.get("/livez", tags=["falcon"],
+             summary="200 unless the engine has been broken for --dead_after seconds (then restart the pod)")
+    async def livez() -> JSONResponse:
+        broken_for = model.batcher.unhealthy_for if model.batcher is not None else 0.0
+        if broken_for > config.dead_after_s:
+            return JSONResponse({"status": "Dead", "unhealthy_seconds": round(broken_for)}, status_code=503)
+        return JSONResponse({"status": "Alive"})
 
     install_openai_routes(app, model)
 

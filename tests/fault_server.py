@@ -6,7 +6,9 @@ makes the engine raise while it works on that prompt, as a lost or full accelera
 
 - ``<<fault:runtime>>``: ``RuntimeError`` (a device fault) in the prefill of the batch step that admits the prompt,
   or in beam search;
-- ``<<fault:oom>>``: ``torch.OutOfMemoryError`` there instead.
+- ``<<fault:oom>>``: ``torch.OutOfMemoryError`` there instead;
+- ``<<fault:device-lost>>``: from then on every prefill raises, whatever the prompt, as a GPU that fell off the
+  bus would (the engine's self-check included).
 
 Other prompts run untouched, so a test can check that the next request is served normally.
 
@@ -34,9 +36,17 @@ FAULTS: dict[str, Callable[[], BaseException]] = {
 }
 
 
+DEVICE_LOST = "<<fault:device-lost>>"
+device_lost = False
+
+
 def raise_if_marked(tokenizer, prompts: list[list[int]]) -> None:
+    global device_lost
     for prompt in prompts:
         text = tokenizer.decode(prompt)
+        device_lost = device_lost or DEVICE_LOST in text
+        if device_lost:
+            raise RuntimeError(f"CUDA error: device lost ({SECRET})")
         for marker, fault in FAULTS.items():
             if marker in text:
                 raise fault()

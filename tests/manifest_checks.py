@@ -29,7 +29,8 @@ LOAD_BUDGET_S = 20 * 60
 # Eager transformers decode, seconds per token at batch 1: ~3.6x the memory-bandwidth floor (4.6 ms for 7B on one
 # GPU; 27.5 ms for 40B, whose two GPUs run one after the other). --request_timeout must fit two 2048-token answers.
 DECODE_S_PER_TOKEN = {1: 0.017, 2: 0.1}
-LIVENESS_ROUTES = {"/", "/v2/health/live"}  # answer while the server runs: not tied to the model or to draining
+# Answer while the server runs, not tied to loading or draining (/livez fails only for an engine broken for minutes)
+LIVENESS_ROUTES = {"/", "/v2/health/live", "/livez"}
 
 Doc = dict[str, Any]
 

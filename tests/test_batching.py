@@ -175,13 +175,16 @@ def test_a_failed_step_fails_its_requests_and_the_worker_goes_on(engine, monkeyp
                 await batcher.submit(make_job(engine, "Hello", max_new_tokens=4)).result()
         await asyncio.sleep(0.3)
         assert not batcher.healthy  # three failures in a row and a failing self-check: the device is presumed lost
+        first = batcher.unhealthy_for
+        await asyncio.sleep(0.2)
+        assert batcher.unhealthy_for > first > 0  # grows while the self-check keeps failing: liveness reads it
 
         device_lost = False  # the fault was transient: the next self-check finds the engine working
         for _ in range(50):
             if batcher.healthy:
                 break
             await asyncio.sleep(0.05)
-        assert batcher.healthy
+        assert batcher.healthy and batcher.unhealthy_for == 0
         batcher.close()
     asyncio.run(main())
 

@@ -25,7 +25,8 @@ BUDGET_S = 1.0  # --request_timeout of the server here: well under the ~2 s the 
 # this machine, so it always ends on its budget
 LONG = {"prompt": "Once upon a time", "generate_kwargs": {"max_new_tokens": 2000, "min_new_tokens": 2000}}
 NORMAL = {"prompt": "Hello", "generate_kwargs": {"max_new_tokens": 2}}
-RUNTIME_FAULT, OOM_FAULT = "<<fault:runtime>>", "<<fault:oom>>"  # see tests/fault_server.py
+RUNTIME_FAULT, OOM_FAULT, DEVICE_LOST = "<<fault:runtime>>", "<<fault:oom>>", "<<fault:device-lost>>"  # see
+# tests/fault_server.py
 FAULT_SECRET = "injected-fault-detail-that-must-not-reach-clients"
 
 
@@ -206,8 +207,26 @@ def test_repeated_failures_turn_health_503(server) -> None:
     health = httpx.get(f"{server.url}/health", timeout=10)
     assert health.status_code == 503 and health.json() == {"status": "Unhealthy"}
     assert httpx.get(f"{server.url}/v2/health/live", timeout=10).status_code == 200
+    livez = httpx.get(f"{server.url}/livez", timeout=10)  # broken for less than --dead_after: no restart yet
+    assert livez.status_code == 200 and livez.json() == {"status": "Alive"}
     assert server.process.poll() is None
     assert_serves(server)  # a step that works again clears the failure count
+
+
+def test_a_lost_device_fails_liveness_after_dead_after(start_server, tiny_dir) -> None:
+    """An engine that fails every step and every self-check stays unready, and after --dead_after seconds
+    liveness fails too, so Kubernetes restarts the pod instead of leaving it unready for good."""
+    lost = start_server(tiny_dir, "--dead_after", "1", module="tests.fault_server")
+    for prompt in (f"Hello {DEVICE_LOST}", "Hello", "Hello"):
+        assert_generation_failed(chat(lost, {"prompt": prompt, "generate_kwargs": {"max_new_tokens": 4}}))
+    assert httpx.get(f"{lost.url}/health", timeout=10).status_code == 503
+    deadline = time.monotonic() + 30
+    livez = httpx.get(f"{lost.url}/livez", timeout=10)
+    while livez.status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        livez = httpx.get(f"{lost.url}/livez", timeout=10)
+    assert livez.status_code == 503 and livez.json()["status"] == "Dead"
+    lost.stop()
 
 
 # -- drain -----------------------------------------------------------------------------------------------------------

@@ -118,7 +118,7 @@ def test_the_key_opens_inference_routes(keyed_server, scheme: str) -> None:
 def test_probes_and_metrics_stay_open(keyed_server) -> None:
     url, name = keyed_server.url, keyed_server.model_name
     for path in ("/health", "/healthz", "/metrics", f"/v1/models/{name}", f"/v2/models/{name}/ready",
-                 "/v2/health/live", "/v2/health/ready"):
+                 "/v2/health/live", "/v2/health/ready", "/livez"):
         response = httpx.get(url + path, timeout=10)
         assert response.status_code == 200, f"{path}: {response.status_code} {response.text[:200]}"
     assert "falcon_requests_total" in httpx.get(f"{url}/metrics", timeout=10).text
