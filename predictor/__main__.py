@@ -27,6 +27,10 @@ def main() -> None:
     install(model_server.app, model, config)
     server = FalconModelServer(model, config.drain_timeout_s, http_port=config.http_port, workers=1)
     _log_like_kserve()
+    if model_server.args.workers != 1:
+        # More uvicorn workers would each load a copy of the model and lose the routes added here.
+        logger.warning("--workers %d ignored: one process serves; batching uses the accelerator fully",
+                       model_server.args.workers)
     server.register_model(model)
     threading.Thread(target=_load_or_exit, args=(model,), name="model-loader", daemon=True).start()
     server.start([])  # the model is registered already; start([model]) would insist it be loaded first

@@ -89,7 +89,7 @@ class Batcher:
             (self._beam_waiting if job.options.uses_beams else self._waiting).append(ticket)
             self._in_flight += 1
             self._lock.notify_all()
-        ticket._future.add_done_callback(lambda _: self._settled())
+        ticket.on_settled(self._settled)
         return ticket
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
+from .group_beam_search import group_beam_search
 from .options import GenerationOptions, ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -156,8 +157,6 @@ class Engine:
         ids = torch.tensor([prompt_ids], device=self.device)
         kwargs = options.to_generate_kwargs()
         if options.num_beam_groups > 1:
-            from .group_beam_search import group_beam_search
-
             kwargs["custom_generate"] = group_beam_search  # the project's own: transformers 5 moved it to the Hub
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # a seed affects this request only
@@ -165,13 +164,12 @@ class Engine:
                 torch.manual_seed(options.seed)
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
                                       stopping_criteria=StoppingCriteriaList([_StopWhen(should_stop)]), **kwargs)
-        generated = out.sequences[:, ids.shape[1]:]
+        sequences = _strip(out.sequences[:, ids.shape[1]:], options)
         logprobs = None
         if options.logprobs:
             scores = self.model.compute_transition_scores(out.sequences, out.scores, out.beam_indices,
                                                           normalize_logits=False)
-            logprobs = [row[: len(seq)].tolist() for row, seq in zip(scores, _strip(generated, options))]
-        sequences = _strip(generated, options)
+            logprobs = [row[: len(seq)].tolist() for row, seq in zip(scores, sequences)]
         eos = set(options.eos_token_ids)
         finished = [bool(seq) and seq[-1] in eos for seq in sequences]
         return BeamOutput(sequences=sequences, logprobs=logprobs, finished=finished)

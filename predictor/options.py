@@ -41,7 +41,7 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """How to generate, with every default and normalisation applied. Hashable: it is a batching signature."""
+    """How to generate, with every default and normalisation applied; each running sequence carries its own."""
 
     max_new_tokens: int
     min_new_tokens: int = 0

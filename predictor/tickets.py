@@ -9,7 +9,7 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from . import metrics
 from .options import GenerationJob
@@ -44,7 +44,6 @@ class Ticket:
 
     def __init__(self, job: GenerationJob, loop: asyncio.AbstractEventLoop, stream: bool, time_budget_s: float):
         self.job = job
-        self.stream = stream
         self.time_budget_s = time_budget_s
         self.submitted_at = time.monotonic()
         self.started_at: float | None = None
@@ -80,6 +79,10 @@ class Ticket:
 
     def cancel(self) -> None:
         self._cancelled.set()
+
+    def on_settled(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` on the event loop once the request succeeded or failed."""
+        self._future.add_done_callback(lambda _: callback())
 
     @property
     def cancelled(self) -> bool:

@@ -98,7 +98,3 @@ def test_diverse_beam_options_reach_generate():
 def test_logprobs_need_output_scores_and_return_dict():
     assert not job_for({"output_scores": True}).options.logprobs
     assert job_for({"output_scores": True, "return_dict_in_generate": True}).options.logprobs
-
-
-def test_options_are_hashable_for_batching():
-    assert hash(job_for().options) == hash(job_for().options)
