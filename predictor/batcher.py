@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .engine import Engine, KVBatch
+from .static_cache import SlotCache
 from .errors import Draining, GenerationFailed, Overloaded
 from .options import GenerationJob
 from .sampling import SequenceSampler, choose_next_tokens, make_sampler
@@ -62,7 +63,7 @@ class Batcher:
         self._closed = False
         self._running: list[_Sequence] = []
         self._finished: dict[Ticket, list[_Sequence]] = {}  # done sequences of requests with others still running
-        self._kv: KVBatch | None = None
+        self._kv: KVBatch | SlotCache | None = None
         self._in_flight = 0  # submitted and not yet settled
         self._consecutive_failures = 0
         self._next_self_check = 0.0
@@ -200,7 +201,7 @@ class Batcher:
                 sampler = make_sampler(ticket.job.options, prompt, index, self.engine.device)
                 new.append(_Sequence(ticket, index, list(prompt), sampler, len(prompt)))
         kv, logits = self.engine.prefill([seq.tokens for seq in new])
-        self._kv = kv if self._kv is None else self.engine.merge(self._kv, kv)
+        self._kv = self.engine.join(self._kv, kv)
         self._running.extend(new)
         return logits
 
@@ -211,7 +212,9 @@ class Batcher:
         self._next_self_check = time.monotonic() + SELF_CHECK_INTERVAL_S
         try:
             kv, logits = self.engine.prefill([[self.engine.info.eos_token_id or 0]])
-            self.engine.decode_step(kv, [int(logits.argmax(dim=-1)[0])])
+            batch = self.engine.join(None, kv)
+            self.engine.decode_step(batch, [int(logits.argmax(dim=-1)[0])])
+            self.engine.select(batch, [])
         except Exception as exc:  # noqa: BLE001
             logger.error("Self-check failed; the engine stays unhealthy: %s", exc)
             return
@@ -251,7 +254,7 @@ class Batcher:
             if seq.finish_reason is not None:
                 self._finished.setdefault(seq.ticket, []).append(seq)
         self._running = [self._running[i] for i in keep]
-        self._kv = self.engine.select(self._kv, keep) if keep else None
+        self._kv = self.engine.select(self._kv, keep)
         for ticket, sequences in list(self._finished.items()):
             if len(sequences) == ticket.job.options.num_return_sequences:
                 del self._finished[ticket]

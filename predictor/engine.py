@@ -1,8 +1,9 @@
 """The model and its tokenizer: loading, and the tensor work of batched generation.
 
 The engine knows nothing of HTTP or KServe. The batcher drives it step by step: ``prefill`` starts sequences,
-``decode_step`` advances every running sequence by one token, ``merge`` and ``select`` let sequences join and leave a
-running batch between steps (iteration-level scheduling). Beam search, which keeps several hypotheses per request,
+``decode_step`` advances every running sequence by one token, ``join`` and ``select`` let sequences join and leave a
+running batch between steps (iteration-level scheduling). The running batch's KV cache is a ``KVBatch`` that grows
+and shrinks with it, or, after ``use_static_cache``, the fixed-shape ``SlotCache`` whose decode step is compiled. Beam search, which keeps several hypotheses per request,
 runs through transformers' ``generate`` in ``generate_beams``.
 """
 
@@ -19,6 +20,7 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 
 from .group_beam_search import group_beam_search
 from .options import GenerationOptions, ModelInfo
+from .static_cache import SlotCache
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,20 @@ class Engine:
                               pad_token_id=tokenizer.pad_token_id,
                               generation_defaults=generation.to_diff_dict() if generation is not None else {})
         self.context_length = getattr(config, "max_position_embeddings", 2048)
+        self.slots: SlotCache | None = None  # the static cache, when used
+
+    def use_static_cache(self, slots: int, capacity: int, compile: bool, smallest_tier: int = 128) -> float:
+        """Decode from here on with a static KV cache of ``slots`` rows and ``capacity`` columns, compiled when
+        ``compile``; every shape a step can take is run (and compiled) now. Returns the seconds that took."""
+        layout, _ = self.prefill([[self.info.eos_token_id or 0]])
+        self.slots = SlotCache(self.model, layout.cache, slots, capacity, self._pad_token_id, compile, smallest_tier)
+        logger.info("Static KV cache: %d rows x %d columns, %.2f GiB", slots, capacity, self.slots.bytes() / 2**30)
+        return self.slots.warm_up()
+
+    @property
+    def _pad_token_id(self) -> int:
+        pad = self.info.pad_token_id if self.info.pad_token_id is not None else self.info.eos_token_id
+        return pad or 0
 
     # -- text ------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -101,7 +117,7 @@ class Engine:
     def prefill(self, prompts: list[list[int]]) -> tuple[KVBatch, torch.Tensor]:
         """Run the prompts (left-padded together) and return their state and next-token logits [n, vocab]."""
         width = max(len(p) for p in prompts)
-        pad = self.info.pad_token_id if self.info.pad_token_id is not None else self.info.eos_token_id or 0
+        pad = self._pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)  # [n, width]
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # padding does not advance positions
@@ -111,9 +127,20 @@ class Engine:
         positions = torch.tensor([len(p) for p in prompts], device=self.device)
         return KVBatch(cache, mask, positions), logits
 
+    def join(self, running: KVBatch | SlotCache | None, joining: KVBatch) -> KVBatch | SlotCache:
+        """The running batch with a prefill's sequences added after its own rows (``running`` None: no batch)."""
+        if self.slots is not None:
+            if running is None:
+                self.slots.clear()
+            self.slots.add(joining.cache, joining.mask, joining.positions)
+            return self.slots
+        return joining if running is None else self.merge(running, joining)
+
     @torch.inference_mode()
-    def decode_step(self, batch: KVBatch, tokens: list[int]) -> torch.Tensor:
+    def decode_step(self, batch: KVBatch | SlotCache, tokens: list[int]) -> torch.Tensor:
         """Feed each sequence its last chosen token; return next-token logits [batch, vocab]."""
+        if isinstance(batch, SlotCache):
+            return batch.step(tokens)
         ids = torch.tensor(tokens, device=self.device).unsqueeze(1)  # [batch, 1]
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(batch.size, 1)], dim=1)
         logits = self.model(input_ids=ids, attention_mask=batch.mask, position_ids=batch.positions.unsqueeze(1),
@@ -139,8 +166,14 @@ class Engine:
                        torch.cat([running.positions, joining.positions]))
 
     @staticmethod
-    def select(batch: KVBatch, keep: list[int]) -> KVBatch:
-        """Keep only rows ``keep`` and drop cache columns that are padding for every remaining row."""
+    def select(batch: KVBatch | SlotCache, keep: list[int]) -> KVBatch | SlotCache | None:
+        """Keep only rows ``keep`` (ascending; None when empty) and drop cache columns that are padding for every
+        remaining row."""
+        if isinstance(batch, SlotCache):
+            batch.keep(keep)
+            return batch if keep else None
+        if not keep:
+            return None
         index = torch.tensor(keep, device=batch.mask.device)
         mask = batch.mask[index]
         first_used = int(mask.any(dim=0).int().argmax())  # leading columns no row attends to

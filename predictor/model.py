@@ -55,6 +55,8 @@ class FalconModel(kserve.Model):
         self.limits = dataclasses.replace(
             self.config.limits, context_length=min(self.config.limits.context_length, self.engine.context_length))
         self._warm_up()
+        if self.config.compile:
+            self._compile()
         self.batcher = Batcher(self.engine, self.config.max_batch_size, self.config.max_queue,
                                self.config.request_timeout_s)
         self.batcher.start()
@@ -90,6 +92,15 @@ class FalconModel(kserve.Model):
         prompt = engine.encode("Hello") or [0]
         kv, logits = engine.prefill([prompt])
         engine.decode_step(kv, [int(logits.argmax(-1)[0])])
+
+    def _compile(self) -> None:
+        """Switch decoding to the static KV cache and compile its step for every shape it can take."""
+        # A request with more sequences than max_batch_size runs alone (the batcher admits it into an empty batch).
+        slots = max(self.config.max_batch_size, self.limits.max_num_return_sequences)
+        logger.info("Compiling the decode step (--compile); the model reports ready when it is done")
+        seconds = self.engine.use_static_cache(slots, self.limits.context_length, compile=True)
+        logger.info("Compiled the decode step for %d batch shapes in %.1f s",
+                    len(self.engine.slots.buckets) * len(self.engine.slots.tiers), seconds)
 
     # -- request handling ------------------------------------------------------------------------------------
     async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> GenerationJob:

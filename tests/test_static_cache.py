@@ -1,0 +1,118 @@
+"""The static KV cache and the compiled decode step (``--compile``) give the tokens the growing cache gives.
+
+In-process tests run scripted schedules and the batcher on the tiny Falcons with a small cache, so that every way the
+cache rearranges itself happens; an HTTP test starts a real ``--compile`` server.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+
+import httpx
+import pytest
+import torch
+
+from predictor.engine import LoadSpec, load_engine
+from predictor.static_cache import SlotCache, buckets_for, column_tiers
+
+from test_batching import generated, make_job, run
+
+
+def test_buckets_and_tiers_cover_every_size():
+    assert buckets_for(1) == [1]
+    assert buckets_for(32) == [1, 2, 4, 8, 16, 32]
+    assert buckets_for(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert column_tiers(2048) == [128, 256, 512, 1024, 2048]
+    assert column_tiers(100, smallest=16) == [16, 32, 64, 100]
+    assert column_tiers(64) == [64]
+
+
+def schedule(engine, prompts, lengths, *, joins_every=4, joins=2):
+    """Greedy decoding where ``joins`` prompts join every ``joins_every`` steps and each leaves after its own
+    length: sequences join and leave a running batch, as under load. Returns each prompt's tokens, and the steps."""
+    running, kv, out = [], None, {}
+    pending, step = list(range(len(prompts))), 0
+    while pending or running:
+        logits = []
+        if running:
+            logits.append(engine.decode_step(kv, [out[i][-1] for i in running]))
+        if pending and step % joins_every == 0:
+            taken, pending = pending[:joins], pending[joins:]
+            joining, first = engine.prefill([prompts[i] for i in taken])
+            kv = engine.join(kv, joining)
+            logits.append(first)
+            running += taken
+            out.update({i: [] for i in taken})
+        for i, token in zip(running, torch.cat(logits).argmax(-1).tolist()):
+            out[i].append(token)
+        keep = [j for j, i in enumerate(running) if len(out[i]) < lengths[i]]
+        running = [running[j] for j in keep]
+        kv = engine.select(kv, keep)
+        step += 1
+    return out, step
+
+
+@pytest.mark.parametrize("arch", ["7b", "40b"])
+@pytest.mark.parametrize("capacity", [64, 72])
+def test_static_cache_gives_the_dynamic_cache_tokens(arch, capacity, tiny_dirs, monkeypatch):
+    """Columns 16, 32, 64 (and 72) wide: at 64 the shared end reaches the last column and the used columns move
+    left; at 72 they move left earlier, when long sequences leave and the rest fit fewer columns."""
+    engine = load_engine(LoadSpec(str(tiny_dirs[arch])))
+    rng = random.Random(7)
+    prompts = [[rng.randrange(12, 1000) for _ in range(rng.randrange(2, 28))] for _ in range(14)]
+    lengths = [8 + (i * 37) % 24 for i in range(14)]
+    lengths[-1] = 34  # a late, long sequence
+    expected, _ = schedule(engine, prompts, lengths)
+
+    moves = []
+    move = SlotCache._move_columns
+    monkeypatch.setattr(SlotCache, "_move_columns", lambda cache, new_end: moves.append((cache.end, new_end))
+                        or move(cache, new_end=new_end))
+    engine.use_static_cache(slots=16, capacity=capacity, compile=False, smallest_tier=16)
+    got, _ = schedule(engine, prompts, lengths)
+
+    assert got == expected
+    assert any(new_end > end for end, new_end in moves), "a joining batch wider than the cache's end"
+    if capacity == 64:
+        assert any(end == capacity > new_end for end, new_end in moves), "the end reached the last column"
+    else:
+        assert any(new_end < end < capacity for end, new_end in moves), "long sequences left: fewer columns"
+
+
+@pytest.mark.parametrize("arch", ["7b", "40b"])
+def test_compiled_batcher_gives_each_request_its_tokens(arch, tiny_dirs):
+    """Greedy and seeded sampled requests, joining one by one, through the batcher on a compiled engine."""
+    prompts = ["The quick brown fox", "Hello", "A longer prompt, with more tokens than the others", "x",
+               "Return the list of", "def main():"]
+    options = [dict(do_sample=False, max_new_tokens=20 + 3 * i) for i in range(len(prompts))]
+    options[1] = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9, max_new_tokens=25, seed=3)
+    options[4] = dict(do_sample=True, temperature=1.3, max_new_tokens=30, seed=11)
+
+    eager = load_engine(LoadSpec(str(tiny_dirs[arch])))
+    expected = run(eager, [make_job(eager, p, **dict(o)) for p, o in zip(prompts, options)], stagger_s=0.02)
+
+    compiled = load_engine(LoadSpec(str(tiny_dirs[arch])))
+    compiled.use_static_cache(slots=4, capacity=64, compile=True, smallest_tier=16)
+    got = run(compiled, [make_job(compiled, p, **dict(o)) for p, o in zip(prompts, options)], max_batch_size=4,
+              stagger_s=0.02)
+
+    assert [generated(r) for r in got] == [generated(r) for r in expected]
+    assert sum(len(seq) for r in got for seq in generated(r)) > 60
+
+
+def test_compile_flag_serves_the_same_text_over_http(start_server, tiny_dirs, tiny_server):
+    server = start_server(tiny_dirs["7b"], "--compile", "--max_batch_size", "4")
+    assert "Compiled the decode step" in server.log()
+
+    bodies = [{"prompt": prompt, "generate_kwargs": {"do_sample": False, "max_new_tokens": 12 + i}}
+              for i, prompt in enumerate(["Hello", "The quick brown fox", "x", "Return the list of", "a b c d e"])]
+    bodies.append({"prompt": "Once", "seed": 5, "generate_kwargs": {"do_sample": True, "max_new_tokens": 16}})
+
+    def answers(url):
+        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+            responses = list(pool.map(lambda body: httpx.post(f"{url}/chat", json=body, timeout=60), bodies))
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+        return [r.json() for r in responses]
+
+    assert answers(server.url) == answers(tiny_server.url)
