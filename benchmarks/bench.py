@@ -12,6 +12,7 @@ The direct side and the server never run at the same time. Both use torch's defa
 
     python benchmarks/bench.py                                    # tiny Falcon, both architectures, CPU
     python benchmarks/bench.py --device cuda --shape falcon-7b    # random weights at the real falcon-7b shape
+    python benchmarks/bench.py --compile                          # also the server with --compile, same run
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class BenchConfig:
     min_seconds: float  # each figure is measured over at least this long
     probe_interval_s: float
     threads: int | None  # torch intra-op threads on both sides; None: torch's default (one per core)
+    compile: bool  # also measure a server started with --compile, after the default one
     workdir: Path  # checkpoints and server logs
     out: Path  # JSON results; the table goes beside it as .md
 
@@ -84,6 +86,9 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for both sides (torch.set_num_threads here, OMP_NUM_THREADS for the "
                              "server); default: torch's default, one per core")
+    parser.add_argument("--compile", action="store_true",
+                        help="after the default server, measure one started with --compile (static KV cache, "
+                             "compiled decode step) on the same prompts")
     parser.add_argument("--workdir", type=Path, default=_default_workdir(), help="checkpoints and server logs")
     parser.add_argument("--out", type=Path, default=None,
                         help="results JSON (a .md table is written beside it); default "
@@ -105,7 +110,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         new_tokens=args.new_tokens or (64 if args.shape == "tiny" else 128),
         concurrency=tuple(sorted(set(args.concurrency))), requests_per_worker=args.requests_per_worker,
         min_seconds=args.min_seconds, probe_interval_s=args.probe_interval, threads=args.threads,
-        workdir=args.workdir,
+        compile=args.compile, workdir=args.workdir,
         out=args.out or REPO / "benchmarks" / "results" / f"{args.shape}-{args.device}.json")
 
 
@@ -244,20 +249,31 @@ def bench_arch(config: BenchConfig, arch: str) -> dict[str, Any]:
     if config.device == "cuda":
         torch.cuda.empty_cache()
 
-    _log(f"[{arch}] server over HTTP")
-    server = start_server(model_dir, name=f"bench-{arch}-{os.getpid()}", dtype=config.dtype, device=config.device,
-                          max_batch_size=max(32, *config.concurrency), threads=config.threads,
-                          log_dir=config.workdir, cwd=REPO)
+    modes = [("eager", ())] + ([("compiled", ("--compile",))] if config.compile else [])
+    servers = [measure_server_mode(config, model_dir, arch, mode, flags, prompts, direct["rows"])
+               for mode, flags in modes]
+    return dict(arch=arch, shape=config.shape, device=config.device, dtype=dtype, parameters=parameters,
+                new_tokens=config.new_tokens, prompt_tokens=prompt_tokens, direct=direct, servers=servers)
+
+
+def measure_server_mode(config: BenchConfig, model_dir: Path, arch: str, mode: str, flags: Sequence[str],
+                        prompts: list[str], direct_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The server started with ``flags``, driven at each concurrency and compared with the direct rows."""
+    _log(f"[{arch}] server over HTTP ({mode})")
+    started = time.monotonic()
+    server = start_server(model_dir, name=f"bench-{arch}-{mode}-{os.getpid()}", dtype=config.dtype,
+                          device=config.device, max_batch_size=max(32, *config.concurrency), threads=config.threads,
+                          log_dir=config.workdir, cwd=REPO, extra_args=flags)
+    startup_seconds = time.monotonic() - started
     try:
-        loads = measure_server(server.url, prompts, config.concurrency, new_tokens=config.new_tokens,
-                               requests_per_worker=config.requests_per_worker, min_seconds=config.min_seconds,
-                               probe_interval_s=config.probe_interval_s)
+        loads = measure_server(server.url, prompts, config.concurrency,
+                               new_tokens=config.new_tokens, requests_per_worker=config.requests_per_worker,
+                               min_seconds=config.min_seconds, probe_interval_s=config.probe_interval_s)
     finally:
         stop_server(server)
-    comparison = report.compare(direct["rows"], loads, config.shape)
-    return dict(arch=arch, shape=config.shape, device=config.device, dtype=dtype, parameters=parameters,
-                new_tokens=config.new_tokens, prompt_tokens=prompt_tokens, direct=direct, server=loads,
-                comparison=comparison, targets=report.check_targets(comparison, loads, config.shape, config.device))
+    comparison = report.compare(direct_rows, loads, config.shape)
+    return dict(mode=mode, flags=list(flags), startup_seconds=startup_seconds, server=loads, comparison=comparison,
+                targets=report.check_targets(comparison, loads, config.shape, config.device))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -272,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    config={**asdict(config), "workdir": str(config.workdir), "out": str(config.out)},
                    started=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
                    wall_seconds=time.time() - started, load_average=dict(before=load_before, after=os.getloadavg()),
-                   runs=runs, passed=all(check["passed"] for run in runs for check in run["targets"]))
+                   runs=runs, passed=all(check["passed"] for run in runs for server in run["servers"]
+                                          for check in server["targets"]))
     table = "\n\n".join([report.format_header(results)] + [report.format_run(run) for run in runs])
     report.write_results(results, table, config.out)
     print(table)

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import aiohttp
 import httpx
@@ -34,7 +34,7 @@ class Server:
 
 
 def start_server(model_dir: Path, *, name: str, dtype: str, device: str, max_batch_size: int, threads: int | None,
-                 log_dir: Path, cwd: Path) -> Server:
+                 log_dir: Path, cwd: Path, extra_args: Sequence[str] = ()) -> Server:
     """``python -m predictor`` on a free loopback port; returns once it serves.
 
     ``name`` should be unique: readiness is checked on ``/v1/models/<name>``, which proves that the process answering
@@ -45,7 +45,7 @@ def start_server(model_dir: Path, *, name: str, dtype: str, device: str, max_bat
     log_path = log_dir / f"server-{name}.log"
     args = [sys.executable, "-m", "predictor", "--model_dir", str(model_dir), "--model_name", name,
             "--http_port", str(port), "--enable_grpc", "false", "--dtype", dtype, "--device", device,
-            "--max_batch_size", str(max_batch_size)]
+            "--max_batch_size", str(max_batch_size), *extra_args]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)  # torch takes its thread count from it at start-up

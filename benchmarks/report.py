@@ -63,28 +63,34 @@ def check_targets(rows: list[dict[str, Any]], server_rows: list[dict[str, Any]],
 
 
 def format_run(run: dict[str, Any]) -> str:
-    """A Markdown table for one architecture, with single-stream figures and PASS/FAIL per target."""
+    """Markdown for one architecture: per server mode, a table, single-stream figures and PASS/FAIL per target."""
+    single = run["direct"]["single_stream"]
     lines = [f"### {run['arch']} ({run['shape']}, {run['device']}, {run['dtype']}): {run['new_tokens']} new tokens, "
              f"prompts {min(run['prompt_tokens'])}-{max(run['prompt_tokens'])} tokens",
              "",
-             "| concurrency | direct seq/s | server seq/s | ratio | target | direct tok/s | server tok/s "
-             "| p50 ms | p99 ms | health p99 ms |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in run["comparison"]:
-        target = f"≥ {row['ratio_target']:.1f}" if row["ratio_target"] is not None else "-"
-        lines.append(f"| {row['concurrency']} | {row['direct_sequences_per_s']:.2f} | "
-                     f"{row['server_sequences_per_s']:.2f} | {row['ratio']:.2f} | {target} | "
-                     f"{row['direct_tokens_per_s']:.0f} | {row['server_tokens_per_s']:.0f} | "
-                     f"{row['latency_p50_ms']:.1f} | {row['latency_p99_ms']:.1f} | {row['health_p99_ms']:.1f} |")
-    single = run["direct"]["single_stream"]
-    server_single = next((load for load in run["server"] if load["concurrency"] == 1), None)
-    lines += ["", f"Single stream: direct {single['ms_per_token']:.2f} ms/token (decode alone "
-                  f"{single['decode_ms_per_token']:.2f} ms/token, prefill {single['prefill_ms']:.1f} ms)"
-              + (f"; server {server_single['ms_per_token']:.2f} ms/token" if server_single else ""), ""]
-    for check in run["targets"]:
-        relation = "≥" if check["at_least"] else "≤"
-        lines.append(f"- {'PASS' if check['passed'] else 'FAIL'}: {check['name']} = {check['value']:.2f} "
-                     f"(target {relation} {check['limit']:g})")
+             f"Direct single stream: {single['ms_per_token']:.2f} ms/token (decode alone "
+             f"{single['decode_ms_per_token']:.2f} ms/token, prefill {single['prefill_ms']:.1f} ms)"]
+    for server in run["servers"]:
+        flags = " ".join(server["flags"]) or "default flags"
+        lines += ["", f"Server ({server['mode']}: {flags}; ready {server['startup_seconds']:.0f} s after start):",
+                  "",
+                  "| concurrency | direct seq/s | server seq/s | ratio | target | direct tok/s | server tok/s "
+                  "| p50 ms | p99 ms | health p99 ms |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in server["comparison"]:
+            target = f"≥ {row['ratio_target']:.1f}" if row["ratio_target"] is not None else "-"
+            lines.append(f"| {row['concurrency']} | {row['direct_sequences_per_s']:.2f} | "
+                         f"{row['server_sequences_per_s']:.2f} | {row['ratio']:.2f} | {target} | "
+                         f"{row['direct_tokens_per_s']:.0f} | {row['server_tokens_per_s']:.0f} | "
+                         f"{row['latency_p50_ms']:.1f} | {row['latency_p99_ms']:.1f} | {row['health_p99_ms']:.1f} |")
+        single_load = next((load for load in server["server"] if load["concurrency"] == 1), None)
+        if single_load:
+            lines += ["", f"Server single stream: {single_load['ms_per_token']:.2f} ms/token"]
+        lines.append("")
+        for check in server["targets"]:
+            relation = "≥" if check["at_least"] else "≤"
+            lines.append(f"- {'PASS' if check['passed'] else 'FAIL'}: {check['name']} = {check['value']:.2f} "
+                         f"(target {relation} {check['limit']:g})")
     return "\n".join(lines)
 
 

@@ -56,12 +56,13 @@ def _forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, posi
 
 
 def column_tiers(capacity: int, smallest: int = 128) -> list[int]:
-    """Powers of two from ``smallest`` below ``capacity``, then ``capacity``: the cache widths a step attends over."""
-    tiers = []
-    while smallest < capacity:
-        tiers.append(smallest)
-        smallest *= 2
-    return tiers + [capacity]
+    """The cache widths a step may attend over: ``smallest``, 1.5x and 2x it, 3x and 4x, ... below ``capacity``,
+    then ``capacity``. A step attends over at most 1.5x the columns it needs (or ``smallest``)."""
+    tiers, width = set(), smallest
+    while width < capacity:
+        tiers |= {width, width * 3 // 2}
+        width *= 2
+    return sorted(t for t in tiers if t < capacity) + [capacity]
 
 
 def buckets_for(slots: int) -> list[int]:
@@ -105,6 +106,7 @@ class SlotCache:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         self.n = 0  # rows in use
         self.end = 0  # the column the next decode step writes
+        self.starts: list[int] = []  # each running row's first column (kept here: reading the mask would sync)
 
     @property
     def size(self) -> int:
@@ -120,6 +122,7 @@ class SlotCache:
     def clear(self) -> None:
         self.n = 0
         self.end = 0
+        self.starts = []
 
     def add(self, joining_cache: DynamicCache, joining_mask: torch.Tensor, joining_positions: torch.Tensor) -> None:
         """Copy a prefill's sequences (left-padded to one width) into the next free rows, ending at ``end``."""
@@ -136,6 +139,7 @@ class SlotCache:
         self.mask[new] = False
         self.mask[new, start:stop] = joining_mask.to(torch.bool)
         self.positions[new] = joining_positions
+        self.starts += [self.end - length for length in joining_positions.tolist()]
         self.n += rows
 
     def keep(self, keep: list[int]) -> None:
@@ -151,16 +155,17 @@ class SlotCache:
             self.mask[target] = self.mask[source]
             self.positions[target] = self.positions[source]
         self.n = len(keep)
-        used = self.end - self._first_used_column()
-        if self.n and self._tier(used) < self._tier(self.end):  # long sequences left: attend over fewer columns
-            self._move_columns(new_end=used)
+        self.starts = [self.starts[row] for row in keep]
 
     # -- decoding ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Feed each running sequence its last token; return next-token logits [n, vocab]."""
-        if self.end == self.capacity:
-            self._move_columns(new_end=self.end - self._first_used_column())
+        # Move the used columns left when the end reaches the last column, or when sequences that started early
+        # have left and the rest fit a narrower tier (at most once per sequence leaving: the move is a copy).
+        used = self.end - self._first_used_column()
+        if self.end == self.capacity or self._tier(used) < self._tier(self.end):
+            self._move_columns(new_end=used)
             if self.end == self.capacity:
                 raise RuntimeError(f"a sequence fills all {self.capacity} columns of the cache")
         rows = self.bucket(self.n)
@@ -199,7 +204,7 @@ class SlotCache:
                     self.clear()
                     self.end = cols - 1
                     self.mask[:rows] = False
-                    self.n = rows
+                    self.n, self.starts = rows, [0] * rows
                     self.step([self.pad_token_id] * rows)
         self.mask.zero_()
         self.positions.zero_()
@@ -208,8 +213,7 @@ class SlotCache:
 
     # -- columns -----------------------------------------------------------------------------------------------
     def _first_used_column(self) -> int:
-        used = self.mask[: self.n, : self.end].any(dim=0)
-        return int(used.int().argmax()) if bool(used.any()) else self.end
+        return min(self.starts, default=self.end)
 
     def _move_columns(self, new_end: int) -> None:
         """Move the running rows' used columns so they end at ``new_end`` instead of ``end``."""
@@ -225,4 +229,5 @@ class SlotCache:
             used = self.mask[rows, lo:self.end].clone()
             self.mask[rows] = False
             self.mask[rows, new_end - length:new_end] = used
+        self.starts = [start + new_end - self.end for start in self.starts]
         self.end = new_end

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def test_minimal_run_writes_json_and_table(bench, tiny_dirs, tmp_path):
     (tmp_path / "tiny-7b").symlink_to(tiny_dirs["7b"])  # reuse the session's checkpoint instead of building one
     out = tmp_path / "results" / "smoke.json"
     bench.main(["--arch", "7b", "--new-tokens", "2", "--requests-per-worker", "1", "--min-seconds", "0",
-                "--concurrency", "1", "2", "--workdir", str(tmp_path), "--out", str(out)])
+                "--concurrency", "1", "2", "--compile", "--workdir", str(tmp_path), "--out", str(out)])
 
     results = json.loads(out.read_text())
     assert {"machine", "config", "runs", "passed", "load_average", "wall_seconds"} <= results.keys()
@@ -36,21 +37,27 @@ def test_minimal_run_writes_json_and_table(bench, tiny_dirs, tmp_path):
     (run,) = results["runs"]
     assert run["arch"] == "7b" and run["parameters"] > 0 and len(run["prompt_tokens"]) == bench.PROMPT_COUNT
     assert [row["batch"] for row in run["direct"]["rows"]] == [1, 2]
-    assert [load["concurrency"] for load in run["server"]] == [1, 2]
     for row in run["direct"]["rows"]:
         assert row["sequences_per_s"] > 0 and row["tokens_per_s"] > 0
     single = run["direct"]["single_stream"]
     assert single["ms_per_token"] > 0 and single["prefill_ms"] > 0
-    for load in run["server"]:
-        assert load["requests"] == load["concurrency"] and load["short_sequences"] == 0
-        assert load["sequences_per_s"] > 0 and load["tokens_per_s"] > 0 and load["ms_per_token"] > 0
-        assert 0 < load["latency_ms"]["p50"] <= load["latency_ms"]["p99"]
-        assert load["health_ms"]["count"] >= 1 and load["health_ms"]["failures"] == 0
-    for row in run["comparison"]:
-        assert row["ratio"] > 0
-    names = [check["name"] for check in run["targets"]]
-    assert names == ["server/direct at concurrency 1", "health p99 under load (ms)"]  # no target at 2
-    assert "| concurrency |" in out.with_suffix(".md").read_text()
+    assert [(server["mode"], server["flags"]) for server in run["servers"]] == [("eager", []),
+                                                                                ("compiled", ["--compile"])]
+    for server in run["servers"]:
+        assert server["startup_seconds"] > 0
+        assert [load["concurrency"] for load in server["server"]] == [1, 2]
+        for load in server["server"]:
+            assert load["requests"] == load["concurrency"] and load["short_sequences"] == 0
+            assert load["sequences_per_s"] > 0 and load["tokens_per_s"] > 0 and load["ms_per_token"] > 0
+            assert 0 < load["latency_ms"]["p50"] <= load["latency_ms"]["p99"]
+            assert load["health_ms"]["count"] >= 1 and load["health_ms"]["failures"] == 0
+        for row in server["comparison"]:
+            assert row["ratio"] > 0
+        names = [check["name"] for check in server["targets"]]
+        assert names == ["server/direct at concurrency 1", "health p99 under load (ms)"]  # no target at 2
+    assert "Compiled the decode step" in (tmp_path / f"server-bench-7b-compiled-{os.getpid()}.log").read_text()
+    table = out.with_suffix(".md").read_text()
+    assert table.count("| concurrency |") == 2 and "compiled: --compile" in table
 
 
 def test_prompts_are_deterministic_and_spread_over_the_lengths(bench):

@@ -23,8 +23,8 @@ def test_buckets_and_tiers_cover_every_size():
     assert buckets_for(1) == [1]
     assert buckets_for(32) == [1, 2, 4, 8, 16, 32]
     assert buckets_for(40) == [1, 2, 4, 8, 16, 32, 40]
-    assert column_tiers(2048) == [128, 256, 512, 1024, 2048]
-    assert column_tiers(100, smallest=16) == [16, 32, 64, 100]
+    assert column_tiers(2048) == [128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
+    assert column_tiers(100, smallest=16) == [16, 24, 32, 48, 64, 96, 100]
     assert column_tiers(64) == [64]
 
 
@@ -53,31 +53,40 @@ def schedule(engine, prompts, lengths, *, joins_every=4, joins=2):
     return out, step
 
 
+# (prompts, capacity, narrowest tier, length of sequence i, (which sequence is long, its length)): each scenario
+# makes the cache move its columns left in one of its two ways (joining moves them right in both).
+SCENARIOS = {
+    # one tier, 64 columns: the shared end reaches the last column, and the used columns move left
+    "end-reaches-capacity": (14, 64, 64, lambda i: 8 + (i * 37) % 24, (-1, 30)),
+    # tiers from 16 columns: an early, long sequence leaves, the rest fit a narrower tier, and they move left
+    "long-sequence-leaves": (20, 96, 16, lambda i: 8 + (i * 37) % 16, (0, 50)),
+}
+
+
 @pytest.mark.parametrize("arch", ["7b", "40b"])
-@pytest.mark.parametrize("capacity", [64, 72])
-def test_static_cache_gives_the_dynamic_cache_tokens(arch, capacity, tiny_dirs, monkeypatch):
-    """Columns 16, 32, 64 (and 72) wide: at 64 the shared end reaches the last column and the used columns move
-    left; at 72 they move left earlier, when long sequences leave and the rest fit fewer columns."""
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_static_cache_gives_the_dynamic_cache_tokens(arch, scenario, tiny_dirs, monkeypatch):
+    count, capacity, smallest_tier, length, (index, long) = SCENARIOS[scenario]
     engine = load_engine(LoadSpec(str(tiny_dirs[arch])))
     rng = random.Random(7)
-    prompts = [[rng.randrange(12, 1000) for _ in range(rng.randrange(2, 28))] for _ in range(14)]
-    lengths = [8 + (i * 37) % 24 for i in range(14)]
-    lengths[-1] = 34  # a late, long sequence
+    prompts = [[rng.randrange(12, 1000) for _ in range(rng.randrange(2, 28))] for _ in range(count)]
+    lengths = [length(i) for i in range(count)]
+    lengths[index] = long
     expected, _ = schedule(engine, prompts, lengths)
 
     moves = []
     move = SlotCache._move_columns
     monkeypatch.setattr(SlotCache, "_move_columns", lambda cache, new_end: moves.append((cache.end, new_end))
                         or move(cache, new_end=new_end))
-    engine.use_static_cache(slots=16, capacity=capacity, compile=False, smallest_tier=16)
+    engine.use_static_cache(slots=16, capacity=capacity, compile=False, smallest_tier=smallest_tier)
     got, _ = schedule(engine, prompts, lengths)
 
     assert got == expected
     assert any(new_end > end for end, new_end in moves), "a joining batch wider than the cache's end"
-    if capacity == 64:
-        assert any(end == capacity > new_end for end, new_end in moves), "the end reached the last column"
+    if scenario == "end-reaches-capacity":
+        assert any(end == capacity > new_end for end, new_end in moves)
     else:
-        assert any(new_end < end < capacity for end, new_end in moves), "long sequences left: fewer columns"
+        assert any(new_end < end < capacity for end, new_end in moves)
 
 
 @pytest.mark.parametrize("arch", ["7b", "40b"])
