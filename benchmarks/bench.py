@@ -38,6 +38,7 @@ from loadgen import measure_server, start_server, stop_server, summarize
 REPO = Path(__file__).resolve().parent.parent
 SEED = 1234
 PROMPT_COUNT = 32
+FALCON_7B_LAYERS = 32
 PROMPT_TOKENS = (16, 64)  # shortest and longest prompt, in tokens
 WORDS = ("the", "model", "server", "request", "batch", "token", "value", "list", "string", "return", "default",
          "function", "argument", "object", "file", "path", "name", "type", "error", "data", "class", "method",
@@ -48,7 +49,8 @@ WORDS = ("the", "model", "server", "request", "batch", "token", "value", "list",
 @dataclass(frozen=True)
 class BenchConfig:
     archs: tuple[str, ...]
-    shape: str  # "tiny" or "falcon-7b"
+    shape: str  # "tiny", "falcon-7b", or "falcon-7b-<N>-layers" (its widths, fewer layers)
+    layers: int  # of the falcon-7b shape
     device: str  # "cpu" or "cuda"
     dtype: str  # as the server's --dtype: auto, bfloat16, float16, float32
     new_tokens: int  # generated per sequence, exactly (min_new_tokens = max_new_tokens)
@@ -70,7 +72,10 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
                         help="attention layout; default both for tiny, 7b for falcon-7b")
     parser.add_argument("--shape", choices=["tiny", "falcon-7b"], default="tiny",
                         help="tiny: predictor.tiny's checkpoints; falcon-7b: random weights at the real shape "
-                             "(~14 GB in bf16, GPU only)")
+                             "(~14 GB in bf16, GPU only unless --layers makes it smaller)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="with --shape falcon-7b: keep its widths and vocabulary but build only this many of "
+                             "its 32 layers (1 layer: 0.5 B parameters), e.g. to try the GPU run on a CPU")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="for both sides")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                         help="auto: bfloat16 on cuda, float32 on cpu (as the server)")
@@ -94,8 +99,12 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
                         help="results JSON (a .md table is written beside it); default "
                              "benchmarks/results/<shape>-<device>.json")
     args = parser.parse_args(argv)
-    if args.shape == "falcon-7b" and args.device != "cuda":
-        parser.error("--shape falcon-7b needs --device cuda (the checkpoint is ~14 GB of random bf16 weights)")
+    if args.layers is not None and (args.shape != "falcon-7b" or not 1 <= args.layers <= FALCON_7B_LAYERS):
+        parser.error(f"--layers goes with --shape falcon-7b and is 1 to {FALCON_7B_LAYERS}")
+    layers = args.layers or FALCON_7B_LAYERS
+    if args.shape == "falcon-7b" and args.device != "cuda" and layers == FALCON_7B_LAYERS:
+        parser.error("--shape falcon-7b needs --device cuda (the checkpoint is ~14 GB of random bf16 weights), "
+                     "or --layers N for a smaller model of its widths")
     if args.shape == "falcon-7b" and args.arch not in (None, "7b"):
         parser.error("--shape falcon-7b has the 7b architecture only")
     if args.new_tokens is not None and args.new_tokens < 2:
@@ -105,13 +114,14 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     if min(args.concurrency) < 1 or max(args.concurrency) > PROMPT_COUNT or args.requests_per_worker < 1:
         parser.error(f"--concurrency must be in 1..{PROMPT_COUNT} and --requests-per-worker at least 1")
     arch = args.arch or ("both" if args.shape == "tiny" else "7b")
+    shape = args.shape if layers == FALCON_7B_LAYERS else f"{args.shape}-{layers}-layers"
     return BenchConfig(
-        archs=("7b", "40b") if arch == "both" else (arch,), shape=args.shape, device=args.device, dtype=args.dtype,
+        archs=("7b", "40b") if arch == "both" else (arch,), shape=shape, layers=layers, device=args.device, dtype=args.dtype,
         new_tokens=args.new_tokens or (64 if args.shape == "tiny" else 128),
         concurrency=tuple(sorted(set(args.concurrency))), requests_per_worker=args.requests_per_worker,
         min_seconds=args.min_seconds, probe_interval_s=args.probe_interval, threads=args.threads,
         compile=args.compile, workdir=args.workdir,
-        out=args.out or REPO / "benchmarks" / "results" / f"{args.shape}-{args.device}.json")
+        out=args.out or REPO / "benchmarks" / "results" / f"{shape}-{args.device}.json")
 
 
 def _default_workdir() -> Path:
@@ -127,14 +137,15 @@ def prepare_checkpoint(config: BenchConfig, arch: str) -> Path:
 
     if config.shape == "tiny":
         return build_tiny_falcon(config.workdir / f"tiny-{arch}", arch)
-    return build_random_falcon(config.workdir / "falcon-7b-shape", falcon_7b_config(), config.device)
+    return build_random_falcon(config.workdir / f"{config.shape}-shape", falcon_7b_config(config.layers),
+                               config.device)
 
 
-def falcon_7b_config():
-    """falcon-7b's real shape (tiiuae/falcon-7b config.json): 6.9 B parameters."""
+def falcon_7b_config(layers: int = 32):
+    """falcon-7b's real shape (tiiuae/falcon-7b config.json): 6.9 B parameters in 32 layers."""
     from transformers import FalconConfig
 
-    return FalconConfig(vocab_size=65024, hidden_size=4544, num_attention_heads=71, num_hidden_layers=32,
+    return FalconConfig(vocab_size=65024, hidden_size=4544, num_attention_heads=71, num_hidden_layers=layers,
                         multi_query=True, parallel_attn=True, bias=False, new_decoder_architecture=False,
                         alibi=False, max_position_embeddings=2048, bos_token_id=11, eos_token_id=11)
 

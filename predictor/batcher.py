@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -52,8 +53,13 @@ class Batcher:
     """Queues requests and runs them in shared batches on worker threads."""
 
     def __init__(self, engine: Engine, max_batch_size: int = 32, max_queue: int = 128,
-                 time_budget_s: float = 300.0):
+                 time_budget_s: float = 300.0, prepare: Callable[[], None] | None = None):
+        """``prepare`` runs on the decode thread before it serves, and ``start`` waits for it: work such as
+        recording CUDA graphs must happen on the thread that replays them."""
         self.engine = engine
+        self._prepare = prepare
+        self._prepared = threading.Event()
+        self._prepare_error: BaseException | None = None
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.time_budget_s = time_budget_s
@@ -75,8 +81,13 @@ class Batcher:
 
     # -- public API (event loop) -----------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the workers; returns once the decode thread has run ``prepare`` (raising what it raised)."""
         for thread in self._threads:
             thread.start()
+        self._prepared.wait()
+        if self._prepare_error is not None:
+            self.close()
+            raise self._prepare_error
 
     def submit(self, job: GenerationJob, *, stream: bool = False) -> Ticket:
         """Queue ``job``; raise ``Overloaded`` when the queue is full, ``Draining`` after ``close()``."""
@@ -138,6 +149,14 @@ class Batcher:
 
     # -- the decode worker -----------------------------------------------------------------------------------
     def _decode_loop(self) -> None:
+        try:
+            if self._prepare is not None:
+                self._prepare()
+        except BaseException as exc:  # noqa: BLE001 - handed to start(), which raises it on the loading thread
+            self._prepare_error = exc
+            return
+        finally:
+            self._prepared.set()
         while True:
             joining = self._take_joining()
             if joining is None:

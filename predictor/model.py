@@ -55,10 +55,8 @@ class FalconModel(kserve.Model):
         self.limits = dataclasses.replace(
             self.config.limits, context_length=min(self.config.limits.context_length, self.engine.context_length))
         self._warm_up()
-        if self.config.compile:
-            self._compile()
         self.batcher = Batcher(self.engine, self.config.max_batch_size, self.config.max_queue,
-                               self.config.request_timeout_s)
+                               self.config.request_timeout_s, prepare=self._compile if self.config.compile else None)
         self.batcher.start()
         metrics.WAITING.set_function(lambda: self.batcher.waiting)
         metrics.RUNNING.set_function(lambda: self.batcher.running_sequences)
@@ -94,7 +92,8 @@ class FalconModel(kserve.Model):
         engine.decode_step(kv, [int(logits.argmax(-1)[0])])
 
     def _compile(self) -> None:
-        """Switch decoding to the static KV cache and compile its step for every shape it can take."""
+        """Switch decoding to the static KV cache and compile its step for every shape it can take (on the
+        batcher's decode thread: CUDA graphs are recorded per thread)."""
         # A request with more sequences than max_batch_size runs alone (the batcher admits it into an empty batch).
         slots = max(self.config.max_batch_size, self.limits.max_num_return_sequences)
         logger.info("Compiling the decode step (--compile); the model reports ready when it is done")

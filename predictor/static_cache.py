@@ -97,6 +97,7 @@ class SlotCache:
         self.tiers = column_tiers(capacity, smallest_tier)
         self._caches: dict[tuple[int, int], Cache] = {}
         self._step: Callable[..., torch.Tensor] = _forward
+        self.compiled = compile
         if compile:
             # Shapes are fixed per bucket, so no dynamic shapes; on a GPU, CUDA graphs replay the whole step.
             mode = "reduce-overhead" if device.type == "cuda" else None

@@ -79,6 +79,19 @@ def test_gpu_targets_apply_to_the_falcon_7b_shape(bench, tmp_path):
     checks = bench.report.check_targets([], server, config.shape, config.device)
     assert [(c["name"], c["passed"]) for c in checks] == [
         ("single-stream ms/token (server)", True), ("generated tokens/s at concurrency 32 (server)", False)]
-    for wrong in (["--device", "cpu"], ["--device", "cuda", "--arch", "40b"]):
+    for wrong in (["--device", "cpu"], ["--device", "cuda", "--arch", "40b"], ["--device", "cpu", "--layers", "0"]):
         with pytest.raises(SystemExit):
             bench.parse_args(["--shape", "falcon-7b", *wrong])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--layers", "2"])  # tiny has its own layers
+
+
+def test_fewer_layers_of_the_falcon_7b_shape_run_on_a_cpu_without_the_gpu_targets(bench, tmp_path):
+    config = bench.parse_args(["--shape", "falcon-7b", "--device", "cpu", "--layers", "2", "--workdir",
+                               str(tmp_path)])
+    assert config.shape == "falcon-7b-2-layers" and config.layers == 2
+    assert config.out.name == "falcon-7b-2-layers-cpu.json"
+    model_config = bench.falcon_7b_config(config.layers)
+    assert (model_config.num_hidden_layers, model_config.hidden_size, model_config.vocab_size) == (2, 4544, 65024)
+    load = dict(ms_per_token=6.0, tokens_per_s=1600.0, health_ms=dict(p99=5.0), concurrency=1)
+    assert bench.report.check_targets([], [load], config.shape, "cuda") == []

@@ -6,6 +6,7 @@ cache rearranges itself happens; an HTTP test starts a real ``--compile`` server
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import random
 
@@ -13,7 +14,9 @@ import httpx
 import pytest
 import torch
 
+from predictor.batcher import Batcher
 from predictor.engine import LoadSpec, load_engine
+from predictor.errors import Draining
 from predictor.static_cache import SlotCache, buckets_for, column_tiers
 
 from test_batching import generated, make_job, run
@@ -102,12 +105,31 @@ def test_compiled_batcher_gives_each_request_its_tokens(arch, tiny_dirs):
     expected = run(eager, [make_job(eager, p, **dict(o)) for p, o in zip(prompts, options)], stagger_s=0.02)
 
     compiled = load_engine(LoadSpec(str(tiny_dirs[arch])))
-    compiled.use_static_cache(slots=4, capacity=64, compile=True, smallest_tier=16)
-    got = run(compiled, [make_job(compiled, p, **dict(o)) for p, o in zip(prompts, options)], max_batch_size=4,
-              stagger_s=0.02)
+    jobs = [make_job(compiled, p, **dict(o)) for p, o in zip(prompts, options)]
+    # compiled on the decode thread, as the server does
+    got = run(compiled, jobs, max_batch_size=4, stagger_s=0.02,
+              prepare=lambda: compiled.use_static_cache(slots=4, capacity=64, compile=True, smallest_tier=16))
 
+    assert compiled.slots is not None and compiled.slots.compiled
     assert [generated(r) for r in got] == [generated(r) for r in expected]
     assert sum(len(seq) for r in got for seq in generated(r)) > 60
+
+
+def test_a_failed_preparation_fails_the_start(tiny_dirs):
+    engine = load_engine(LoadSpec(str(tiny_dirs["7b"])))
+
+    def prepare():
+        raise RuntimeError("no room for the cache")
+
+    batcher = Batcher(engine, prepare=prepare)
+    with pytest.raises(RuntimeError, match="no room for the cache"):
+        batcher.start()
+    with pytest.raises(Draining):
+        asyncio.run(_submit(batcher, make_job(engine, "Hello")))
+
+
+async def _submit(batcher, job):
+    return batcher.submit(job)
 
 
 def test_compile_flag_serves_the_same_text_over_http(start_server, tiny_dirs, tiny_server):
