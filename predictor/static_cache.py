@@ -7,12 +7,14 @@ step writes each sequence's new key and value there, so one index serves the who
 which columns hold that row's tokens (sequences that joined at different times start at different columns).
 Positions are kept per row, so rotary embeddings see each sequence's own positions.
 
-A step runs on the smallest power-of-two bucket of rows that holds the running sequences (1, 2, 4, ... ``slots``),
-each compiled once at warm-up, so a lone request does not pay for 32 rows. Rows past ``n`` in the bucket are free:
-they attend to their own current column only, which keeps every value finite and is ignored.
+A step attends over the first rows and columns only: the smallest power-of-two bucket of rows that holds the running
+sequences (1, 2, 4, ... ``slots``) and the narrowest tier of columns past ``end`` (128, 192, 256, 384, ...), so a
+lone short request does not pay for 32 rows of 2,048 columns. Every (rows, columns) shape is run at warm-up, which
+compiles them (a few graphs with dynamic sizes) and records their CUDA graphs. Rows past ``n`` in a bucket are free:
+they compute on what they hold (finite values: at least their current column is unmasked) and are ignored.
 
-When ``end`` reaches ``capacity`` the used columns are moved left (columns no running sequence uses are dropped); a
-joining batch wider than ``end`` moves them right. Both are copies of the used columns only.
+The used columns move left when ``end`` reaches ``capacity``, or when sequences that started early have left and
+the rest fit a narrower tier; a joining batch wider than ``end`` moves them right. A move copies the used columns.
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ def _forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, posi
                  use_cache=True).logits[:, -1, :]
 
 
+def bytes_per_token(layout: DynamicCache) -> int:
+    """Key and value bytes one token takes in every layer of a cache shaped as ``layout``."""
+    return sum((layer.keys[0, :, 0].numel() + layer.values[0, :, 0].numel()) * layer.keys.element_size()
+               for layer in layout.layers)
+
+
 def column_tiers(capacity: int, smallest: int = 128) -> list[int]:
     """The cache widths a step may attend over: ``smallest``, 1.5x and 2x it, 3x and 4x, ... below ``capacity``,
     then ``capacity``. A step attends over at most 1.5x the columns it needs (or ``smallest``)."""
@@ -83,12 +91,20 @@ class SlotCache:
         self.slots, self.capacity, self.pad_token_id = slots, capacity, pad_token_id
         device = layout.layers[0].keys.device  # where the inputs go (layer 0's; accelerate moves them on)
         self.device = device
+        needed = slots * capacity * bytes_per_token(layout)
         self.keys, self.values, self.ends = [], [], {}
-        for layer in layout.layers:
-            k, v = layer.keys, layer.values
-            self.keys.append(k.new_zeros(slots, k.shape[1], capacity, k.shape[3]))
-            self.values.append(v.new_zeros(slots, v.shape[1], capacity, v.shape[3]))
-            self.ends.setdefault(k.device, torch.zeros(1, dtype=torch.long, device=k.device))
+        try:
+            for layer in layout.layers:
+                k, v = layer.keys, layer.values
+                self.keys.append(k.new_zeros(slots, k.shape[1], capacity, k.shape[3]))
+                self.values.append(v.new_zeros(slots, v.shape[1], capacity, v.shape[3]))
+                self.ends.setdefault(k.device, torch.zeros(1, dtype=torch.long, device=k.device))
+        except (torch.OutOfMemoryError, RuntimeError) as exc:  # RuntimeError: the CPU allocator's refusal
+            self.keys, self.values = [], []
+            raise RuntimeError(
+                f"the static KV cache needs {needed / 2**30:.1f} GiB ({slots} rows x {capacity} columns x "
+                f"{bytes_per_token(layout):,} bytes per token) and does not fit beside the weights: lower "
+                "--max_batch_size, or serve without --compile (its cache grows with the requests)") from exc
         for end in self.ends.values():
             torch._dynamo.mark_static_address(end)
         self.mask = torch.zeros(slots, capacity, dtype=torch.bool, device=device)
@@ -99,7 +115,8 @@ class SlotCache:
         self._step: Callable[..., torch.Tensor] = _forward
         self.compiled = compile
         if compile:
-            # Shapes are fixed per bucket, so no dynamic shapes; on a GPU, CUDA graphs replay the whole step.
+            # Sizes are dynamic in the compiled code, so a few graphs serve every shape; on a GPU "reduce-overhead"
+            # records a CUDA graph per shape and replays it.
             mode = "reduce-overhead" if device.type == "cuda" else None
             self._step = torch.compile(_forward, mode=mode, dynamic=True)
             # Compiled graphs are cached per function: about 4 per model (one row or more, the full width or less),
@@ -174,7 +191,7 @@ class SlotCache:
         ids[: self.n, 0] = torch.tensor(tokens, dtype=torch.long)
         for end in self.ends.values():
             end.fill_(self.end)
-        self.mask[:rows, self.end] = True  # each row's current token; free rows attend to nothing else
+        self.mask[:rows, self.end] = True  # each row's current token (free rows too, so none is all masked)
         cols = self._tier(self.end)
         # Inputs are fresh contiguous tensors: one compiled graph serves every width (and every batch above 1).
         logits = self._step(self.model, ids.to(self.device), self.mask[:rows, :cols].clone(),
@@ -197,7 +214,7 @@ class SlotCache:
         return cache
 
     def warm_up(self) -> float:
-        """Run (and so compile) every bucket once on free rows; seconds taken. Leaves the cache empty."""
+        """Run (and so compile, and record) every shape a step can take; seconds taken. Leaves the cache empty."""
         started = time.monotonic()
         for rows in self.buckets:
             for cols in self.tiers:

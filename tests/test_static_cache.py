@@ -115,6 +115,13 @@ def test_compiled_batcher_gives_each_request_its_tokens(arch, tiny_dirs):
     assert sum(len(seq) for r in got for seq in generated(r)) > 60
 
 
+def test_a_cache_that_does_not_fit_is_refused_with_its_size(tiny_dirs):
+    engine = load_engine(LoadSpec(str(tiny_dirs["7b"])))
+    with pytest.raises(RuntimeError, match=r"needs 16384\.0 GiB \(65536 rows x 1048576 columns x 256 bytes per "
+                                           r"token\).*lower --max_batch_size"):
+        engine.use_static_cache(slots=2**16, capacity=2**20, compile=False)
+
+
 def test_a_failed_preparation_fails_the_start(tiny_dirs):
     engine = load_engine(LoadSpec(str(tiny_dirs["7b"])))
 
