@@ -16,7 +16,7 @@ import torch
 
 from predictor.batcher import Batcher
 from predictor.engine import LoadSpec, load_engine
-from predictor.errors import Draining
+from predictor.errors import Draining, GenerationFailed
 from predictor.static_cache import SlotCache, buckets_for, column_tiers
 
 from test_batching import generated, make_job, run
@@ -113,6 +113,38 @@ def test_compiled_batcher_gives_each_request_its_tokens(arch, tiny_dirs):
     assert compiled.slots is not None and compiled.slots.compiled
     assert [generated(r) for r in got] == [generated(r) for r in expected]
     assert sum(len(seq) for r in got for seq in generated(r)) > 60
+
+
+def test_after_a_failed_step_the_static_cache_serves_new_requests_alone(tiny_dirs, monkeypatch):
+    """A step that fails fails the requests in it; the next requests start from an empty cache."""
+    engine = load_engine(LoadSpec(str(tiny_dirs["7b"])))
+    prompts = ["The quick brown fox", "Hello", "Return the list of"]
+    expected = run(engine, [make_job(engine, p, do_sample=False, max_new_tokens=12) for p in prompts])
+
+    engine.use_static_cache(slots=4, capacity=64, compile=False, smallest_tier=16)
+    real_step, steps = SlotCache.step, []
+
+    def step(cache, tokens):
+        steps.append(len(tokens))
+        if len(steps) == 3:
+            raise RuntimeError("injected fault")
+        return real_step(cache, tokens)
+
+    monkeypatch.setattr(SlotCache, "step", step)
+
+    async def main():
+        batcher = Batcher(engine, max_batch_size=4)
+        batcher.start()
+        doomed = [batcher.submit(make_job(engine, p, do_sample=False, max_new_tokens=30)) for p in prompts]
+        failures = await asyncio.gather(*(t.result() for t in doomed), return_exceptions=True)
+        later = [batcher.submit(make_job(engine, p, do_sample=False, max_new_tokens=12)) for p in prompts]
+        results = await asyncio.gather(*(t.result() for t in later))
+        batcher.close()
+        return failures, results
+
+    failures, results = asyncio.run(main())
+    assert all(isinstance(f, GenerationFailed) for f in failures)
+    assert [generated(r) for r in results] == [generated(r) for r in expected]
 
 
 def test_a_cache_that_does_not_fit_is_refused_with_its_size(tiny_dirs):
