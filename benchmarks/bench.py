@@ -116,7 +116,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     arch = args.arch or ("both" if args.shape == "tiny" else "7b")
     shape = args.shape if layers == FALCON_7B_LAYERS else f"{args.shape}-{layers}-layers"
     return BenchConfig(
-        archs=("7b", "40b") if arch == "both" else (arch,), shape=shape, layers=layers, device=args.device, dtype=args.dtype,
+        archs=("7b", "40b") if arch == "both" else (arch,), shape=shape, layers=layers, device=args.device,
+        dtype=args.dtype,
         new_tokens=args.new_tokens or (64 if args.shape == "tiny" else 128),
         concurrency=tuple(sorted(set(args.concurrency))), requests_per_worker=args.requests_per_worker,
         min_seconds=args.min_seconds, probe_interval_s=args.probe_interval, threads=args.threads,
@@ -141,7 +142,7 @@ def prepare_checkpoint(config: BenchConfig, arch: str) -> Path:
                                config.device)
 
 
-def falcon_7b_config(layers: int = 32):
+def falcon_7b_config(layers: int = FALCON_7B_LAYERS):
     """falcon-7b's real shape (tiiuae/falcon-7b config.json): 6.9 B parameters in 32 layers."""
     from transformers import FalconConfig
 

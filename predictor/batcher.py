@@ -20,10 +20,10 @@ from typing import Callable
 import torch
 
 from .engine import Engine, KVBatch
-from .static_cache import SlotCache
 from .errors import Draining, GenerationFailed, Overloaded
 from .options import GenerationJob
 from .sampling import SequenceSampler, choose_next_tokens, make_sampler
+from .static_cache import SlotCache
 from .tickets import SequenceOutput, Ticket, TokenEvent
 
 logger = logging.getLogger(__name__)

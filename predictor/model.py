@@ -98,7 +98,7 @@ class FalconModel(kserve.Model):
         slots = max(self.config.max_batch_size, self.limits.max_num_return_sequences)
         logger.info("Compiling the decode step (--compile); the model reports ready when it is done")
         seconds = self.engine.use_static_cache(slots, self.limits.context_length, compile=True)
-        logger.info("Compiled the decode step for %d batch shapes in %.1f s",
+        logger.info("Compiled the decode step for %d shapes (rows x columns) in %.1f s",
                     len(self.engine.slots.buckets) * len(self.engine.slots.tiers), seconds)
 
     # -- request handling ------------------------------------------------------------------------------------
