@@ -3,8 +3,9 @@
 The engine knows nothing of HTTP or KServe. The batcher drives it step by step: ``prefill`` starts sequences,
 ``decode_step`` advances every running sequence by one token, ``join`` and ``select`` let sequences join and leave a
 running batch between steps (iteration-level scheduling). The running batch's KV cache is a ``KVBatch`` that grows
-and shrinks with it, or, after ``use_static_cache``, the fixed-shape ``SlotCache`` whose decode step is compiled. Beam search, which keeps several hypotheses per request,
-runs through transformers' ``generate`` in ``generate_beams``.
+and shrinks with it, or, after ``use_static_cache``, the fixed-shape ``SlotCache`` whose decode step is compiled.
+Beam search, which keeps several hypotheses per request, runs through transformers' ``generate`` in
+``generate_beams``.
 """
 
 from __future__ import annotations
