@@ -85,7 +85,7 @@ class Engine:
         ``compile``; every shape a step can take is run (and compiled) now. Returns the seconds that took."""
         layout, _ = self.prefill([[self.info.eos_token_id or 0]])
         self.slots = SlotCache(self.model, layout.cache, slots, capacity, self._pad_token_id, compile, smallest_tier)
-        logger.info("Static KV cache: %d rows x %d columns, %.0f MiB", slots, capacity, self.slots.bytes() / 2**20)
+        logger.info("Static KV cache: %d rows x %d columns, %.0f MiB", slots, capacity, self.slots.nbytes / 2**20)
         return self.slots.warm_up()
 
     @property

@@ -91,7 +91,8 @@ class SlotCache:
         self.slots, self.capacity, self.pad_token_id = slots, capacity, pad_token_id
         device = layout.layers[0].keys.device  # where the inputs go (layer 0's; accelerate moves them on)
         self.device = device
-        needed = slots * capacity * bytes_per_token(layout)
+        per_token = bytes_per_token(layout)
+        self.nbytes = slots * capacity * per_token
         self.keys, self.values, self.ends = [], [], {}
         try:
             for layer in layout.layers:
@@ -102,8 +103,8 @@ class SlotCache:
         except (torch.OutOfMemoryError, RuntimeError) as exc:  # RuntimeError: the CPU allocator's refusal
             self.keys, self.values = [], []
             raise RuntimeError(
-                f"the static KV cache needs {needed / 2**30:.1f} GiB ({slots} rows x {capacity} columns x "
-                f"{bytes_per_token(layout):,} bytes per token) and does not fit beside the weights: lower "
+                f"the static KV cache needs {self.nbytes / 2**30:.1f} GiB ({slots} rows x {capacity} columns x "
+                f"{per_token:,} bytes per token) and does not fit beside the weights: lower "
                 "--max_batch_size, or serve without --compile (its cache grows with the requests)") from exc
         for end in self.ends.values():
             torch._dynamo.mark_static_address(end)
@@ -125,13 +126,6 @@ class SlotCache:
         self.n = 0  # rows in use
         self.end = 0  # the column the next decode step writes
         self.starts: list[int] = []  # each running row's first column (kept here: reading the mask would sync)
-
-    @property
-    def size(self) -> int:
-        return self.n
-
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     def bucket(self, rows: int) -> int:
         return next(b for b in self.buckets if b >= rows)
