@@ -21,7 +21,7 @@ from predictor.variants import VARIANTS, Variant
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "inferenceservices"
-SCHEMA_DIR = ROOT.parent / "shared" / "schemas"
+SCHEMA_DIR = MANIFESTS / "schemas"  # copied into the repository: see its README
 MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts the weights
 GIB = 2**30
 # A startup probe must allow a falcon-40b load from disk (10+ minutes on ordinary volumes) twice over.
