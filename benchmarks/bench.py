@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
-
 import report
+import torch
 from loadgen import measure_server, start_server, stop_server, summarize
 
 REPO = Path(__file__).resolve().parent.parent
@@ -246,7 +245,7 @@ def _synchronize(device: torch.device) -> None:
 
 # -- one architecture, end to end ------------------------------------------------------------------------------
 def bench_arch(config: BenchConfig, arch: str) -> dict[str, Any]:
-    from predictor.engine import LoadSpec, load_engine
+    from predictor.engine.runner import LoadSpec, load_engine
 
     model_dir = prepare_checkpoint(config, arch)
     _log(f"[{arch}] direct generate() on {model_dir}")

@@ -1,7 +1,7 @@
 """Serve the Falcon language models with KServe behind ``POST /chat``.
 
-Modules, lowest first (imports flow one way): ``variants`` (the four Falcon checkpoints), ``schema`` (the /chat
-wire format), ``options`` (request -> generation options), ``sampling`` and ``engine`` (tokens and tensors),
-``batcher`` (continuous batching), ``model`` (the KServe model), ``server`` (HTTP routes), ``__main__``.
+Two packages, imports flowing one way: ``engine`` (model, KV cache, sampling, batching; no HTTP) and ``api``
+(wire formats, routes, the KServe model), which uses it. Beside them: ``variants`` (the four Falcon checkpoints),
+``errors``, ``metrics``, ``tiny`` (tiny checkpoints built locally), ``config`` and ``__main__`` (start-up).
 Importing this package does not import KServe.
 """

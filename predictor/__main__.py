@@ -20,8 +20,8 @@ def main() -> None:
     config = parse_config()
     from kserve import model_server  # noqa: PLC0415 - KServe builds its app on import: after parsing
 
-    from .model import FalconModel
-    from .server import FalconModelServer, install
+    from .api.model import FalconModel
+    from .api.server import FalconModelServer, install
 
     model = FalconModel(config)
     install(model_server.app, model, config)

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-from .options import Limits
+from .engine.options import Limits
 from .variants import find_variant
 
 DEMO_MODEL_NAME = "falcon-tiny-demo"

@@ -34,8 +34,19 @@ def default_cache_dir() -> Path:
 
 def training_corpus() -> list[str]:
     """English text to train the tokenizer on: the docstrings of Python's standard library, always at hand."""
-    import argparse, asyncio, collections, dataclasses, functools, itertools, json as json_module, pathlib, re
-    import string, textwrap, typing, unittest
+    import argparse
+    import asyncio
+    import collections
+    import dataclasses
+    import functools
+    import itertools
+    import json as json_module
+    import pathlib
+    import re
+    import string
+    import textwrap
+    import typing
+    import unittest
 
     texts: list[str] = []
     for module in (argparse, asyncio, collections, dataclasses, functools, itertools, json_module, pathlib, re,

@@ -25,7 +25,8 @@ from collections.abc import Callable
 import torch
 
 from predictor import __main__ as predictor_main
-from predictor import engine, model
+from predictor.api import model
+from predictor.engine import runner as engine
 
 HOLD_LOAD_MAX_S = 120  # never wait for the release longer than a test would wait for readiness
 

@@ -7,12 +7,13 @@ import asyncio
 import pytest
 import torch
 
-from predictor import batcher as batcher_module
-from predictor.batcher import Batcher
-from predictor.engine import LoadSpec, load_engine
+from predictor.api.mapping import to_generation_job
+from predictor.api.schema import parse_chat_request
+from predictor.engine import batcher as batcher_module
+from predictor.engine.batcher import Batcher
+from predictor.engine.options import Limits
+from predictor.engine.runner import LoadSpec, load_engine
 from predictor.errors import Draining, GenerationFailed, Overloaded
-from predictor.options import Limits, to_generation_job
-from predictor.schema import parse_chat_request
 
 PROMPTS = ["The quick brown fox", "Hello", "A much longer prompt, with many more tokens than the others have",
            "Return the list of", "x"]

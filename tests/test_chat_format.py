@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from predictor.chat_format import CHAT_STOP, render_chat
+from predictor.api.chat_format import CHAT_STOP, render_chat
 from predictor.errors import InvalidRequest
 
 

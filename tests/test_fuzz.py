@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
-from predictor.schema import CODE_LOADING_OPTIONS, GenerateKwargs
+from predictor.api.schema import CODE_LOADING_OPTIONS, GenerateKwargs
 
 MAX_NEW_TOKENS = 16
 NORMAL = {"prompt": "Hello", "generate_kwargs": {"max_new_tokens": 2}}

@@ -21,10 +21,19 @@ from typing import Any, Callable
 import httpx
 import pytest
 import yaml
+from manifest_checks import (
+    MANIFESTS,
+    Doc,
+    all_problems,
+    expand,
+    kserve_container,
+    kserve_problems,
+    pod_of,
+    route_problems,
+    schema_problems,
+)
 
-from manifest_checks import (MANIFESTS, Doc, all_problems, expand, kserve_container, kserve_problems, pod_of,
-                             route_problems, schema_problems)
-from predictor.schema import parse_chat_request
+from predictor.api.schema import parse_chat_request
 from predictor.variants import VARIANTS
 
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")

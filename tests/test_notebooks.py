@@ -13,11 +13,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import free_port
 from jupyter_client.kernelspec import NoSuchKernel, get_kernel_spec
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
-
-from conftest import free_port
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))

@@ -7,11 +7,11 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from predictor.chat_format import render_chat
+from predictor.api.chat_format import render_chat
+from predictor.api.openai_api import resolve_max_tokens, to_chat_request
+from predictor.api.openai_schema import CompletionRequest, parse_openai_request
+from predictor.engine.options import Limits
 from predictor.errors import ContextLengthExceeded, InvalidRequest, UnknownParameter
-from predictor.openai_api import resolve_max_tokens, to_chat_request
-from predictor.openai_schema import CompletionRequest, parse_openai_request
-from predictor.options import Limits
 
 PROMPT = "Once upon a time"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story."}]

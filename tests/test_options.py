@@ -2,9 +2,10 @@
 
 import pytest
 
+from predictor.api.mapping import to_generation_job
+from predictor.api.schema import parse_chat_request
+from predictor.engine.options import Limits, ModelInfo
 from predictor.errors import ContextLengthExceeded, InvalidRequest
-from predictor.options import Limits, ModelInfo, to_generation_job
-from predictor.schema import parse_chat_request
 
 FALCON = ModelInfo(vocab_size=65024, eos_token_id=11)
 

@@ -2,8 +2,8 @@
 
 import pytest
 
+from predictor.api.schema import CODE_LOADING_OPTIONS, GenerateKwargs, decode_json_body, parse_chat_request
 from predictor.errors import InvalidRequest, MissingPrompt, UnknownParameter
-from predictor.schema import CODE_LOADING_OPTIONS, GenerateKwargs, decode_json_body, parse_chat_request
 
 KAITO_DEFAULTS = dict(max_length=200, min_length=0, do_sample=True, early_stopping=False, num_beams=1,
                       temperature=1.0, top_k=10, top_p=1, typical_p=1, repetition_penalty=1)

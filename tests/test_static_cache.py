@@ -13,13 +13,12 @@ import random
 import httpx
 import pytest
 import torch
-
-from predictor.batcher import Batcher
-from predictor.engine import LoadSpec, load_engine
-from predictor.errors import Draining, GenerationFailed
-from predictor.static_cache import SlotCache, buckets_for, column_tiers
-
 from test_batching import generated, make_job, run
+
+from predictor.engine.batcher import Batcher
+from predictor.engine.runner import LoadSpec, load_engine
+from predictor.engine.static_cache import SlotCache, buckets_for, column_tiers
+from predictor.errors import Draining, GenerationFailed
 
 
 def test_buckets_and_tiers_cover_every_size():

@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from predictor.tickets import SequenceOutput, Ticket, TokenEvent
+from predictor.api.streaming import IncrementalDecoder, StopMatcher, stream_chat, stream_text
+from predictor.engine.options import GenerationJob, GenerationOptions
+from predictor.engine.tickets import SequenceOutput, Ticket, TokenEvent
 from predictor.errors import GenerationFailed
-from predictor.options import GenerationJob, GenerationOptions
-from predictor.streaming import IncrementalDecoder, StopMatcher, stream_chat, stream_text
 
 MULTIBYTE = "Grüße, 日本語 and 🙂 emoji"
 

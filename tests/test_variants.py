@@ -2,8 +2,8 @@
 
 import pytest
 
+from predictor.api.model import memory_shortfall
 from predictor.config import DEMO_MODEL_NAME, parse_config
-from predictor.model import memory_shortfall
 from predictor.variants import VARIANTS, find_variant
 
 

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from . import metrics
+from .. import metrics
 from .options import GenerationJob
 
 

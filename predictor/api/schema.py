@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import InvalidRequest, MissingPrompt, UnknownParameter
+from ..errors import InvalidRequest, MissingPrompt, UnknownParameter
 
 # generate() options that load code or objects, or reach outside the request. They are never accepted; the
 # allowlist below is what keeps them out, this list only makes the refusal explain itself.

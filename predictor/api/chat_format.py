@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
 
 ROLES = ("system", "user", "assistant")
 CHAT_STOP = "\nUser:"

@@ -34,12 +34,12 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from . import metrics
-from .tickets import Ticket, TokenEvent
-from .engine import PROMPT_CONTEXT_TOKENS
-from .errors import PredictorError
+from .. import metrics
+from ..engine.options import GenerationJob
+from ..engine.runner import PROMPT_CONTEXT_TOKENS
+from ..engine.tickets import Ticket, TokenEvent
+from ..errors import PredictorError
 from .model import Completion, FalconModel
-from .options import GenerationJob
 
 logger = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from kserve import ModelServer
 
-from . import metrics
-from .config import ServerConfig
-from .errors import BodyTooLarge, Draining, NotFound, PredictorError, Unauthorized
+from .. import metrics
+from ..config import ServerConfig
+from ..errors import BodyTooLarge, Draining, NotFound, PredictorError, Unauthorized
 from .model import Completion, FalconModel
 from .openai_api import install_openai_routes
 from .schema import decode_json_body, parse_chat_request

@@ -41,12 +41,13 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from transformers import PreTrainedTokenizerBase
 
-from . import metrics
+from .. import metrics
+from ..engine.options import Limits
+from ..errors import ContextLengthExceeded, Draining, InvalidRequest, ModelNotFound, NotReady, PredictorError
 from .chat_format import CHAT_STOP, render_chat
-from .errors import ContextLengthExceeded, Draining, InvalidRequest, ModelNotFound, NotReady, PredictorError
+from .mapping import to_generation_job
 from .model import FalconModel
-from .options import Limits, to_generation_job
-from .openai_schema import (ChatCompletionRequest, CompletionRequest, GenerationFields, parse_openai_request)
+from .openai_schema import ChatCompletionRequest, CompletionRequest, GenerationFields, parse_openai_request
 from .schema import ChatRequest, decode_json_body, parse_chat_request
 from .streaming import TextDelta, sse_response, stream_text, unless_disconnected
 

@@ -16,16 +16,17 @@ from typing import Any
 
 import kserve
 
-from . import metrics
-from .batcher import Batcher
-from .config import ServerConfig
-from .engine import Engine, LoadSpec, load_engine
-from .errors import NotReady
-from .options import GenerationJob, Limits, to_generation_job
+from .. import metrics
+from ..config import ServerConfig
+from ..engine.batcher import Batcher
+from ..engine.options import GenerationJob, Limits
+from ..engine.runner import Engine, LoadSpec, load_engine
+from ..engine.tickets import GenerationResult, Ticket
+from ..errors import NotReady
+from ..tiny import build_tiny_falcon, default_cache_dir
+from ..variants import Variant, find_variant
+from .mapping import to_generation_job
 from .schema import ChatRequest, decode_json_body, parse_chat_request
-from .tickets import GenerationResult, Ticket
-from .tiny import build_tiny_falcon, default_cache_dir
-from .variants import Variant, find_variant
 
 logger = logging.getLogger(__name__)
 

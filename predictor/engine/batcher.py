@@ -19,9 +19,9 @@ from typing import Callable
 
 import torch
 
-from .engine import Engine, KVBatch
-from .errors import Draining, GenerationFailed, Overloaded
+from ..errors import Draining, GenerationFailed, Overloaded
 from .options import GenerationJob
+from .runner import Engine, KVBatch
 from .sampling import SequenceSampler, choose_next_tokens, make_sampler
 from .static_cache import SlotCache
 from .tickets import SequenceOutput, Ticket, TokenEvent

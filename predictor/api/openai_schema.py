@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import InvalidRequest, UnknownParameter
+from ..errors import InvalidRequest, UnknownParameter
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 # Options the engine cannot honour, with the values that ask for nothing (clients often send those explicitly).

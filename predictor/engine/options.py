@@ -1,0 +1,97 @@
+"""What the engine is asked to do: a job's token ids and frozen generation options, and the model facts and
+per-request bounds the API maps requests against. Plain dataclasses; nothing here knows the wire formats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request bounds that keep one request from exhausting memory or holding the accelerator."""
+
+    context_length: int = 2048  # prompt + generated tokens the model attends over
+    max_new_tokens: int = 2048  # generated tokens per sequence
+    max_num_beams: int = 8
+    max_num_return_sequences: int = 8
+    max_sequences: int = 16  # num_beams * num_return_sequences: rows one request may occupy in a batch
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the mapping needs to know about the served model and its tokenizer."""
+
+    vocab_size: int
+    eos_token_id: int | None
+    pad_token_id: int | None = None
+    generation_defaults: Mapping[str, Any] = field(default_factory=dict)  # the checkpoint's own generation config
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How to generate, with every default and normalisation applied; each running sequence carries its own."""
+
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    encoder_no_repeat_ngram_size: int = 0
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: tuple[int, ...] = ()
+    remove_invalid_values: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    num_beams: int = 1
+    num_beam_groups: int = 1
+    diversity_penalty: float = 0.0
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    logprobs: bool = False  # report each generated token's log-probability
+    seed: int | None = None
+
+    @property
+    def uses_beams(self) -> bool:
+        return self.num_beams > 1
+
+    def to_generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for transformers' ``generate`` (the beam-search path)."""
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, do_sample=self.do_sample,
+            num_beams=self.num_beams, num_beam_groups=self.num_beam_groups, length_penalty=self.length_penalty,
+            early_stopping=self.early_stopping, num_return_sequences=self.num_return_sequences,
+            repetition_penalty=self.repetition_penalty, no_repeat_ngram_size=self.no_repeat_ngram_size,
+            encoder_no_repeat_ngram_size=self.encoder_no_repeat_ngram_size,
+            bad_words_ids=[list(word) for word in self.bad_words_ids] or None,
+            forced_bos_token_id=self.forced_bos_token_id,
+            forced_eos_token_id=list(self.forced_eos_token_id) or None,
+            remove_invalid_values=self.remove_invalid_values,
+            eos_token_id=list(self.eos_token_ids) or None, pad_token_id=self.pad_token_id,
+            output_scores=self.logprobs, return_dict_in_generate=True,
+        )
+        if self.num_beam_groups > 1:
+            kwargs["diversity_penalty"] = self.diversity_penalty
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, typical_p=self.typical_p)
+        return kwargs
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """A request ready for the engine: token ids, options, and how to shape the answer."""
+
+    prompt_ids: tuple[int, ...]
+    options: GenerationOptions
+    prompt: str  # the client's prompt, returned in front of the continuation when return_full_text is set
+    return_full_text: bool = True
+    clean_up_tokenization_spaces: bool = False
+    truncated_tokens: int = 0  # prompt tokens cut from the left by handle_long_generation="hole"

@@ -1,0 +1,59 @@
+"""The package's layers: the engine imports nothing of the HTTP side, and nothing lower imports anything higher."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "predictor"
+HTTP_SIDE = ("kserve", "fastapi", "starlette", "pydantic", "uvicorn")
+# What each layer may import of the project, lowest first. Top-level modules beside the two packages are shared
+# leaves (errors, metrics, variants, tiny) or start-up (config, __main__), which sits above both.
+ALLOWED = {
+    "engine": {"predictor.engine", "predictor.errors", "predictor.metrics"},
+    "api": {"predictor.api", "predictor.engine", "predictor.errors", "predictor.metrics", "predictor.config",
+            "predictor.tiny", "predictor.variants"},
+}
+
+
+def project_imports(path: Path) -> set[str]:
+    """Absolute names of the project modules ``path`` imports (relative imports resolved)."""
+    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = f"{base}.{node.module}" if base and node.module else base or node.module
+            names |= {module} if node.module else {f"{module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+    return {name for name in names if name.startswith("predictor")}
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_each_layer_imports_only_what_lies_below_it(layer: str) -> None:
+    problems = []
+    for path in sorted((PACKAGE / layer).glob("*.py")):
+        for name in project_imports(path):
+            if not any(name == allowed or name.startswith(allowed + ".") for allowed in ALLOWED[layer]):
+                problems.append(f"{path.name} imports {name}")
+    assert not problems, problems
+
+
+def test_the_engine_imports_nothing_of_the_http_side() -> None:
+    modules = sorted(f"predictor.engine.{p.stem}" for p in (PACKAGE / "engine").glob("*.py") if p.stem != "__init__")
+    code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
+            f"print(','.join(m for m in {HTTP_SIDE!r} if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert len(modules) >= 5
+    assert loaded == "", f"importing the engine loaded {loaded}"
+
+
+def test_relative_imports_are_resolved_to_module_names() -> None:
+    probe = PACKAGE / "engine" / "batcher.py"
+    assert "predictor.engine.runner" in project_imports(probe)
+    assert "predictor.errors" in project_imports(probe)
