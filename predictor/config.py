@@ -34,7 +34,9 @@ class ServerConfig:
     api_key: str | None
     log_prompts: bool
     load_in_8bit: bool
-    compile: bool  # static KV cache and a compiled decode step
+    compile: bool  # a compiled decode step over static shapes
+    kv_cache_memory_gib: float | None  # None: derived from the free memory
+    max_prefill_tokens: int  # prompt tokens one step computes
 
     @property
     def is_demo(self) -> bool:
@@ -72,10 +74,9 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--load_in_8bit", action=argparse.BooleanOptionalAction, default=False,
                        help="load weights in 8 bits (needs bitsandbytes): falcon-40b on one 80 GB GPU")
     model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                       help="decode with a static KV cache (max_batch_size rows x the context length) and a "
-                            "torch.compile'd step, replayed as CUDA graphs on a GPU; every batch shape is "
-                            "compiled while loading, before the model reports ready (about 20 s for the tiny "
-                            "demo on 2 CPU cores, longer for real models)")
+                       help="decode with a torch.compile'd step over a few static shapes of the KV cache, "
+                            "replayed as CUDA graphs on a GPU; every shape is compiled while loading, before the "
+                            "model reports ready")
 
     limits = parser.add_argument_group("limits")
     defaults = Limits()
@@ -98,6 +99,16 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--dead_after", type=float, default=120.0,
                         help="seconds the engine may stay broken (failing its self-check, e.g. a lost GPU) before "
                              "GET /livez answers 503 so that Kubernetes restarts the pod")
+
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--kv_cache_memory", type=float, default=None, metavar="GIB",
+                        help="GiB reserved at start-up for the KV cache, which holds a row of the full context per "
+                             "running sequence; default: 90%% of the GPU memory the weights leave free, 4 GiB on "
+                             "the CPU. Rows are capped at --max_batch_size")
+    engine.add_argument("--max_prefill_tokens", type=int, default=512,
+                        help="prompt tokens computed in one step beside the running sequences' next tokens: a "
+                             "longer prompt is computed in chunks over several steps, so running streams never "
+                             "wait long for it; larger values reach a long prompt's first token sooner")
 
     security = parser.add_argument_group("security")
     security.add_argument("--api_key", default=None,
@@ -125,7 +136,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_new_tokens=args.max_new_tokens, max_num_beams=args.max_num_beams,
         max_num_return_sequences=args.max_num_return_sequences, max_sequences=args.max_sequences_per_request)
     for flag in ("max_new_tokens", "max_num_beams", "max_num_return_sequences", "max_sequences_per_request",
-                 "max_batch_size", "max_queue", "max_body_bytes"):
+                 "max_batch_size", "max_queue", "max_body_bytes", "max_prefill_tokens"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag} must be at least 1")
     return ServerConfig(
@@ -134,5 +145,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_queue=args.max_queue, request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
         drain_timeout_s=args.drain_timeout, dead_after_s=args.dead_after,
         api_key=args.api_key or os.environ.get("PREDICTOR_API_KEY") or None, log_prompts=args.log_prompts,
-        load_in_8bit=args.load_in_8bit, compile=args.compile)
+        load_in_8bit=args.load_in_8bit, compile=args.compile, kv_cache_memory_gib=args.kv_cache_memory,
+        max_prefill_tokens=args.max_prefill_tokens)
 

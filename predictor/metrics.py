@@ -18,3 +18,10 @@ GENERATED_TOKENS = Histogram("falcon_generated_tokens", "Generated tokens per re
                              buckets=_TOKEN_BUCKETS)
 WAITING = Gauge("falcon_waiting_requests", "Requests queued for a batch slot")
 RUNNING = Gauge("falcon_running_sequences", "Sequences in the running batch")
+KV_CACHE_USAGE = Gauge("falcon_kv_cache_usage_ratio", "Share of the reserved KV cache (tokens) that running "
+                       "sequences hold, 0-1")
+CACHE_CONFIG = Gauge("falcon_cache_config_info", "The KV cache's layout: block size of the prefix index (tokens) "
+                     "and the reserved tokens in blocks of that size", ["block_size", "num_gpu_blocks"])
+PREFIX_CACHE_QUERIES = Counter("falcon_prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
+PREFIX_CACHE_HITS = Counter("falcon_prefix_cache_hits", "Prompt tokens whose keys and values were reused from the "
+                            "prefix cache instead of computed")

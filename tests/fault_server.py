@@ -4,10 +4,10 @@
 this process, then runs ``predictor.__main__.main()`` unchanged. A prompt that contains one of the markers below
 makes the engine raise while it works on that prompt, as a lost or full accelerator would:
 
-- ``<<fault:runtime>>``: ``RuntimeError`` (a device fault) in the prefill of the batch step that admits the prompt,
+- ``<<fault:runtime>>``: ``RuntimeError`` (a device fault) in the batch step that computes the prompt,
   or in beam search;
 - ``<<fault:oom>>``: ``torch.OutOfMemoryError`` there instead;
-- ``<<fault:device-lost>>``: from then on every prefill raises, whatever the prompt, as a GPU that fell off the
+- ``<<fault:device-lost>>``: from then on every step raises, whatever the prompt, as a GPU that fell off the
   bus would (the engine's self-check included).
 
 Other prompts run untouched, so a test can check that the next request is served normally.
@@ -54,17 +54,25 @@ def raise_if_marked(tokenizer, prompts: list[list[int]]) -> None:
 
 
 def install_faults() -> None:
-    prefill, generate_beams = engine.Engine.prefill, engine.Engine.generate_beams
+    step, probe, generate_beams = engine.Engine.step, engine.Engine.probe, engine.Engine.generate_beams
 
-    def faulty_prefill(self: engine.Engine, prompts: list[list[int]]):
-        raise_if_marked(self.tokenizer, prompts)
-        return prefill(self, prompts)
+    def faulty_step(self: engine.Engine, decode, chunks=()):
+        raise_if_marked(self.tokenizer, [list(tokens) for _, tokens, _ in chunks])
+        if device_lost:
+            raise RuntimeError(f"CUDA error: device lost ({SECRET})")
+        return step(self, decode, chunks)
+
+    def faulty_probe(self: engine.Engine):
+        if device_lost:
+            raise RuntimeError(f"CUDA error: device lost ({SECRET})")
+        return probe(self)
 
     def faulty_generate_beams(self: engine.Engine, prompt_ids: list[int], *args, **kwargs):
         raise_if_marked(self.tokenizer, [prompt_ids])
         return generate_beams(self, prompt_ids, *args, **kwargs)
 
-    engine.Engine.prefill = faulty_prefill
+    engine.Engine.step = faulty_step
+    engine.Engine.probe = faulty_probe
     engine.Engine.generate_beams = faulty_generate_beams
 
 

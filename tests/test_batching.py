@@ -6,13 +6,10 @@ import asyncio
 
 import pytest
 import torch
+from generation import generated, hf_greedy, make_job, reserved_engine, run
 
-from predictor.api.mapping import to_generation_job
-from predictor.api.schema import parse_chat_request
 from predictor.engine import batcher as batcher_module
 from predictor.engine.batcher import Batcher
-from predictor.engine.options import Limits
-from predictor.engine.runner import LoadSpec, load_engine
 from predictor.errors import Draining, GenerationFailed, Overloaded
 
 PROMPTS = ["The quick brown fox", "Hello", "A much longer prompt, with many more tokens than the others have",
@@ -21,40 +18,7 @@ PROMPTS = ["The quick brown fox", "Hello", "A much longer prompt, with many more
 
 @pytest.fixture(scope="module", params=["7b", "40b"])
 def engine(request, tiny_dirs):
-    return load_engine(LoadSpec(str(tiny_dirs[request.param])))
-
-
-def make_job(engine, prompt, **kwargs):
-    seed = kwargs.pop("seed", None)
-    request = parse_chat_request({"prompt": prompt, "seed": seed, "generate_kwargs": kwargs})
-    return to_generation_job(request, engine.encode(prompt), engine.info, Limits())
-
-
-def run(engine, jobs, *, max_batch_size=32, stagger_s=0.0, **batcher_kwargs):
-    """Submit ``jobs`` (optionally one by one, ``stagger_s`` apart) and return their results in order."""
-    async def main():
-        batcher = Batcher(engine, max_batch_size=max_batch_size, **batcher_kwargs)
-        batcher.start()
-        tickets = []
-        for job in jobs:
-            tickets.append(batcher.submit(job))
-            if stagger_s:
-                await asyncio.sleep(stagger_s)
-        results = await asyncio.gather(*(t.result() for t in tickets))
-        batcher.close()
-        return results
-    return asyncio.run(main())
-
-
-def generated(result):
-    return [list(seq.token_ids) for seq in result.sequences]
-
-
-def hf_greedy(engine, prompt, **kwargs):
-    ids = torch.tensor([engine.encode(prompt)])
-    out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=11,
-                                **kwargs)
-    return out[0, ids.shape[1]:].tolist()
+    return reserved_engine(tiny_dirs[request.param])
 
 
 GREEDY_OPTIONS = [
@@ -72,7 +36,8 @@ def test_batched_greedy_equals_alone_and_transformers(engine, options):
     batched = [generated(r)[0] for r in run(engine, jobs)]
     alone = [generated(run(engine, [job])[0])[0] for job in jobs]
     assert batched == alone
-    reference = [hf_greedy(engine, p, max_new_tokens=12, eos_token_id=11, **options) for p in PROMPTS]
+    reference = [hf_greedy(engine.model, engine.encode(p), max_new_tokens=12, eos_token_id=11, **options)
+                 for p in PROMPTS]
     # transformers pads finished rows with eos; ours stop at eos: compare up to our length
     assert [ref[: len(ours)] for ref, ours in zip(reference, alone)] == alone
 
@@ -147,16 +112,22 @@ def test_queue_bound_and_drain(engine):
 
 
 def test_a_failed_step_fails_its_requests_and_the_worker_goes_on(engine, monkeypatch):
-    real_prefill = engine.prefill
+    real_step, real_probe = engine.step, engine.probe
     poison = engine.encode("poison")
     device_lost = False
 
-    def prefill(prompts):
-        if device_lost or any(p == poison for p in prompts):
+    def step(decode, chunks=()):
+        if device_lost or any(list(tokens) == poison for _, tokens, _ in chunks):
             raise RuntimeError("injected fault")
-        return real_prefill(prompts)
+        return real_step(decode, chunks)
 
-    monkeypatch.setattr(engine, "prefill", prefill)
+    def probe():
+        if device_lost:
+            raise RuntimeError("injected fault")
+        return real_probe()
+
+    monkeypatch.setattr(engine, "step", step)
+    monkeypatch.setattr(engine, "probe", probe)
     monkeypatch.setattr(batcher_module, "SELF_CHECK_INTERVAL_S", 0.05)
 
     async def main():
@@ -191,15 +162,15 @@ def test_a_failed_step_fails_its_requests_and_the_worker_goes_on(engine, monkeyp
 
 
 def test_a_request_failing_to_start_does_not_fail_the_running_batch(engine, monkeypatch):
-    real_prefill = engine.prefill
+    real_step = engine.step
     poison = engine.encode("poison")
 
-    def prefill(prompts):
-        if any(p == poison for p in prompts):
+    def step(decode, chunks=()):
+        if any(list(tokens) == poison for _, tokens, _ in chunks):
             raise RuntimeError("injected fault")
-        return real_prefill(prompts)
+        return real_step(decode, chunks)
 
-    monkeypatch.setattr(engine, "prefill", prefill)
+    monkeypatch.setattr(engine, "step", step)
 
     async def main():
         batcher = Batcher(engine)
@@ -216,7 +187,7 @@ def test_a_request_failing_to_start_does_not_fail_the_running_batch(engine, monk
 
 @pytest.mark.gpu
 def test_on_a_gpu_the_engine_runs_bfloat16_with_sdpa_and_generates(tiny_dirs):
-    engine = load_engine(LoadSpec(str(tiny_dirs["7b"]), device="cuda"))
+    engine = reserved_engine(tiny_dirs["7b"], device="cuda")
     assert engine.device.type == "cuda" and engine.model.dtype == torch.bfloat16
     assert engine.model.config._attn_implementation == "sdpa"
     job = make_job(engine, "Hello", do_sample=False, max_new_tokens=8, min_new_tokens=8)

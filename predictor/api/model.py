@@ -19,6 +19,7 @@ import kserve
 from .. import metrics
 from ..config import ServerConfig
 from ..engine.batcher import Batcher
+from ..engine.kv_cache import BLOCK_SIZE
 from ..engine.options import GenerationJob, Limits
 from ..engine.runner import Engine, LoadSpec, load_engine
 from ..engine.tickets import GenerationResult, Ticket
@@ -55,12 +56,15 @@ class FalconModel(kserve.Model):
         self.engine = load_engine(spec)
         self.limits = dataclasses.replace(
             self.config.limits, context_length=min(self.config.limits.context_length, self.engine.context_length))
-        self._warm_up()
+        self._reserve_cache()
+        self.engine.probe()  # the first request does not pay for lazy initialisation
         self.batcher = Batcher(self.engine, self.config.max_batch_size, self.config.max_queue,
-                               self.config.request_timeout_s, prepare=self._compile if self.config.compile else None)
+                               self.config.request_timeout_s, prepare=self._compile if self.config.compile else None,
+                               max_prefill_tokens=self.config.max_prefill_tokens)
         self.batcher.start()
         metrics.WAITING.set_function(lambda: self.batcher.waiting)
         metrics.RUNNING.set_function(lambda: self.batcher.running_sequences)
+        metrics.KV_CACHE_USAGE.set_function(lambda: self.engine.cache.usage)
         # The loaded model and libraries are ~500k long-lived objects: a full garbage collection over them stops
         # every thread for ~200 ms, health probes included. Freezing them keeps collections to new objects.
         gc.collect()
@@ -68,6 +72,31 @@ class FalconModel(kserve.Model):
         self.ready = True
         logger.info("Model %s is ready", self.name)
         return self.ready
+
+    def _reserve_cache(self) -> None:
+        """Reserve the KV cache: a row per sequence that may run at once, as many as the memory budget holds."""
+        engine, config = self.engine, self.config
+        # A request with more sequences than max_batch_size runs alone: the cache has rows for it.
+        wanted = max(config.max_batch_size, self.limits.max_num_return_sequences)
+        budget = engine.kv_cache_budget(config.kv_cache_memory_gib)
+        per_token = engine.cache_shape.bytes_per_token
+        fit = engine.rows_that_fit(budget)
+        logger.info("KV cache: %s bytes per token (%d layers x %d K/V heads x %d); a budget of %.2f GiB holds "
+                    "%s tokens, %d full %d-token sequences", f"{per_token:,}", engine.cache_shape.layers,
+                    engine.shape.kv_heads, engine.shape.head_dim, budget / 2**30, f"{budget // per_token:,}", fit,
+                    engine.context_length)
+        if fit < self.limits.max_num_return_sequences:
+            raise SystemExit(f"the KV cache budget of {budget / 2**30:.2f} GiB holds {fit} full-context sequences, "
+                             f"fewer than --max_num_return_sequences ({self.limits.max_num_return_sequences}): "
+                             "raise --kv_cache_memory or lower --max_num_return_sequences")
+        rows = min(wanted, fit)
+        if rows < config.max_batch_size:
+            logger.warning("The KV cache budget holds %d sequences: at most %d run at once, not --max_batch_size %d",
+                           fit, rows, config.max_batch_size)
+        cache = engine.reserve(rows, compile=config.compile)
+        metrics.CACHE_CONFIG.labels(block_size=str(BLOCK_SIZE),
+                                    num_gpu_blocks=str(rows * cache.capacity // BLOCK_SIZE)).set(1)
+        logger.info("KV cache reserved: %d rows x %d tokens, %.0f MiB", rows, cache.capacity, cache.nbytes / 2**20)
 
     def _load_spec(self) -> LoadSpec:
         config = self.config
@@ -85,22 +114,18 @@ class FalconModel(kserve.Model):
         return LoadSpec(source=source, revision=revision, dtype=config.dtype, device=config.device,
                         load_in_8bit=config.load_in_8bit)
 
-    def _warm_up(self) -> None:
-        """One short generation so the first request does not pay for lazy initialisation."""
-        engine = self.engine
-        prompt = engine.encode("Hello") or [0]
-        kv, logits = engine.prefill([prompt])
-        engine.decode_step(kv, [int(logits.argmax(-1)[0])])
-
     def _compile(self) -> None:
-        """Switch decoding to the static KV cache and compile its step for every shape it can take (on the
-        batcher's decode thread: CUDA graphs are recorded per thread)."""
-        # A request with more sequences than max_batch_size runs alone (the batcher admits it into an empty batch).
-        slots = max(self.config.max_batch_size, self.limits.max_num_return_sequences)
-        logger.info("Compiling the decode step (--compile); the model reports ready when it is done")
-        seconds = self.engine.use_static_cache(slots, self.limits.context_length, compile=True)
-        logger.info("Compiled the decode step for %d shapes (rows x columns) in %.1f s",
-                    len(self.engine.slots.buckets) * len(self.engine.slots.tiers), seconds)
+        """Compile the decode step for every static shape it can take (on the batcher's decode thread: CUDA graphs
+        are recorded per thread)."""
+        total = len(self.engine.compiled_shapes)
+        logger.info("Compiling the decode step for %d shapes (rows x columns); the model reports ready when done",
+                    total)
+
+        def progress(done: int, total: int) -> None:
+            logger.info("Compiled %d of %d shapes", done, total)
+
+        seconds = self.engine.warm_up(progress)
+        logger.info("Compiled the decode step for %d shapes in %.1f s", total, seconds)
 
     # -- request handling ------------------------------------------------------------------------------------
     async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> GenerationJob:

@@ -1,10 +1,14 @@
-"""Continuous batching: concurrent requests share forward passes, joining and leaving between decode steps.
+"""Continuous batching: concurrent requests share forward passes, joining and leaving between steps.
 
-One worker thread owns the running batch. Each step it admits waiting requests (a prefill, merged into the running
-KV cache), advances every running sequence by one token, and retires the sequences that finished, were cancelled or
-ran out of time. A request never waits for a long batch to end, and one request's options never change another's
-tokens (see ``sampling``). Beam-search requests keep several hypotheses each and run whole through ``generate`` on
-a second thread, so they do not stall the running batch. Generation never runs on the event loop.
+One worker thread owns the running sequences. Each step it admits waiting requests while the KV cache has free rows
+(a request that does not fit waits in the queue), feeds every decoding sequence its last token, and prefills prompts
+in chunks of at most ``max_prefill_tokens`` per step, so that a long prompt never stalls the running streams for
+long; then it picks each sequence's next token and retires the sequences that finished, were cancelled or ran out of
+time. A prompt that begins with a prefix the cache still holds copies it instead of computing it, and the sequences
+of a ``num_return_sequences`` request share their prompt's prefill. One request's options never change another's
+tokens (see ``sampling``). Beam-search requests keep several hypotheses each and run whole through ``generate`` on a
+second thread, with a queue of their own, so they can neither stall the running batch nor fill its queue.
+Generation never runs on the event loop.
 """
 
 from __future__ import annotations
@@ -19,11 +23,11 @@ from typing import Callable
 
 import torch
 
+from .. import metrics
 from ..errors import Draining, GenerationFailed, Overloaded
 from .options import GenerationJob
-from .runner import Engine, KVBatch
+from .runner import Engine
 from .sampling import SequenceSampler, choose_next_tokens, make_sampler
-from .static_cache import SlotCache
 from .tickets import SequenceOutput, Ticket, TokenEvent
 
 logger = logging.getLogger(__name__)
@@ -34,13 +38,15 @@ SELF_CHECK_INTERVAL_S = 5.0  # how often a broken engine tries a one-token gener
 
 @dataclass
 class _Sequence:
-    """One row of the running batch."""
+    """One sequence of a request, in its own row of the KV cache."""
 
     ticket: Ticket
     index: int
+    row: int
     tokens: list[int]  # prompt + generated
     sampler: SequenceSampler
     prompt_len: int
+    computed: int = 0  # prompt tokens whose keys and values are in the row
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
 
@@ -48,28 +54,46 @@ class _Sequence:
     def generated(self) -> list[int]:
         return self.tokens[self.prompt_len:]
 
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < self.prompt_len
+
+
+@dataclass
+class _Request:
+    """A running request: its sequences, the first of which computes the prompt for all of them."""
+
+    ticket: Ticket
+    sequences: list[_Sequence]
+
+    @property
+    def leader(self) -> _Sequence:
+        return self.sequences[0]
+
 
 class Batcher:
     """Queues requests and runs them in shared batches on worker threads."""
 
     def __init__(self, engine: Engine, max_batch_size: int = 32, max_queue: int = 128,
-                 time_budget_s: float = 300.0, prepare: Callable[[], None] | None = None):
+                 time_budget_s: float = 300.0, prepare: Callable[[], None] | None = None,
+                 max_prefill_tokens: int = 512, max_beam_queue: int | None = None):
         """``prepare`` runs on the decode thread before it serves, and ``start`` waits for it: work such as
-        recording CUDA graphs must happen on the thread that replays them."""
+        recording CUDA graphs must happen on the thread that replays them. The engine's KV cache must be reserved
+        by then: its rows bound the running sequences along with ``max_batch_size``."""
         self.engine = engine
         self._prepare = prepare
         self._prepared = threading.Event()
         self._prepare_error: BaseException | None = None
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
+        self.max_beam_queue = max_beam_queue if max_beam_queue is not None else max(1, max_queue // 8)
+        self.max_prefill_tokens = max_prefill_tokens
         self.time_budget_s = time_budget_s
         self._lock = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._beam_waiting: collections.deque[Ticket] = collections.deque()
         self._closed = False
-        self._running: list[_Sequence] = []
-        self._finished: dict[Ticket, list[_Sequence]] = {}  # done sequences of requests with others still running
-        self._kv: KVBatch | SlotCache | None = None
+        self._requests: list[_Request] = []  # admitted, in admission order
         self._in_flight = 0  # submitted and not yet settled
         self._consecutive_failures = 0
         self._next_self_check = 0.0
@@ -90,15 +114,18 @@ class Batcher:
             raise self._prepare_error
 
     def submit(self, job: GenerationJob, *, stream: bool = False) -> Ticket:
-        """Queue ``job``; raise ``Overloaded`` when the queue is full, ``Draining`` after ``close()``."""
+        """Queue ``job``; raise ``Overloaded`` when its queue is full, ``Draining`` after ``close()``."""
         ticket = Ticket(job, asyncio.get_running_loop(), stream, self.time_budget_s)
+        beams = job.options.uses_beams
+        queue, bound = (self._beam_waiting, self.max_beam_queue) if beams else (self._waiting, self.max_queue)
         with self._lock:
             if self._closed:
                 raise Draining("the server is shutting down and takes no new requests")
-            if self.waiting >= self.max_queue:
-                raise Overloaded(f"the server is at capacity ({self.max_queue} requests waiting): retry shortly",
+            if len(queue) >= bound:
+                kind = "beam-search requests" if beams else "requests"
+                raise Overloaded(f"the server is at capacity ({bound} {kind} waiting): retry shortly",
                                  headers={"Retry-After": "1"})
-            (self._beam_waiting if job.options.uses_beams else self._waiting).append(ticket)
+            queue.append(ticket)
             self._in_flight += 1
             self._lock.notify_all()
         ticket.on_settled(self._settled)
@@ -120,7 +147,7 @@ class Batcher:
 
     @property
     def running_sequences(self) -> int:
-        return len(self._running)
+        return sum(len(request.sequences) for request in self._requests)
 
     @property
     def healthy(self) -> bool:
@@ -158,93 +185,143 @@ class Batcher:
         finally:
             self._prepared.set()
         while True:
-            joining = self._take_joining()
-            if joining is None:
+            admitted = self._admit()
+            if admitted is None:
                 return
-            if not joining and not self._running:
+            if not admitted:
                 self._self_check()
+            if not self._requests:
                 continue
             try:
-                self._step(joining)
+                self._step()
             except Exception as exc:  # noqa: BLE001 - one failed step must not end the worker
-                self._fail_batch(joining, exc)
+                self._fail_step(exc)
 
-    def _take_joining(self) -> list[Ticket] | None:
-        """Waiting requests that fit in the batch now; blocks while there is nothing to do. None: shut down;
-        an empty list while idle: time for the broken engine's self-check."""
+    def _admit(self) -> bool | None:
+        """Admit waiting requests while their sequences fit (rows of the cache and ``max_batch_size``); blocks
+        while there is nothing to do. None: shut down; False while idle: time for the broken engine's
+        self-check."""
         with self._lock:
-            while not self._running and not self._waiting:
+            while not self._requests and not self._waiting:
                 if self._closed and not self._beam_waiting and self._in_flight == 0:
                     return None
                 if not self.healthy and time.monotonic() >= self._next_self_check:
-                    return []
+                    return False
                 self._lock.wait(timeout=0.5)
-            joining, rows = [], len(self._running)
+            cache = self.engine.cache
+            rows = self.running_sequences
             while self._waiting:
                 ticket = self._waiting[0]
                 need = ticket.job.options.num_return_sequences
-                if rows + need > self.max_batch_size and rows > 0:
+                # A request with more sequences than max_batch_size runs alone (the cache has rows for it).
+                if rows and (rows + need > self.max_batch_size or need > cache.free_rows):
                     break
                 self._waiting.popleft()
                 if ticket.cancelled:
                     ticket.resolve([SequenceOutput((), "cancelled")] * need)
                     continue
-                joining.append(ticket)
+                self._requests.append(self._start(ticket, rows))
                 rows += need
-            return joining
+            return True
+
+    def _start(self, ticket: Ticket, running: int) -> _Request:
+        """Give a request's sequences their rows; the leader's starts from the longest cached prefix."""
+        ticket.started_at = time.monotonic()
+        cache, prompt = self.engine.cache, list(ticket.job.prompt_ids)
+        hit = cache.find_prefix(prompt)
+        metrics.PREFIX_CACHE_QUERIES.inc(len(prompt))
+        metrics.PREFIX_CACHE_HITS.inc(hit.tokens if hit else 0)
+        sequences = []
+        for index in range(ticket.job.options.num_return_sequences):
+            sampler = make_sampler(ticket.job.options, prompt, index, self.engine.device)
+            row = cache.allocate(running + index, hit if index == 0 else None)
+            sequences.append(_Sequence(ticket, index, row, list(prompt), sampler, len(prompt),
+                                       computed=cache.length(row)))
+        return _Request(ticket, sequences)
 
     @torch.inference_mode()
-    def _step(self, joining: list[Ticket]) -> None:
-        logits = []
-        if self._running:
-            logits.append(self.engine.decode_step(self._kv, [seq.tokens[-1] for seq in self._running]))
-        if joining:
+    def _step(self) -> None:
+        self._drop_unstarted()
+        decoding = [seq for request in self._requests if not request.leader.prefilling for seq in request.sequences
+                    if seq.finish_reason is None]
+        prefilling = self._plan_prefill()
+        decode = [(seq.row, seq.tokens[-1]) for seq in decoding]
+        chunks = [(r.leader.row, r.leader.tokens[r.leader.computed:r.leader.computed + take],
+                   r.leader.computed + take == r.leader.prompt_len) for r, take in prefilling]
+        if decode or chunks:
             try:
-                logits.append(self._prefill(joining))
-            except Exception as exc:  # noqa: BLE001 - the running batch is untouched: only the newcomers fail
-                self._fail_requests(joining, exc)
-                if not logits:
+                logits = self.engine.step(decode, chunks)
+            except Exception as exc:  # noqa: BLE001 - the prompts may be at fault: fail them, keep the others
+                if not chunks:
+                    raise
+                self._fail_requests([request for request, _ in prefilling], exc)
+                if not decode:
                     return
-        self._choose(torch.cat(logits) if len(logits) > 1 else logits[0])
+                prefilling, chunks = [], []
+                logits = self.engine.step(decode)
+            finishing = []
+            for request, take in prefilling:
+                request.leader.computed += take
+                if not request.leader.prefilling:
+                    finishing.append(request)
+            self._choose_first_and_next(decoding, finishing, logits if decode or finishing else None)
         self._retire()
         self._note_success()
 
-    def _prefill(self, joining: list[Ticket]) -> torch.Tensor:
-        """Start the joining requests' sequences and merge them into the batch; their next-token logits."""
-        new: list[_Sequence] = []
-        now = time.monotonic()
-        for ticket in joining:
-            ticket.started_at = now
-            prompt = list(ticket.job.prompt_ids)
-            for index in range(ticket.job.options.num_return_sequences):
-                sampler = make_sampler(ticket.job.options, prompt, index, self.engine.device)
-                new.append(_Sequence(ticket, index, list(prompt), sampler, len(prompt)))
-        kv, logits = self.engine.prefill([seq.tokens for seq in new])
-        self._kv = self.engine.join(self._kv, kv)
-        self._running.extend(new)
-        return logits
+    def _choose_first_and_next(self, decoding: list[_Sequence], finishing: list[_Request],
+                               logits: torch.Tensor | None) -> None:
+        """Pick the decoding sequences' next tokens, and the first tokens of the requests whose prompts are now
+        complete: every sequence of such a request picks from its leader's logits, after copying its prompt."""
+        choosers, rows = list(decoding), list(range(len(decoding)))
+        for position, request in enumerate(finishing):
+            for seq in request.sequences[1:]:
+                self.engine.cache.copy_prefix(request.leader.row, seq.row, seq.prompt_len)
+                seq.computed = seq.prompt_len
+            choosers += request.sequences
+            rows += [len(decoding) + position] * len(request.sequences)
+        if choosers:
+            if rows != list(range(logits.shape[0])):
+                logits = logits[torch.tensor(rows, device=logits.device)]
+            self._choose(choosers, logits)
+
+    def _plan_prefill(self) -> list[tuple[_Request, int]]:
+        """This step's prompt chunks, oldest request first, within ``max_prefill_tokens``: (request, tokens)."""
+        budget, planned = self.max_prefill_tokens, []
+        for request in self._requests:
+            leader = request.leader
+            if budget <= 0:
+                break
+            if leader.prefilling and leader.finish_reason is None:
+                take = min(budget, leader.prompt_len - leader.computed)
+                planned.append((request, take))
+                budget -= take
+        return planned
+
+    def _drop_unstarted(self) -> None:
+        """Requests cancelled or out of time before their prompt was computed end now, with no tokens."""
+        for request in self._requests:
+            if request.leader.prefilling and request.ticket.should_stop():
+                reason = "cancelled" if request.ticket.cancelled else "time_limit"
+                for seq in request.sequences:
+                    seq.finish_reason = reason
 
     @torch.inference_mode()
     def _self_check(self) -> None:
-        """After repeated failures, try a one-token generation now and then: success makes the engine healthy
+        """After repeated failures, try a one-token forward pass now and then: success makes the engine healthy
         again (a transient fault), failure keeps readiness at 503 (a lost device)."""
         self._next_self_check = time.monotonic() + SELF_CHECK_INTERVAL_S
         try:
-            kv, logits = self.engine.prefill([[self.engine.info.eos_token_id or 0]])
-            batch = self.engine.join(None, kv)
-            self.engine.decode_step(batch, [int(logits.argmax(dim=-1)[0])])
-            self.engine.select(batch, [])
+            self.engine.probe()
         except Exception as exc:  # noqa: BLE001
             logger.error("Self-check failed; the engine stays unhealthy: %s", exc)
             return
         logger.warning("Self-check passed after %d failed steps; serving again", self._consecutive_failures)
         self._note_success()
 
-    def _choose(self, logits: torch.Tensor) -> None:
-        running = self._running
-        tokens, logprobs = choose_next_tokens(logits, [s.sampler for s in running], [s.tokens for s in running],
+    def _choose(self, sequences: list[_Sequence], logits: torch.Tensor) -> None:
+        tokens, logprobs = choose_next_tokens(logits, [s.sampler for s in sequences], [s.tokens for s in sequences],
                                               self._rng)
-        for seq, token, logprob in zip(running, tokens, logprobs):
+        for seq, token, logprob in zip(sequences, tokens, logprobs):
             seq.tokens.append(token)
             if logprob is not None:
                 seq.logprobs.append(logprob)
@@ -265,19 +342,19 @@ class Batcher:
         return None
 
     def _retire(self) -> None:
-        """Drop finished sequences from the batch; answer a request once all of its sequences are done."""
-        keep = [i for i, seq in enumerate(self._running) if seq.finish_reason is None]
-        if len(keep) == len(self._running):
-            return
-        for seq in self._running:
-            if seq.finish_reason is not None:
-                self._finished.setdefault(seq.ticket, []).append(seq)
-        self._running = [self._running[i] for i in keep]
-        self._kv = self.engine.select(self._kv, keep)
-        for ticket, sequences in list(self._finished.items()):
-            if len(sequences) == ticket.job.options.num_return_sequences:
-                del self._finished[ticket]
-                self._resolve(ticket, sequences)
+        """Free the rows of finished sequences; answer a request once all of its sequences are done."""
+        cache = self.engine.cache
+        remaining = []
+        for request in self._requests:
+            for seq in request.sequences:
+                if seq.finish_reason is not None and seq.row >= 0:
+                    cache.release(seq.row)
+                    seq.row = -1
+            if all(seq.finish_reason is not None for seq in request.sequences):
+                self._resolve(request.ticket, request.sequences)
+            else:
+                remaining.append(request)
+        self._requests = remaining
 
     @staticmethod
     def _resolve(ticket: Ticket, sequences: list[_Sequence]) -> None:
@@ -286,13 +363,22 @@ class Batcher:
                    for seq in sorted(sequences, key=lambda s: s.index)]
         ticket.resolve(outputs)
 
-    def _fail_batch(self, joining: list[Ticket], exc: Exception) -> None:
-        """Fail every request in the broken step, free what it held, and keep serving."""
-        tickets = {seq.ticket for seq in self._running} | set(joining) | set(self._finished)
-        self._running, self._kv, self._finished = [], None, {}
-        self._fail_requests(list(tickets), exc)
+    def _fail_step(self, exc: Exception) -> None:
+        """Fail every running request, forget what the broken step may have half-written, and keep serving."""
+        tickets = [request.ticket for request in self._requests]
+        self._requests = []
+        self.engine.cache.clear()
+        self._fail_tickets(tickets, exc)
 
-    def _fail_requests(self, tickets: list[Ticket], exc: Exception) -> None:
+    def _fail_requests(self, requests: list[_Request], exc: Exception) -> None:
+        """Fail ``requests`` (whose prompts a failed step was computing); the others go on."""
+        for request in requests:
+            for seq in request.sequences:
+                self.engine.cache.release(seq.row)
+        self._requests = [request for request in self._requests if request not in requests]
+        self._fail_tickets([request.ticket for request in requests], exc)
+
+    def _fail_tickets(self, tickets: list[Ticket], exc: Exception) -> None:
         self._note_failure()
         logger.error("Generation failed for %d request(s): %s", len(tickets), exc, exc_info=exc)
         if torch.cuda.is_available():
@@ -321,7 +407,7 @@ class Batcher:
             out = self.engine.generate_beams(list(ticket.job.prompt_ids), options, ticket.should_stop)
             self._note_success()
         except Exception as exc:  # noqa: BLE001 - fail this request, keep the worker
-            self._fail_requests([ticket], exc)
+            self._fail_tickets([ticket], exc)
             return
         interrupted = "cancelled" if ticket.cancelled else "time_limit" if ticket.out_of_time() else "length"
         outputs = []

@@ -1,33 +1,36 @@
 """The model and its tokenizer: loading, and the tensor work of batched generation.
 
-The engine knows nothing of HTTP or KServe. The batcher drives it step by step: ``prefill`` starts sequences,
-``decode_step`` advances every running sequence by one token, ``join`` and ``select`` let sequences join and leave a
-running batch between steps (iteration-level scheduling). The running batch's KV cache is a ``KVBatch`` that grows
-and shrinks with it, or, after ``use_static_cache``, the fixed-shape ``SlotCache`` whose decode step is compiled.
-Beam search, which keeps several hypotheses per request, runs through transformers' ``generate`` in
-``generate_beams``.
+The engine knows nothing of HTTP or KServe. The batcher drives it step by step: ``reserve`` sets aside the KV cache
+once, ``step`` runs one forward pass for every running row's next token and any prompt chunks, writing their keys and
+values into their rows (``kv_cache``, ``falcon``). With ``compile`` the decode-only steps run a ``torch.compile``d
+forward over static shapes (CUDA graphs on a GPU), over the same cache. Beam search, which keeps several
+hypotheses per request, runs through transformers' ``generate`` in ``generate_beams``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
+from .falcon import Chunk, FalconShape, StepTensors, forward
 from .group_beam_search import group_beam_search
+from .kv_cache import CacheShape, KVCache, column_tiers, row_buckets, smallest_at_least
 from .options import GenerationOptions, ModelInfo
-from .static_cache import SlotCache
 
 logger = logging.getLogger(__name__)
 
 # Prompt tokens decoded in front of generated ones: enough for a UTF-8 character (at most 4 bytes) split over
 # byte-level tokens at the boundary.
 PROMPT_CONTEXT_TOKENS = 4
+GPU_KV_CACHE_SHARE = 0.9  # of the accelerator memory the weights left free
+CPU_KV_CACHE_GIB = 4.0
 
 
 @dataclass(frozen=True)
@@ -41,19 +44,6 @@ class LoadSpec:
     load_in_8bit: bool = False
 
 
-@dataclass
-class KVBatch:
-    """The running sequences' attention state: KV cache, padding mask and next positions."""
-
-    cache: DynamicCache
-    mask: torch.Tensor  # [batch, cached] 1 where a real token sits, 0 for left padding
-    positions: torch.Tensor  # [batch] position of each sequence's next token
-
-    @property
-    def size(self) -> int:
-        return self.mask.shape[0]
-
-
 @dataclass(frozen=True)
 class BeamOutput:
     """Beam search results: each returned sequence's generated ids and (when asked) log-probabilities."""
@@ -64,7 +54,7 @@ class BeamOutput:
 
 
 class Engine:
-    """A loaded Falcon model and tokenizer."""
+    """A loaded Falcon model and tokenizer, and (once reserved) its KV cache."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
         self.model = model
@@ -78,15 +68,67 @@ class Engine:
                               pad_token_id=tokenizer.pad_token_id,
                               generation_defaults=generation.to_diff_dict() if generation is not None else {})
         self.context_length = getattr(config, "max_position_embeddings", 2048)
-        self.slots: SlotCache | None = None  # the static cache, when used
+        self.shape = FalconShape(config)
+        self.cache: KVCache | None = None
+        self._compiled: Callable[..., torch.Tensor] | None = None
+        self._buckets: list[int] = []
+        self._tiers: list[int] = []
 
-    def use_static_cache(self, slots: int, capacity: int, compile: bool, smallest_tier: int = 128) -> float:
-        """Decode from here on with a static KV cache of ``slots`` rows and ``capacity`` columns, compiled when
-        ``compile``; every shape a step can take is run (and compiled) now. Returns the seconds that took."""
-        layout, _ = self.prefill([[self.info.eos_token_id or 0]])
-        self.slots = SlotCache(self.model, layout.cache, slots, capacity, self._pad_token_id, compile, smallest_tier)
-        logger.info("Static KV cache: %d rows x %d columns, %.0f MiB", slots, capacity, self.slots.nbytes / 2**20)
-        return self.slots.warm_up()
+    @property
+    def cache_shape(self) -> CacheShape:
+        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+        return CacheShape(layers=len(self.model.transformer.h), kv_heads=self.shape.kv_heads,
+                          head_dim=self.shape.head_dim, dtype=dtype)
+
+    def kv_cache_budget(self, gib: float | None) -> int:
+        """Bytes the KV cache may take: ``gib`` if given; else, on GPUs, 90% of what the weights left free (the
+        rest is for activations), and on the CPU ``CPU_KV_CACHE_GIB``."""
+        if gib is not None:
+            return int(gib * 2**30)
+        if self.device.type != "cuda":
+            return int(CPU_KV_CACHE_GIB * 2**30)
+        devices = [layer.self_attention.dense.weight.device for layer in self.model.transformer.h]
+        # The layers' caches sit with the layers: the device with the least room per layer bounds the budget.
+        per_layer = min(torch.cuda.mem_get_info(d)[0] / devices.count(d) for d in set(devices))
+        return int(GPU_KV_CACHE_SHARE * per_layer * len(devices))
+
+    def rows_that_fit(self, budget: int) -> int:
+        """Full-context sequences (KV cache rows) a budget of ``budget`` bytes holds."""
+        return budget // (self.context_length * self.cache_shape.bytes_per_token)
+
+    def reserve(self, rows: int, compile: bool = False, smallest_tier: int = 128) -> KVCache:
+        """Set aside the KV cache: ``rows`` sequences of the full context. With ``compile``, decode-only steps run
+        a compiled forward, over the rows and columns of one of a few static shapes (``warm_up`` records them)."""
+        devices = [layer.self_attention.dense.weight.device for layer in self.model.transformer.h]
+        self.cache = KVCache(self.cache_shape, rows, self.context_length, devices)
+        if compile:
+            for buffer in self.cache.keys + self.cache.values:
+                torch._dynamo.mark_static_address(buffer)
+            # On a GPU "reduce-overhead" records a CUDA graph per shape and replays it.
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._compiled = torch.compile(forward, mode=mode, dynamic=True)
+            # Compiled graphs are cached per function: a few per model (one row or more, the full width or less),
+            # so a process compiling several models needs room for more than torch's default of 8.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+            self._buckets = row_buckets(rows)
+            self._tiers = column_tiers(self.context_length, smallest_tier)
+        return self.cache
+
+    @property
+    def compiled_shapes(self) -> list[tuple[int, int]]:
+        return [(rows, columns) for rows in self._buckets for columns in self._tiers]
+
+    def warm_up(self, progress: Callable[[int, int], None] = lambda done, total: None) -> float:
+        """Run (and so compile, and record) every static shape a decode step can take; seconds taken. Writes only
+        the scratch row, so the cache's contents stay as they were."""
+        started = time.monotonic()
+        shapes = self.compiled_shapes
+        for done, (rows, columns) in enumerate(shapes, 1):
+            tensors = self._decode_tensors([], rows, columns)
+            for _ in range(3):  # CUDA graphs are recorded on a later call than the first
+                self._compiled(self.model, self.shape, self.cache, tensors)
+            progress(done, len(shapes))
+        return time.monotonic() - started
 
     @property
     def _pad_token_id(self) -> int:
@@ -113,75 +155,72 @@ class Engine:
         before = self.decode(context, clean_up_tokenization_spaces)
         return self.decode(context + list(generated_ids), clean_up_tokenization_spaces)[len(before):]
 
-    # -- batched decoding ------------------------------------------------------------------------------------
+    # -- batched steps ---------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]]) -> tuple[KVBatch, torch.Tensor]:
-        """Run the prompts (left-padded together) and return their state and next-token logits [n, vocab]."""
-        width = max(len(p) for p in prompts)
-        pad = self._pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)  # [n, width]
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # padding does not advance positions
-        cache = DynamicCache(config=self.model.config)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache,
-                            use_cache=True, logits_to_keep=1).logits[:, -1, :]
-        positions = torch.tensor([len(p) for p in prompts], device=self.device)
-        return KVBatch(cache, mask, positions), logits
+    def step(self, decode: Sequence[tuple[int, int]], chunks: Sequence[tuple[int, Sequence[int], bool]] = ()
+             ) -> torch.Tensor:
+        """One forward pass: each ``(row, token)`` of ``decode`` feeds a running row its last token; each
+        ``(row, tokens, logits)`` of ``chunks`` writes the next prompt tokens of a row. Returns next-token logits
+        [decode rows, then chunks with ``logits`` set, vocab]."""
+        cache = self.cache
+        needed = max((row for row, _ in decode), default=-1) + 1
+        columns = max((cache.length(row) for row, _ in decode), default=-1) + 1
+        compiled = self._compiled is not None and not chunks and decode
+        if compiled:
+            needed = smallest_at_least(self._buckets, needed)
+            columns = smallest_at_least(self._tiers, columns)
+        tensors = self._decode_tensors(decode, needed, columns, chunks)
+        run = self._compiled if compiled else forward
+        logits = run(self.model, self.shape, cache, tensors)
+        for row, token in decode:
+            cache.extend(row, (token,))
+        for row, tokens, _ in chunks:
+            cache.extend(row, tokens)
+        return logits.clone() if compiled else logits  # a CUDA graph's output is overwritten by its next replay
 
-    def join(self, running: KVBatch | SlotCache | None, joining: KVBatch) -> KVBatch | SlotCache:
-        """The running batch with a prefill's sequences added after its own rows (``running`` None: no batch)."""
-        if self.slots is not None:
-            if running is None:
-                self.slots.clear()
-            self.slots.add(joining.cache, joining.mask, joining.positions)
-            return self.slots
-        return joining if running is None else self.merge(running, joining)
+    def _decode_tensors(self, decode: Sequence[tuple[int, int]], rows: int, columns: int,
+                        chunks: Sequence[tuple[int, Sequence[int], bool]] = ()) -> StepTensors:
+        """Host-built inputs of a step: ``rows`` decode rows (those not in ``decode`` are padding that writes the
+        scratch row), then the chunks' tokens."""
+        cache = self.cache
+        ids = [self._pad_token_id] * rows
+        positions = [0] * rows
+        write_rows = [cache.scratch_row] * rows
+        keep = []
+        for row, token in decode:
+            ids[row], positions[row], write_rows[row] = token, cache.length(row), row
+            keep.append(row)
+        packed = []
+        offset = rows
+        for row, tokens, wants_logits in chunks:
+            start = cache.length(row)
+            packed.append(Chunk(row, start, len(tokens), offset))
+            ids += tokens
+            positions += range(start, start + len(tokens))
+            write_rows += [row] * len(tokens)
+            offset += len(tokens)
+            if wants_logits:
+                keep.append(offset - 1)
+        device = self.device
+        positions_t = torch.tensor(positions, device=device)
+        mask = None
+        if rows:
+            mask = torch.arange(columns, device=device)[None, :] <= positions_t[:rows, None]  # [rows, columns]
+        return StepTensors(ids=torch.tensor(ids, device=device), positions=positions_t,
+                           write_rows=torch.tensor(write_rows, device=device), decode_mask=mask,
+                           chunks=tuple(packed), keep=torch.tensor(keep, dtype=torch.long, device=device))
 
     @torch.inference_mode()
-    def decode_step(self, batch: KVBatch | SlotCache, tokens: list[int]) -> torch.Tensor:
-        """Feed each sequence its last chosen token; return next-token logits [batch, vocab]."""
-        if isinstance(batch, SlotCache):
-            return batch.step(tokens)
-        ids = torch.tensor(tokens, device=self.device).unsqueeze(1)  # [batch, 1]
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(batch.size, 1)], dim=1)
-        logits = self.model(input_ids=ids, attention_mask=batch.mask, position_ids=batch.positions.unsqueeze(1),
-                            cache=batch.cache, use_cache=True).logits[:, -1, :]
-        batch.positions = batch.positions + 1
-        return logits
-
-    @staticmethod
-    def merge(running: KVBatch, joining: KVBatch) -> KVBatch:
-        """One batch holding both; the shorter cache is left-padded so every row ends at the same column."""
-        width = max(running.mask.shape[1], joining.mask.shape[1])
-        for batch in (running, joining):
-            missing = width - batch.mask.shape[1]
-            if missing:
-                batch.mask = torch.nn.functional.pad(batch.mask, (missing, 0))
-                for layer in batch.cache.layers:
-                    layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, missing, 0))
-                    layer.values = torch.nn.functional.pad(layer.values, (0, 0, missing, 0))
-        for mine, theirs in zip(running.cache.layers, joining.cache.layers):
-            mine.keys = torch.cat([mine.keys, theirs.keys])
-            mine.values = torch.cat([mine.values, theirs.values])
-        return KVBatch(running.cache, torch.cat([running.mask, joining.mask]),
-                       torch.cat([running.positions, joining.positions]))
-
-    @staticmethod
-    def select(batch: KVBatch | SlotCache, keep: list[int]) -> KVBatch | SlotCache | None:
-        """Keep only rows ``keep`` (ascending; None when empty) and drop cache columns that are padding for every
-        remaining row."""
-        if isinstance(batch, SlotCache):
-            batch.keep(keep)
-            return batch if keep else None
-        if not keep:
-            return None
-        index = torch.tensor(keep, device=batch.mask.device)
-        mask = batch.mask[index]
-        first_used = int(mask.any(dim=0).int().argmax())  # leading columns no row attends to
-        for layer in batch.cache.layers:
-            layer.keys = layer.keys[index, :, first_used:]
-            layer.values = layer.values[index, :, first_used:]
-        return KVBatch(batch.cache, mask[:, first_used:], batch.positions[index])
+    def probe(self) -> torch.Tensor:
+        """A one-token forward pass written to the scratch row only: proves the device works (warm-up, the broken
+        engine's self-check) without touching any sequence's cache. Returns its logits [1, vocab]."""
+        scratch = self.cache.scratch_row
+        tensors = StepTensors(ids=torch.tensor([self.info.eos_token_id or 0], device=self.device),
+                              positions=torch.zeros(1, dtype=torch.long, device=self.device),
+                              write_rows=torch.tensor([scratch], device=self.device), decode_mask=None,
+                              chunks=(Chunk(scratch, 0, 1, 0),), keep=torch.zeros(1, dtype=torch.long,
+                                                                                   device=self.device))
+        return forward(self.model, self.shape, self.cache, tensors)
 
     # -- beam search -----------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -1,0 +1,197 @@
+"""The KV cache: every running sequence's keys and values, reserved once at start-up, holding only the K/V heads.
+
+Layout: per layer, keys and values of ``[rows + 1, kv_heads, capacity, head_dim]`` (``capacity`` is the context
+length). Each sequence owns one row from column 0, its token at position ``p`` in column ``p``, so a row needs no
+padding, no mask of its own beyond its length, and no neighbour: joining writes only the joining sequence's row,
+leaving moves nothing. Rows reserve the whole context, so a running sequence never runs out of room and never has to
+be preempted; admission asks only for a free row. The extra last row is scratch: padding rows of a static-shape step
+write there, so they never disturb a row's contents.
+
+A step attends over the first rows only (every running row and the free ones between them), so rows are handed out
+low first. A free row keeps what it held: its tokens are indexed by a hash chain over blocks of ``BLOCK_SIZE``
+tokens, and a new sequence whose prompt begins with a cached prefix copies those columns instead of computing them
+(the copy is of that prefix only). Prefixes live in free rows and in running ones (concurrent requests with one
+system prompt, or ``num_return_sequences`` > 1, share it); a row taken for a new sequence loses its old contents,
+least recently used first among the low rows, so cached prefixes never take a row from a running request.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+BLOCK_SIZE = 16  # tokens per block of the prefix index: a prefix is reused in whole blocks
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """What one token costs: layers, K/V heads and head size, in a dtype."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+
+@dataclass(frozen=True)
+class PrefixHit:
+    """A cached prefix: ``tokens`` columns of row ``row`` hold the first ``tokens`` of the prompt."""
+
+    row: int
+    tokens: int
+
+
+class KVCache:
+    """The reserved rows, which sequence holds which, and the prefix index (see the module docstring)."""
+
+    def __init__(self, shape: CacheShape, rows: int, capacity: int, devices: list[torch.device]) -> None:
+        """``devices`` holds each layer's device (accelerate may split the layers over several GPUs)."""
+        self.shape, self.rows, self.capacity = shape, rows, capacity
+        self.nbytes = rows * capacity * shape.bytes_per_token
+        size = (rows + 1, shape.kv_heads, capacity, shape.head_dim)
+        try:
+            self.keys = [torch.zeros(size, dtype=shape.dtype, device=d) for d in devices]
+            self.values = [torch.zeros(size, dtype=shape.dtype, device=d) for d in devices]
+        except (torch.OutOfMemoryError, RuntimeError):  # RuntimeError: the CPU allocator's refusal
+            raise MemoryError(
+                f"the KV cache needs {self.nbytes / 2**30:.2f} GiB ({rows} rows x {capacity} tokens x "
+                f"{shape.bytes_per_token:,} bytes) and does not fit: lower --kv_cache_memory or "
+                "--max_batch_size") from None
+        self.scratch_row = rows
+        self._free = set(range(rows))
+        self._lengths = [0] * rows  # tokens whose keys and values a row holds
+        self._tokens: list[list[int]] = [[] for _ in range(rows)]  # those tokens, for the prefix index
+        self._blocks: dict[int, set[int]] = {}  # hash of a chain of blocks -> rows that hold it
+        self._row_blocks: list[list[int]] = [[] for _ in range(rows)]  # the chain hashes a row is indexed under
+        self._last_used = [0] * rows
+        self._clock = itertools.count(1)
+        self.used_tokens = 0  # tokens held by running rows
+
+    # -- rows ----------------------------------------------------------------------------------------------------
+    @property
+    def free_rows(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        """Reserved token room that running sequences hold, 0-1."""
+        return self.used_tokens / (self.rows * self.capacity)
+
+    def allocate(self, running: int, prefix: PrefixHit | None = None) -> int:
+        """A free row for a new sequence, holding ``prefix`` already when one is given. Low rows go first, since a
+        step computes every row below the highest running one: among the rows a step of ``running + 1`` sequences
+        computes anyway, the prefix's own row (nothing to copy), else an empty one or the least recently used."""
+        if not self._free:
+            raise RuntimeError("no free KV cache row")  # the scheduler admits only what fits
+        window = _bucket(running + 1)
+        near = [row for row in self._free if row < window] or [min(self._free)]
+        if prefix is not None and prefix.row in near:
+            row, keep = prefix.row, prefix.tokens
+        else:
+            row, keep = min(near, key=lambda r: (self._lengths[r] > 0, self._last_used[r], r)), 0
+        self._free.discard(row)
+        self._forget(row, keep=keep)
+        self.used_tokens += keep
+        if prefix is not None and row != prefix.row:
+            self.copy_prefix(prefix.row, row, prefix.tokens)
+        return row
+
+    def release(self, row: int) -> None:
+        """The sequence in ``row`` ended; its contents stay, indexed, until the row is needed again."""
+        self.used_tokens -= self._lengths[row]
+        self._last_used[row] = next(self._clock)
+        self._free.add(row)
+
+    def clear(self) -> None:
+        """Forget every row (after a failed step, whose writes may be partial)."""
+        for row in range(self.rows):
+            self._forget(row, keep=0)
+        self._free = set(range(self.rows))
+        self.used_tokens = 0
+
+    # -- what a row holds -------------------------------------------------------------------------------------
+    def extend(self, row: int, tokens: list[int] | tuple[int, ...]) -> None:
+        """``tokens`` were written into ``row`` after what it held; index the blocks they complete."""
+        held = self._tokens[row]
+        held.extend(tokens)
+        self._lengths[row] = len(held)
+        if row not in self._free:
+            self.used_tokens += len(tokens)
+        chain = self._row_blocks[row]
+        for start in range(len(chain) * BLOCK_SIZE, len(held) - BLOCK_SIZE + 1, BLOCK_SIZE):
+            key = hash((chain[-1] if chain else None, tuple(held[start:start + BLOCK_SIZE])))
+            chain.append(key)
+            self._blocks.setdefault(key, set()).add(row)
+
+    def length(self, row: int) -> int:
+        return self._lengths[row]
+
+    def find_prefix(self, prompt: list[int] | tuple[int, ...]) -> PrefixHit | None:
+        """The longest cached prefix of ``prompt`` in whole blocks, leaving at least its last token to compute (its
+        logits pick the first new token)."""
+        best, parent = None, None
+        for start in range(0, len(prompt) - BLOCK_SIZE, BLOCK_SIZE):
+            key = hash((parent, tuple(prompt[start:start + BLOCK_SIZE])))
+            rows = self._blocks.get(key)
+            if not rows:
+                break
+            best, parent = (rows, start + BLOCK_SIZE), key
+        if best is None:
+            return None
+        rows, tokens = best
+        row = min(rows)
+        if self._tokens[row][:tokens] != list(prompt[:tokens]):  # a hash collision: compute it instead
+            return None
+        return PrefixHit(row=row, tokens=tokens)
+
+    def copy_prefix(self, source: int, target: int, tokens: int) -> None:
+        """Give ``target`` (just allocated, empty) the first ``tokens`` columns of ``source``."""
+        if source != target:
+            for buffers in (self.keys, self.values):
+                for buffer in buffers:
+                    buffer[target, :, :tokens] = buffer[source, :, :tokens]
+        self.extend(target, self._tokens[source][:tokens])
+
+    def _forget(self, row: int, keep: int) -> None:
+        for key in self._row_blocks[row][keep // BLOCK_SIZE:]:
+            holders = self._blocks.get(key)
+            if holders is not None:
+                holders.discard(row)
+                if not holders:
+                    del self._blocks[key]
+        del self._row_blocks[row][keep // BLOCK_SIZE:]
+        del self._tokens[row][keep:]
+        self._lengths[row] = keep
+
+
+def _bucket(rows: int) -> int:
+    """The power of two at or above ``rows``: the shapes a compiled step is recorded for."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+def row_buckets(rows: int) -> list[int]:
+    """Powers of two below ``rows``, then ``rows`` itself: the row counts a step may run over."""
+    sizes = [1]
+    while sizes[-1] * 2 < rows:
+        sizes.append(sizes[-1] * 2)
+    return sizes + [rows] if sizes[-1] < rows else sizes
+
+
+def column_tiers(capacity: int, smallest: int = 128) -> list[int]:
+    """The cache widths a step may attend over: ``smallest``, 1.5x and 2x it, 3x and 4x, ... below ``capacity``,
+    then ``capacity``. A step attends over at most 1.5x the columns it needs (or ``smallest``)."""
+    tiers, width = set(), smallest
+    while width < capacity:
+        tiers |= {width, width * 3 // 2}
+        width *= 2
+    return sorted(t for t in tiers if t < capacity) + [capacity]
+
+
+def smallest_at_least(sizes: list[int], needed: int) -> int:
+    return next(size for size in sizes if size >= needed)

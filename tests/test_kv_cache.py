@@ -1,0 +1,314 @@
+"""The KV cache and the project's Falcon forward: only the K/V heads are stored, reserved once; a sequence joining or
+leaving moves nobody else's keys; chunked, prefix-reusing and compiled steps give transformers' own tokens.
+
+Model-free tests cover the cache's bookkeeping; in-process tests run the engine and the batcher on the tiny Falcons
+(both attention layouts, and one with 32 query heads per 2 K/V groups, like falcon-40b); HTTP tests start real
+servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+import httpx
+import pytest
+import torch
+from generation import generated, hf_greedy, make_job, reserved_engine, run
+from transformers import FalconForCausalLM
+
+from predictor.engine.batcher import Batcher
+from predictor.engine.kv_cache import BLOCK_SIZE, CacheShape, KVCache, column_tiers, row_buckets
+from predictor.errors import Draining, GenerationFailed
+from predictor.tiny import build_tokenizer, tiny_config
+
+PROMPTS = ["The quick brown fox", "Hello", "A longer prompt, with more tokens than the others", "x",
+           "Return the list of", "def main():"]
+
+
+@pytest.fixture(scope="session")
+def grouped_dir(tmp_path_factory):
+    """A tiny Falcon shaped like falcon-40b's attention: 32 query heads sharing 2 K/V groups."""
+    path = tmp_path_factory.mktemp("tiny-falcon-grouped")
+    build_tokenizer(path)
+    config = tiny_config("40b")
+    config.num_attention_heads, config.num_kv_heads, config.hidden_size = 32, 2, 256
+    torch.manual_seed(5)
+    FalconForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=["7b", "40b", "grouped"])
+def model_dir(request, tiny_dirs, grouped_dir):
+    return grouped_dir if request.param == "grouped" else tiny_dirs[request.param]
+
+
+def cache_of(rows=4, capacity=64) -> KVCache:
+    return KVCache(CacheShape(layers=2, kv_heads=1, head_dim=4, dtype=torch.float32), rows, capacity,
+                   [torch.device("cpu")] * 2)
+
+
+# -- bookkeeping, no model -----------------------------------------------------------------------------------------
+def test_a_token_costs_its_kv_heads_only():
+    falcon_7b = CacheShape(layers=32, kv_heads=1, head_dim=64, dtype=torch.bfloat16)
+    falcon_40b = CacheShape(layers=60, kv_heads=8, head_dim=64, dtype=torch.bfloat16)
+    assert falcon_7b.bytes_per_token == 8 * 1024
+    assert falcon_40b.bytes_per_token == 120 * 1024  # transformers caches all 128 heads: 1.9 MiB
+    cache = cache_of(rows=4, capacity=64)
+    assert cache.nbytes == 4 * 64 * 2 * 2 * 1 * 4 * 4
+    assert cache.keys[0].shape == (5, 1, 64, 4)  # a scratch row beyond the four
+
+
+def test_rows_go_low_first_and_a_freed_row_keeps_its_prefix():
+    cache = cache_of()
+    first, second = cache.allocate(0), cache.allocate(1)
+    assert (first, second) == (0, 1)
+    prompt = list(range(100, 100 + 3 * BLOCK_SIZE + 5))
+    cache.extend(first, prompt)
+    assert cache.usage == pytest.approx(len(prompt) / (4 * 64))
+    cache.release(first)
+    assert cache.usage == 0 and cache.free_rows == 3
+
+    hit = cache.find_prefix(prompt + [7, 8])
+    assert hit.row == first and hit.tokens == 3 * BLOCK_SIZE
+    assert cache.find_prefix(prompt[: 3 * BLOCK_SIZE]).tokens == 2 * BLOCK_SIZE  # the last token is computed
+    assert cache.find_prefix([1] + prompt) is None
+    assert cache.find_prefix(prompt[:5]) is None
+
+
+def test_taking_a_row_forgets_what_it_held_and_a_copy_shares_a_prefix():
+    cache = cache_of()
+    row = cache.allocate(0)
+    prompt = list(range(2 * BLOCK_SIZE + 1))
+    cache.keys[0][row, :, : len(prompt)] = 1.0
+    cache.extend(row, prompt)
+    other = cache.allocate(1)
+    cache.copy_prefix(row, other, 2 * BLOCK_SIZE)
+    assert torch.equal(cache.keys[0][other, :, : 2 * BLOCK_SIZE], cache.keys[0][row, :, : 2 * BLOCK_SIZE])
+    assert cache.length(other) == 2 * BLOCK_SIZE
+    cache.release(row)
+    cache.release(other)
+    again = cache.allocate(0)  # the emptiest or least recently used among the low rows: ``row``, freed first
+    assert again == row and cache.length(again) == 0
+    assert cache.find_prefix(prompt).row == other  # its copy still holds the prefix
+
+
+def test_buckets_and_tiers_cover_every_size():
+    assert row_buckets(1) == [1]
+    assert row_buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert row_buckets(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert column_tiers(2048) == [128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
+    assert column_tiers(100, smallest=16) == [16, 24, 32, 48, 64, 96, 100]
+
+
+def test_a_cache_that_does_not_fit_is_refused_with_its_size():
+    shape = CacheShape(layers=2, kv_heads=1, head_dim=16, dtype=torch.float32)
+    with pytest.raises(MemoryError, match=r"needs 16384\.00 GiB \(65536 rows x 1048576 tokens x 256 bytes\)"):
+        KVCache(shape, 2**16, 2**20, [torch.device("cpu")] * 2)
+
+
+# -- the forward pass ------------------------------------------------------------------------------------------------
+def test_the_cache_holds_the_checkpoints_kv_heads(model_dir):
+    engine = reserved_engine(model_dir, rows=2)
+    config = engine.model.config
+    kv_heads = config.num_kv_heads if config.new_decoder_architecture else 1
+    assert engine.cache.keys[0].shape == (3, kv_heads, config.max_position_embeddings,
+                                          config.hidden_size // config.num_attention_heads)
+    assert len(engine.cache.keys) == config.num_hidden_layers
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 512])
+def test_chunked_prefill_and_decode_give_transformers_tokens(model_dir, chunk):
+    engine = reserved_engine(model_dir, rows=2)
+    prompt = engine.encode("A longer prompt, with more tokens than the others have, and then some more")
+    expected = hf_greedy(engine.model, prompt, max_new_tokens=16)
+    for start in range(0, len(prompt), chunk):
+        last = start + chunk >= len(prompt)
+        logits = engine.step([], [(1, prompt[start:start + chunk], last)])
+    tokens = [int(logits.argmax(-1)[0])]
+    while len(tokens) < len(expected) and tokens[-1] != 11:  # until transformers' length, or eos
+        tokens.append(int(engine.step([(1, tokens[-1])]).argmax(-1)[0]))
+    assert tokens == expected[:len(tokens)] and len(tokens) > 5
+
+
+def test_joining_and_leaving_move_nobody_elses_keys(model_dir):
+    engine = reserved_engine(model_dir, rows=4)
+    cache = engine.cache
+    buffers = [buffer.data_ptr() for buffer in cache.keys + cache.values]
+    running = engine.encode("The quick brown fox")
+    token = int(engine.step([], [(0, running, True)]).argmax(-1)[0])
+    for _ in range(3):
+        token = int(engine.step([(0, token)]).argmax(-1)[0])
+    before = [layer[0, :, : cache.length(0)].clone() for layer in cache.keys + cache.values]
+
+    newcomer = engine.encode("Hello there, newcomer")
+    logits = engine.step([(0, token)], [(2, newcomer, True)])  # joins in row 2 while row 0 decodes
+    engine.step([(0, int(logits[0].argmax())), (2, int(logits[1].argmax()))])
+    cache.release(2)  # and leaves
+
+    after = [layer[0, :, : len(running) + 3] for layer in cache.keys + cache.values]
+    assert all(torch.equal(b, a) for b, a in zip(before, after))
+    assert [buffer.data_ptr() for buffer in cache.keys + cache.values] == buffers  # never reallocated
+
+
+# -- through the batcher ---------------------------------------------------------------------------------------------
+def test_mixed_batches_joining_mid_flight_give_transformers_tokens(model_dir):
+    engine = reserved_engine(model_dir, rows=4)
+    jobs = [make_job(engine, p, do_sample=False, max_new_tokens=10 + 3 * i, min_new_tokens=10 + 3 * i)
+            for i, p in enumerate(PROMPTS)]
+    results = run(engine, jobs, max_batch_size=4, stagger_s=0.01, max_prefill_tokens=8)
+    expected = [hf_greedy(engine.model, list(job.prompt_ids), max_new_tokens=len(generated(r)[0]),
+                          min_new_tokens=len(generated(r)[0])) for job, r in zip(jobs, results)]
+    assert [generated(r)[0] for r in results] == expected
+
+
+def test_a_reused_prefix_gives_the_same_tokens_and_skips_its_computation(tiny_dirs):
+    engine = reserved_engine(tiny_dirs["7b"], rows=4)
+    base = "The quick brown fox jumps over the lazy dog. " * 6
+    first = make_job(engine, base, do_sample=False, max_new_tokens=8)
+    longer = [make_job(engine, base + "And then", do_sample=False, max_new_tokens=8),
+              make_job(engine, base + "And then", seed=3, max_new_tokens=8, top_k=50)]
+    cold = [generated(r) for r in run(reserved_engine(tiny_dirs["7b"], rows=4), longer)]
+
+    computed = []
+    real_step = engine.step
+    engine.step = lambda decode, chunks=(): computed.append(sum(len(t) for _, t, _ in chunks)) or real_step(
+        decode, chunks)
+    run(engine, [first])
+    computed.clear()
+    warm = [generated(r) for r in run(engine, longer)]
+    assert warm == cold
+    assert sum(computed) < len(longer[0].prompt_ids)  # the shared prefix was copied, not computed
+
+
+def test_several_sequences_share_their_prompts_prefill(tiny_dirs):
+    engine = reserved_engine(tiny_dirs["40b"], rows=8)
+    computed = []
+    real_step = engine.step
+    engine.step = lambda decode, chunks=(): computed.append(sum(len(t) for _, t, _ in chunks)) or real_step(
+        decode, chunks)
+    job = make_job(engine, "Hello, this is a prompt of a few tokens", seed=4, max_new_tokens=12,
+                   num_return_sequences=4, top_k=50)
+    result = run(engine, [job])[0]
+    assert sum(computed) == len(job.prompt_ids)
+    assert len({tuple(seq) for seq in generated(result)}) > 1
+
+
+def test_requests_wait_for_free_rows(tiny_dirs):
+    engine = reserved_engine(tiny_dirs["7b"], rows=2)
+    jobs = [make_job(engine, p, do_sample=False, max_new_tokens=6) for p in PROMPTS]
+    crowded = [generated(r) for r in run(engine, jobs, max_batch_size=32)]
+    assert crowded == [generated(run(engine, [job])[0]) for job in jobs]
+
+
+def test_seeded_sampling_is_the_same_alone_batched_and_chunked(tiny_dirs):
+    engine = reserved_engine(tiny_dirs["40b"], rows=8)
+    seeded = make_job(engine, PROMPTS[2], seed=7, max_new_tokens=16, top_k=50)
+    alone = generated(run(engine, [seeded])[0])
+    crowd = [make_job(engine, p, max_new_tokens=16, temperature=0.7) for p in PROMPTS]
+    assert generated(run(engine, crowd[:2] + [seeded] + crowd[2:], max_prefill_tokens=3)[2]) == alone
+
+
+def test_after_a_failed_step_the_cache_serves_new_requests(tiny_dirs):
+    engine = reserved_engine(tiny_dirs["7b"], rows=4)
+    expected = run(engine, [make_job(engine, p, do_sample=False, max_new_tokens=12) for p in PROMPTS[:3]])
+    real_step, failed = engine.step, []
+
+    def step(decode, chunks=()):
+        if len(decode) == 3 and not chunks and not failed:  # a decode step of all three: it fails them all
+            failed.append(True)
+            raise RuntimeError("injected fault")
+        return real_step(decode, chunks)
+
+    engine.step = step
+
+    async def main():
+        batcher = Batcher(engine, max_batch_size=4)
+        batcher.start()
+        doomed = [batcher.submit(make_job(engine, p, do_sample=False, max_new_tokens=30)) for p in PROMPTS[:3]]
+        failures = await asyncio.gather(*(t.result() for t in doomed), return_exceptions=True)
+        later = [batcher.submit(make_job(engine, p, do_sample=False, max_new_tokens=12)) for p in PROMPTS[:3]]
+        results = await asyncio.gather(*(t.result() for t in later))
+        batcher.close()
+        return failures, results
+
+    failures, results = asyncio.run(main())
+    assert all(isinstance(f, GenerationFailed) for f in failures)
+    assert [generated(r) for r in results] == [generated(r) for r in expected]
+    assert engine.cache.free_rows == 4
+
+
+def test_a_failed_preparation_fails_the_start(tiny_dirs):
+    engine = reserved_engine(tiny_dirs["7b"], rows=2)
+
+    def prepare():
+        raise RuntimeError("no room for the graphs")
+
+    batcher = Batcher(engine, prepare=prepare)
+    with pytest.raises(RuntimeError, match="no room for the graphs"):
+        batcher.start()
+
+    async def submit():
+        return batcher.submit(make_job(engine, "Hello"))
+
+    with pytest.raises(Draining):
+        asyncio.run(submit())
+
+
+# -- compiled ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["7b", "40b"])
+def test_compiled_steps_give_each_request_the_eager_tokens(arch, tiny_dirs):
+    """Greedy and seeded sampled requests, joining one by one, through the batcher on a compiled engine."""
+    options = [dict(do_sample=False, max_new_tokens=20 + 3 * i) for i in range(len(PROMPTS))]
+    options[1] = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9, max_new_tokens=25, seed=3)
+    options[4] = dict(do_sample=True, temperature=1.3, max_new_tokens=30, seed=11)
+    eager = reserved_engine(tiny_dirs[arch], rows=4)
+    expected = run(eager, [make_job(eager, p, **dict(o)) for p, o in zip(PROMPTS, options)], stagger_s=0.02)
+
+    compiled = reserved_engine(tiny_dirs[arch], rows=0)
+    compiled.reserve(4, compile=True, smallest_tier=64)
+    progress = []
+    got = run(compiled, [make_job(compiled, p, **dict(o)) for p, o in zip(PROMPTS, options)], max_batch_size=4,
+              stagger_s=0.02, prepare=lambda: compiled.warm_up(lambda done, total: progress.append((done, total))))
+    shapes = len(compiled.compiled_shapes)
+    assert progress[-1] == (shapes, shapes) and shapes == 3 * len(column_tiers(2048, 64))
+    assert [generated(r) for r in got] == [generated(r) for r in expected]
+
+
+def test_compile_flag_serves_the_same_text_over_http(start_server, tiny_dirs, tiny_server):
+    server = start_server(tiny_dirs["7b"], "--compile", "--max_batch_size", "4")
+    assert "Compiled the decode step" in server.log() and "Compiled 1 of" in server.log()
+    bodies = [{"prompt": prompt, "generate_kwargs": {"do_sample": False, "max_new_tokens": 12 + i}}
+              for i, prompt in enumerate(["Hello", "The quick brown fox", "x", "Return the list of", "a b c d e"])]
+    bodies.append({"prompt": "Once", "seed": 5, "generate_kwargs": {"do_sample": True, "max_new_tokens": 16}})
+
+    def answers(url):
+        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+            responses = list(pool.map(lambda body: httpx.post(f"{url}/chat", json=body, timeout=60), bodies))
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+        return [r.json() for r in responses]
+
+    assert answers(server.url) == answers(tiny_server.url)
+
+
+def test_start_up_logs_the_cache_and_a_budget_too_small_is_refused(start_server, tiny_dirs, tiny_server):
+    log = tiny_server.log()
+    assert "KV cache: 256 bytes per token (2 layers x 1 K/V heads x 16)" in log
+    assert "KV cache reserved: 32 rows x 2048 tokens, 16 MiB" in log
+    small = start_server(tiny_dirs["7b"], "--kv_cache_memory", "0.001", wait=False)
+    assert small.process.wait(timeout=120) != 0
+    assert "raise --kv_cache_memory or lower --max_num_return_sequences" in small.log()
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_compiled_step_gives_the_same_tokens(tiny_dirs):
+    """In bf16 eager and compiled kernels can round differently, so greedy tokens are compared in float32."""
+    options = [dict(do_sample=False, max_new_tokens=24 + 4 * i) for i in range(4)]
+    eager = reserved_engine(tiny_dirs["7b"], rows=4, device="cuda", dtype="float32")
+    expected = run(eager, [make_job(eager, p, **o) for p, o in zip(PROMPTS, options)], stagger_s=0.02)
+    compiled = reserved_engine(tiny_dirs["7b"], rows=0, device="cuda", dtype="float32")
+    compiled.reserve(4, compile=True)
+    got = run(compiled, [make_job(compiled, p, **o) for p, o in zip(PROMPTS, options)], max_batch_size=4,
+              stagger_s=0.02, prepare=compiled.warm_up)
+    assert compiled.cache.keys[0].device.type == "cuda"
+    assert [generated(r) for r in got] == [generated(r) for r in expected]
