@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .engine.options import Limits
+from .logs import LOG_FORMATS
 from .variants import find_variant
 
 DEMO_MODEL_NAME = "falcon-tiny-demo"
@@ -35,6 +36,7 @@ class ServerConfig:
     log_prompts: bool
     load_in_8bit: bool
     compile: bool  # static KV cache and a compiled decode step
+    log_format: str  # "text" or "json" (one object per line); either way each line names its request
 
     @property
     def is_demo(self) -> bool:
@@ -106,6 +108,12 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     security.add_argument("--log_prompts", action=argparse.BooleanOptionalAction, default=False,
                           help="log prompts and generated text (off: they may hold personal data)")
 
+    logging_group = parser.add_argument_group("logging")
+    logging_group.add_argument("--log_format", default="text", choices=LOG_FORMATS,
+                               help="text lines, or one JSON object per line (time, level, logger, request_id, "
+                                    "message) for a log collector; every line about a request names its id "
+                                    "(the client's X-Request-ID, else a new one)")
+
 
 def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
     """Parse the command line (``sys.argv`` when ``argv`` is None) into a ``ServerConfig``."""
@@ -134,5 +142,5 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_queue=args.max_queue, request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
         drain_timeout_s=args.drain_timeout, dead_after_s=args.dead_after,
         api_key=args.api_key or os.environ.get("PREDICTOR_API_KEY") or None, log_prompts=args.log_prompts,
-        load_in_8bit=args.load_in_8bit, compile=args.compile)
+        load_in_8bit=args.load_in_8bit, compile=args.compile, log_format=args.log_format)
 
