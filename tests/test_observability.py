@@ -15,8 +15,14 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from scale_checks import dashboard_queries, exported_families, load_dashboard, series_names, unexported, \
-    with_kv_cache_metrics
+from scale_checks import (
+    dashboard_queries,
+    exported_families,
+    load_dashboard,
+    series_names,
+    unexported,
+    with_kv_cache_metrics,
+)
 
 from predictor.api.tracing import MAX_REQUEST_ID_LENGTH, request_id_from
 
@@ -204,4 +210,4 @@ def test_request_id_from_keeps_safe_ids_and_replaces_the_rest() -> None:
     assert request_id_from(b"abc-123_X.y:z") == "abc-123_X.y:z"
     assert request_id_from(b"a\nb") == "a_b"
     assert request_id_from(b"x" * 1000) == "x" * MAX_REQUEST_ID_LENGTH
-    assert len(request_id_from(None)) == 32 and len(request_id_from(b"\n\n")) == 32
+    assert len(request_id_from(None)) == 32 and len(request_id_from(b"\n\n")) == 32 and request_id_from(b"_") != "_"

@@ -16,12 +16,13 @@ from ..logs import REQUEST_ID
 HEADER = b"x-request-id"
 MAX_REQUEST_ID_LENGTH = 128
 _UNSAFE = re.compile(r"[^A-Za-z0-9._:-]")
+_NAMES_SOMETHING = re.compile(r"[A-Za-z0-9]")
 
 
 def request_id_from(sent: bytes | None) -> str:
     """The id to use for a request whose ``X-Request-ID`` header was ``sent`` (None: none was)."""
-    text = _UNSAFE.sub("_", (sent or b"").decode("latin-1")[:MAX_REQUEST_ID_LENGTH]).strip("_")
-    return text or uuid.uuid4().hex
+    text = _UNSAFE.sub("_", (sent or b"").decode("latin-1")[:MAX_REQUEST_ID_LENGTH])
+    return text if _NAMES_SOMETHING.search(text) else uuid.uuid4().hex  # an id of only "_" would name nothing
 
 
 def current_request_id() -> str:
@@ -29,7 +30,8 @@ def current_request_id() -> str:
 
 
 class RequestIdMiddleware:
-    """ASGI middleware, outermost: sets the request's id for everything inside it and adds the response header."""
+    """ASGI middleware around this server's guards and routes: sets the request's id for everything inside it and
+    adds the response header."""
 
     def __init__(self, app) -> None:
         self.app = app
