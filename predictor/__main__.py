@@ -12,6 +12,7 @@ import threading
 import warnings
 
 from .config import parse_config
+from .logs import name_requests
 
 logger = logging.getLogger("predictor")
 
@@ -27,6 +28,7 @@ def main() -> None:
     install(model_server.app, model, config)
     server = FalconModelServer(model, config.drain_timeout_s, http_port=config.http_port, workers=1)
     _log_like_kserve()
+    name_requests(("kserve", "kserve.trace", "uvicorn", "uvicorn.access", "predictor"), config.log_format)
     if model_server.args.workers != 1:
         # More uvicorn workers would each load a copy of the model and lose the routes added here.
         logger.warning("--workers %d ignored: one process serves; batching uses the accelerator fully",

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .engine.options import Limits
+from .logs import LOG_FORMATS
 from .variants import find_variant
 
 DEMO_MODEL_NAME = "falcon-tiny-demo"
@@ -37,6 +38,7 @@ class ServerConfig:
     compile: bool  # a compiled decode step over static shapes
     kv_cache_memory_gib: float | None  # None: derived from the free memory
     max_prefill_tokens: int  # prompt tokens one step computes
+    log_format: str  # "text" or "json" (one object per line); either way each line names its request
 
     @property
     def is_demo(self) -> bool:
@@ -117,6 +119,12 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     security.add_argument("--log_prompts", action=argparse.BooleanOptionalAction, default=False,
                           help="log prompts and generated text (off: they may hold personal data)")
 
+    logging_group = parser.add_argument_group("logging")
+    logging_group.add_argument("--log_format", default="text", choices=LOG_FORMATS,
+                               help="text lines, or one JSON object per line (time, level, logger, request_id, "
+                                    "message) for a log collector; every line about a request names its id "
+                                    "(the client's X-Request-ID, else a new one)")
+
 
 def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
     """Parse the command line (``sys.argv`` when ``argv`` is None) into a ``ServerConfig``."""
@@ -146,5 +154,5 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         drain_timeout_s=args.drain_timeout, dead_after_s=args.dead_after,
         api_key=args.api_key or os.environ.get("PREDICTOR_API_KEY") or None, log_prompts=args.log_prompts,
         load_in_8bit=args.load_in_8bit, compile=args.compile, kv_cache_memory_gib=args.kv_cache_memory,
-        max_prefill_tokens=args.max_prefill_tokens)
+        max_prefill_tokens=args.max_prefill_tokens, log_format=args.log_format)
 

@@ -1,4 +1,10 @@
-"""Prometheus metrics, served by KServe's ``GET /metrics`` from the default registry."""
+"""Prometheus metrics, served by KServe's ``GET /metrics`` from the default registry.
+
+Names follow vLLM's where a cluster's tooling reads them (the Gateway API Inference Extension's model server
+protocol: the names may differ, the types and meanings may not). The README's "Metrics" table maps each one to
+its vLLM counterpart. The request-level ones are recorded by the engine's ``Ticket``, which every route's request
+passes through, streamed or not.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +12,36 @@ from prometheus_client import Counter, Gauge, Histogram
 
 _TOKEN_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _SECOND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Time per output token: decode steps are ~1 ms (tiny model on a CPU) to ~100 ms (falcon-40b over two GPUs).
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 
 REQUESTS = Counter("falcon_requests_total", "Generation requests by route and outcome "
                    "(success, cancelled, overloaded, or the error type)", ["route", "outcome"])
+
+# -- per request, observed once it is answered ------------------------------------------------------------------
 QUEUE_SECONDS = Histogram("falcon_queue_seconds", "Time a request waited before generation started",
                           buckets=_SECOND_BUCKETS)
 GENERATION_SECONDS = Histogram("falcon_generation_seconds", "Time spent generating for a request",
                                buckets=_SECOND_BUCKETS)
-PROMPT_TOKENS = Histogram("falcon_prompt_tokens", "Prompt tokens per request", buckets=_TOKEN_BUCKETS)
-GENERATED_TOKENS = Histogram("falcon_generated_tokens", "Generated tokens per request (all sequences)",
-                             buckets=_TOKEN_BUCKETS)
+TIME_TO_FIRST_TOKEN = Histogram("falcon_time_to_first_token_seconds",
+                                "Time from a request's arrival at the engine to its first generated token",
+                                buckets=_SECOND_BUCKETS)
+TIME_PER_OUTPUT_TOKEN = Histogram("falcon_time_per_output_token_seconds",
+                                  "Mean time between a request's generated tokens after the first (not observed "
+                                  "for beam search, whose tokens all arrive at the end)", buckets=_STEP_BUCKETS)
+E2E_SECONDS = Histogram("falcon_e2e_request_latency_seconds",
+                        "Time from a request's arrival at the engine to its answer", buckets=_SECOND_BUCKETS)
+REQUEST_PROMPT_TOKENS = Histogram("falcon_request_prompt_tokens", "Prompt tokens per request",
+                                  buckets=_TOKEN_BUCKETS)
+REQUEST_GENERATION_TOKENS = Histogram("falcon_request_generation_tokens",
+                                      "Generated tokens per request (all sequences)", buckets=_TOKEN_BUCKETS)
+PROMPT_TOKENS = Counter("falcon_prompt_tokens_total", "Prompt tokens of the requests answered")
+GENERATION_TOKENS = Counter("falcon_generation_tokens_total", "Tokens generated for the requests answered")
+
+# -- the engine now ---------------------------------------------------------------------------------------------
 WAITING = Gauge("falcon_waiting_requests", "Requests queued for a batch slot")
 RUNNING = Gauge("falcon_running_sequences", "Sequences in the running batch")
+RUNNING_REQUESTS = Gauge("falcon_running_requests", "Requests being generated (each may have several sequences)")
 KV_CACHE_USAGE = Gauge("falcon_kv_cache_usage_ratio", "Share of the reserved KV cache (tokens) that running "
                        "sequences hold, 0-1")
 CACHE_CONFIG = Gauge("falcon_cache_config_info", "The KV cache's layout: block size of the prefix index (tokens) "

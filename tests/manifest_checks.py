@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import kubernetes_validate
 from kubernetes.utils import parse_quantity
 
 from predictor.config import ServerConfig, build_parser, parse_config
@@ -24,6 +25,8 @@ MANIFESTS = ROOT / "inferenceservices"
 SCHEMA_DIR = MANIFESTS / "schemas"  # copied into the repository: see its README
 MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts the weights
 GIB = 2**30
+# Core kinds (Deployment, Service, RBAC, ...) are checked by kubernetes-validate's schemas of this release.
+KUBERNETES_VERSION = "1.32"
 # A startup probe must allow a falcon-40b load from disk (10+ minutes on ordinary volumes) twice over.
 LOAD_BUDGET_S = 20 * 60
 # Eager transformers decode, seconds per token at batch 1: ~3.6x the memory-bandwidth floor (4.6 ms for 7B on one
@@ -89,6 +92,8 @@ def validators() -> dict[tuple[str, str], jsonschema.Draft7Validator]:
 
 def schema_problems(doc: Doc) -> list[str]:
     validator = validators().get((doc.get("apiVersion"), doc.get("kind")))
+    if validator is None and is_core_kind(doc):
+        return core_problems(doc)
     if validator is None:
         return [f"no schema for {doc.get('apiVersion')} {doc.get('kind')}"]
     problems = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(doc)]
@@ -98,6 +103,23 @@ def schema_problems(doc: Doc) -> list[str]:
     problems += [f"metadata.{field}.{key}: values must be strings" for field in ("labels", "annotations")
                  for key, value in metadata.get(field, {}).items() if not isinstance(value, str)]
     return problems if metadata.get("name") else problems + ["metadata.name: required"]
+
+
+def is_core_kind(doc: Doc) -> bool:
+    """A kind Kubernetes itself serves: the core group ("v1") or one of its own groups (apps, rbac...k8s.io)."""
+    group = doc.get("apiVersion", "").rpartition("/")[0]
+    return "." not in group or group in {"rbac.authorization.k8s.io", "networking.k8s.io", "policy"}
+
+
+def core_problems(doc: Doc) -> list[str]:
+    """Strict validation (unknown keys refused) against Kubernetes' own schema; the first problem found."""
+    try:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        return [f"{'.'.join(map(str, exc.absolute_path)) or '<root>'}: {exc.message}"]
+    except kubernetes_validate.SchemaNotFoundError:
+        return [f"no schema for {doc.get('apiVersion')} {doc.get('kind')}"]
+    return []
 
 
 # ---- what KServe's webhook checks ----------------------------------------------------------------------------------

@@ -44,8 +44,14 @@ def load_docs(paths: list[Path]) -> list[Doc]:
 
 
 def resource_files() -> list[Path]:
-    """Every Kubernetes resource in inferenceservices/ (kustomization files are kustomize's input, not resources)."""
-    return sorted(p for p in MANIFESTS.rglob("*.yaml") if p.name != "kustomization.yaml")
+    """Every file of Kubernetes resources in inferenceservices/: what a kustomization lists as its resources (its
+    patches are fragments, checked once kustomize has applied them)."""
+    files = set()
+    for kustomization in MANIFESTS.rglob("kustomization.yaml"):
+        for entry in yaml.safe_load(kustomization.read_text()).get("resources", []):
+            if (kustomization.parent / entry).is_file():
+                files.add((kustomization.parent / entry).resolve())
+    return sorted(files)
 
 
 def base_files() -> list[Path]:

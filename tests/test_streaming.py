@@ -199,7 +199,7 @@ def test_an_error_mid_stream_is_an_event_then_done(tokenizer):
     events = asyncio.run(run())
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2]) == {"error": "the accelerator ran out of memory for this batch",
-                                      "error_type": "generation_failed"}
+                                      "error_type": "generation_failed", "request_id": "-"}  # outside a request
 
 
 # -- POST /chat with "stream": true against a server ------------------------------------------------------------

@@ -50,6 +50,7 @@ from .model import FalconModel
 from .openai_schema import ChatCompletionRequest, CompletionRequest, GenerationFields, parse_openai_request
 from .schema import ChatRequest, decode_json_body, parse_chat_request
 from .streaming import TextDelta, sse_response, stream_text, unless_disconnected
+from .tracing import current_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -274,4 +275,4 @@ def openai_error_body(exc: PredictorError, prompt_param: str = "prompt") -> dict
     kind = {401: "authentication_error", 429: "rate_limit_error"}.get(
         exc.status, "invalid_request_error" if exc.status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": names.get(exc.param, exc.param),
-                      "code": exc.error_type}}
+                      "code": exc.error_type}, "request_id": current_request_id()}

@@ -2,9 +2,11 @@
 
 Every ``PredictorError`` becomes a JSON response here and nowhere else::
 
-    {"detail": "...", "error": "...", "error_type": "invalid_request", "param": "generate_kwargs.top_p"}
+    {"detail": "...", "error": "...", "error_type": "invalid_request", "param": "generate_kwargs.top_p",
+     "request_id": "..."}
 
-``detail`` is what the Falcon /chat clients read; ``error``/``error_type`` follow text-generation-inference.
+``detail`` is what the Falcon /chat clients read; ``error``/``error_type`` follow text-generation-inference;
+``request_id`` is the request's id, also in the ``X-Request-ID`` response header and in its log lines (``tracing``).
 The OpenAI-compatible routes (``openai_api``) answer the same errors in OpenAI's shape.
 """
 
@@ -28,6 +30,7 @@ from .model import Completion, FalconModel
 from .openai_api import install_openai_routes
 from .schema import decode_json_body, parse_chat_request
 from .streaming import stream_chat, unless_disconnected
+from .tracing import RequestIdMiddleware, current_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
     """Add this server's routes, guards and error handlers to KServe's app (before the server starts)."""
     app.add_exception_handler(PredictorError, predictor_error_handler)
     app.add_middleware(RequestGuard, max_body_bytes=config.max_body_bytes, api_key=config.api_key)
+    app.add_middleware(RequestIdMiddleware)  # added last, so outermost: the guard's refusals carry the id too
 
     @app.post("/chat", tags=["falcon"], summary="Generate text for a prompt (the Falcon /chat API)")
     async def chat(request: Request) -> Any:
@@ -101,7 +105,8 @@ async def predictor_error_handler(_: Request, exc: PredictorError) -> JSONRespon
 def error_response(exc: PredictorError) -> JSONResponse:
     if exc.status >= 500:
         logger.error("%s: %s", exc.error_type, exc.message)
-    body = {"detail": exc.message, "error": exc.message, "error_type": exc.error_type, "param": exc.param}
+    body = {"detail": exc.message, "error": exc.message, "error_type": exc.error_type, "param": exc.param,
+            "request_id": current_request_id()}
     return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
 

@@ -40,6 +40,7 @@ from ..engine.runner import PROMPT_CONTEXT_TOKENS
 from ..engine.tickets import Ticket, TokenEvent
 from ..errors import PredictorError
 from .model import Completion, FalconModel
+from .tracing import current_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ async def _chat_payloads(model: FalconModel, job: GenerationJob, ticket: Ticket)
 
 
 def _chat_error(exc: PredictorError) -> dict[str, Any]:
-    return {"error": exc.message, "error_type": exc.error_type}
+    return {"error": exc.message, "error_type": exc.error_type, "request_id": current_request_id()}
 
 
 def sse_response(payloads: AsyncIterator[Any], route: str,

@@ -1,6 +1,7 @@
 """A submitted request as both sides see it: the client awaits a ``Ticket`` on the event loop while the batcher's
 worker threads fill it in; the plain records it resolves with (``GenerationResult``, ``SequenceOutput``) and the
-events it streams (``TokenEvent``).
+events it streams (``TokenEvent``). Every route's request passes through a ticket, so the request-level Prometheus
+metrics (time to first token, time per output token, latency, token counts) are recorded here.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ class Ticket:
         self.job = job
         self.time_budget_s = time_budget_s
         self.submitted_at = time.monotonic()
-        self.started_at: float | None = None
+        self._started_at: float | None = None
+        self.first_token_at: float | None = None
+        self._running = False  # counted in falcon_running_requests
         self._loop = loop
         self._future: asyncio.Future[GenerationResult] = loop.create_future()
         self._events: asyncio.Queue[TokenEvent] | None = asyncio.Queue() if stream else None
@@ -89,6 +92,23 @@ class Ticket:
         return self._cancelled.is_set()
 
     # -- the worker's side -----------------------------------------------------------------------------------
+    @property
+    def started_at(self) -> float | None:
+        return self._started_at
+
+    @started_at.setter
+    def started_at(self, when: float) -> None:
+        """The worker took the request into a batch: it counts as running until it is resolved or fails."""
+        if self._started_at is None:
+            self._running = True
+            metrics.RUNNING_REQUESTS.inc()
+        self._started_at = when
+
+    def _stop_running(self) -> None:
+        if self._running:  # once: a request in a step that fails after its prefill failed is failed twice
+            self._running = False
+            metrics.RUNNING_REQUESTS.dec()
+
     def out_of_time(self) -> bool:
         return self.started_at is not None and time.monotonic() - self.started_at > self.time_budget_s
 
@@ -96,6 +116,8 @@ class Ticket:
         return self.cancelled or self.out_of_time()
 
     def emit(self, event: TokenEvent) -> None:
+        if self.first_token_at is None and event.token_id is not None:
+            self.first_token_at = time.monotonic()
         if self._events is not None:
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
 
@@ -104,19 +126,32 @@ class Ticket:
         started = self.started_at or now
         result = GenerationResult(tuple(sequences), len(self.job.prompt_ids), started - self.submitted_at,
                                   now - started)
-        _record(result)
+        self._record(result, now)
         self._loop.call_soon_threadsafe(_settle, self._future, result, None)
 
     def fail(self, error: BaseException) -> None:
+        self._stop_running()
         self._loop.call_soon_threadsafe(_settle, self._future, None, error)
 
-
-def _record(result: GenerationResult) -> None:
-    """Every route's requests feed the same Prometheus histograms."""
-    metrics.QUEUE_SECONDS.observe(result.queue_seconds)
-    metrics.GENERATION_SECONDS.observe(result.generation_seconds)
-    metrics.PROMPT_TOKENS.observe(result.prompt_tokens)
-    metrics.GENERATED_TOKENS.observe(sum(len(seq.token_ids) for seq in result.sequences))
+    def _record(self, result: GenerationResult, now: float) -> None:
+        """Every route's requests feed the same Prometheus metrics, here where each one is answered."""
+        metrics.QUEUE_SECONDS.observe(result.queue_seconds)
+        metrics.E2E_SECONDS.observe(now - self.submitted_at)
+        self._stop_running()
+        if self._started_at is None:  # cancelled while it waited: nothing was generated
+            return
+        metrics.GENERATION_SECONDS.observe(result.generation_seconds)
+        generated = sum(len(seq.token_ids) for seq in result.sequences)
+        metrics.REQUEST_PROMPT_TOKENS.observe(result.prompt_tokens)
+        metrics.REQUEST_GENERATION_TOKENS.observe(generated)
+        metrics.PROMPT_TOKENS.inc(result.prompt_tokens)
+        metrics.GENERATION_TOKENS.inc(generated)
+        if self.first_token_at is None:
+            return
+        metrics.TIME_TO_FIRST_TOKEN.observe(self.first_token_at - self.submitted_at)
+        longest = max(len(seq.token_ids) for seq in result.sequences)
+        if longest > 1 and not self.job.options.uses_beams:
+            metrics.TIME_PER_OUTPUT_TOKEN.observe((now - self.first_token_at) / (longest - 1))
 
 
 def _settle(future: asyncio.Future, result: GenerationResult | None, error: BaseException | None) -> None:
