@@ -18,7 +18,7 @@ import torch
 from loadgen import closed_loop, start_server, stop_server
 
 WARM_UP_TOKENS = 4  # a short generation at each new batch shape before it is timed
-MARGIN_S = 5.0  # a point is skipped when less than this is left of the stage's time box
+MARGIN_S = 5.0  # a point is skipped unless this long, or 1.5x the last point, is left of the stage's time box
 
 
 # -- the direct side -------------------------------------------------------------------------------------------
@@ -57,17 +57,19 @@ def direct(plan, model_plan, model_dir: Path, record, deadline: float) -> None:
             seconds = median_of(plan.repeats, lambda ids=ids: timed_generate(model, ids, 1, pad))
             rows.append(dict(prompt_tokens=len(ids[0]), ms=1000 * seconds))
             record["ttft"] = rows
-    rows, skipped = [], []
+    rows, skipped, last_s = [], [], 0.0
     for batch in model_plan.concurrency:
-        if time.monotonic() > deadline - MARGIN_S:
+        if not _time_for(deadline, last_s):
             skipped.append(batch)
             record["skipped_for_time"] = dict(batches=skipped)
             continue
+        started = time.monotonic()
         ids = [encode(p) for p in prompts[:batch]]
         timed_generate(model, ids, WARM_UP_TOKENS, pad)
         seconds = timed_generate(model, ids, model_plan.new_tokens, pad)
         rows.append(dict(batch=batch, seconds=seconds, tokens_per_s=batch * model_plan.new_tokens / seconds))
         record["throughput"] = rows
+        last_s = time.monotonic() - started
 
 
 def kv_cache_size(model, device: str) -> dict[str, Any]:
@@ -163,16 +165,18 @@ def _measure_server(plan, model_plan, url: str, encode: Callable[[str], list[int
                 seconds = median_of(plan.repeats, lambda prompt=prompt: chat(client, prompt, 1))
                 rows.append(dict(prompt_tokens=len(encode(prompt)), ms=1000 * seconds))
                 record["ttft"] = rows
-    rows, skipped = [], []
+    rows, skipped, last_s = [], [], 0.0
     for workers in concurrency:
-        if time.monotonic() > deadline - MARGIN_S:
+        if not _time_for(deadline, last_s):
             skipped.append(workers)
             record["skipped_for_time"] = dict(concurrency=skipped)
             continue
+        started = time.monotonic()
         asyncio.run(closed_loop(url, prompts, workers, WARM_UP_TOKENS, 1, 0.0))
         load = asyncio.run(closed_loop(url, prompts, workers, model_plan.new_tokens, plan.requests_per_worker, 0.0))
         rows.append(dict(concurrency=workers, **load))
         record["throughput"] = rows
+        last_s = time.monotonic() - started
 
 
 def chat(client: httpx.Client, prompt: str, new_tokens: int) -> float:
@@ -203,6 +207,11 @@ def prompt_of_length(encode: Callable[[str], list[int]], tokens: int) -> str:
         words += words
     count = bisect.bisect_left(range(len(words) + 1), tokens, key=lambda n: len(encode(" ".join(words[:n]))))
     return " ".join(words[:count])
+
+
+def _time_for(deadline: float, last_point_s: float) -> bool:
+    """Whether the next point (a larger batch: longer than the last) can finish within the stage's time box."""
+    return time.monotonic() + max(MARGIN_S, 1.5 * last_point_s) < deadline
 
 
 def median_of(repeats: int, timed: Callable[[], float]) -> float:

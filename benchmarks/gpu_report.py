@@ -124,8 +124,9 @@ def format_throughput(model: str, stages: dict[str, Any]) -> list[str]:
     sizes = sorted(set().union(*by_side.values()))
     if not sizes:
         return []
-    lines = ["", "| sequences | generate() tok/s | server tok/s | server / generate | --compile tok/s "
-             "| --compile / generate |", "|---:|---:|---:|---:|---:|---:|"]
+    header = ("| sequences | generate() tok/s | server tok/s | server / generate | --compile tok/s "
+              "| --compile / generate |")
+    lines = ["", header, "|---:|---:|---:|---:|---:|---:|"]
     for size in sizes:
         direct = by_side["direct"].get(size)
         cells = [_number(direct) if direct else "-"]
