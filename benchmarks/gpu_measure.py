@@ -221,6 +221,7 @@ def median_of(repeats: int, timed: Callable[[], float]) -> float:
 def free_memory(device: str) -> int:
     """Bytes free on the GPU, or (the dry run) available host memory."""
     if device == "cuda":
+        torch.cuda.empty_cache()  # blocks the allocator keeps from loading are free for the KV cache too
         return torch.cuda.mem_get_info()[0]
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
