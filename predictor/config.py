@@ -38,6 +38,7 @@ class ServerConfig:
     compile: bool  # a compiled decode step over static shapes
     kv_cache_memory_gib: float | None  # None: derived from the free memory
     max_prefill_tokens: int  # prompt tokens one step computes
+    prefix_caching: bool  # reuse the KV cache of a prompt's cached prefix
     log_format: str  # "text" or "json" (one object per line); either way each line names its request
 
     @property
@@ -111,6 +112,10 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt tokens computed in one step beside the running sequences' next tokens: a "
                              "longer prompt is computed in chunks over several steps, so running streams never "
                              "wait long for it; larger values reach a long prompt's first token sooner")
+    engine.add_argument("--prefix_caching", action=argparse.BooleanOptionalAction, default=True,
+                        help="a prompt that begins with a prefix the KV cache still holds (an earlier turn of a "
+                             "conversation, a shared system prompt) copies its keys and values instead of "
+                             "computing them again; cached prefixes live in free rows only")
 
     security = parser.add_argument_group("security")
     security.add_argument("--api_key", default=None,
@@ -154,5 +159,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         drain_timeout_s=args.drain_timeout, dead_after_s=args.dead_after,
         api_key=args.api_key or os.environ.get("PREDICTOR_API_KEY") or None, log_prompts=args.log_prompts,
         load_in_8bit=args.load_in_8bit, compile=args.compile, kv_cache_memory_gib=args.kv_cache_memory,
-        max_prefill_tokens=args.max_prefill_tokens, log_format=args.log_format)
+        max_prefill_tokens=args.max_prefill_tokens, prefix_caching=args.prefix_caching,
+        log_format=args.log_format)
 

@@ -19,7 +19,7 @@ from transformers import FalconForCausalLM
 
 from predictor.engine.batcher import Batcher
 from predictor.engine.kv_cache import BLOCK_SIZE, CacheShape, KVCache, column_tiers, row_buckets
-from predictor.errors import Draining, GenerationFailed
+from predictor.errors import Draining, GenerationFailed, Overloaded
 from predictor.tiny import build_tokenizer, tiny_config
 
 PROMPTS = ["The quick brown fox", "Hello", "A longer prompt, with more tokens than the others", "x",
@@ -162,23 +162,29 @@ def test_mixed_batches_joining_mid_flight_give_transformers_tokens(model_dir):
     assert [generated(r)[0] for r in results] == expected
 
 
-def test_a_reused_prefix_gives_the_same_tokens_and_skips_its_computation(tiny_dirs):
-    engine = reserved_engine(tiny_dirs["7b"], rows=4)
+@pytest.mark.parametrize("arch", ["7b", "40b"])
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_a_reused_prefix_gives_the_same_tokens_and_skips_its_computation(tiny_dirs, arch, prefix_caching):
+    engine = reserved_engine(tiny_dirs[arch], rows=4)
     base = "The quick brown fox jumps over the lazy dog. " * 6
     first = make_job(engine, base, do_sample=False, max_new_tokens=8)
     longer = [make_job(engine, base + "And then", do_sample=False, max_new_tokens=8),
               make_job(engine, base + "And then", seed=3, max_new_tokens=8, top_k=50)]
-    cold = [generated(r) for r in run(reserved_engine(tiny_dirs["7b"], rows=4), longer)]
+    cold = [generated(r) for r in run(reserved_engine(tiny_dirs[arch], rows=4), longer)]
 
     computed = []
     real_step = engine.step
     engine.step = lambda decode, chunks=(): computed.append(sum(len(t) for _, t, _ in chunks)) or real_step(
         decode, chunks)
-    run(engine, [first])
+    run(engine, [first], prefix_caching=prefix_caching)
     computed.clear()
-    warm = [generated(r) for r in run(engine, longer)]
+    warm = [generated(r) for r in run(engine, longer, prefix_caching=prefix_caching)]
     assert warm == cold
-    assert sum(computed) < len(longer[0].prompt_ids)  # the shared prefix was copied, not computed
+    prompt = len(longer[0].prompt_ids)
+    if prefix_caching:  # the shared prefix was copied, not computed, for both
+        assert sum(computed) < prompt
+    else:
+        assert sum(computed) == 2 * prompt
 
 
 def test_several_sequences_share_their_prompts_prefill(tiny_dirs):
@@ -192,6 +198,22 @@ def test_several_sequences_share_their_prompts_prefill(tiny_dirs):
     result = run(engine, [job])[0]
     assert sum(computed) == len(job.prompt_ids)
     assert len({tuple(seq) for seq in generated(result)}) > 1
+
+
+def test_beam_requests_have_a_queue_of_their_own(tiny_dirs):
+    engine = reserved_engine(tiny_dirs["7b"], rows=2)
+
+    async def main():
+        batcher = Batcher(engine, max_queue=3, max_beam_queue=1)  # not started: nothing leaves the queues
+        batcher.submit(make_job(engine, "Hello", num_beams=2, do_sample=False, max_new_tokens=2))
+        with pytest.raises(Overloaded, match="1 beam-search requests waiting"):
+            batcher.submit(make_job(engine, "Hello", num_beams=2, do_sample=False, max_new_tokens=2))
+        for _ in range(3):  # ordinary requests still find room
+            batcher.submit(make_job(engine, "Hello", max_new_tokens=2))
+        with pytest.raises(Overloaded):
+            batcher.submit(make_job(engine, "Hello", max_new_tokens=2))
+
+    asyncio.run(main())
 
 
 def test_requests_wait_for_free_rows(tiny_dirs):

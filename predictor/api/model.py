@@ -60,7 +60,8 @@ class FalconModel(kserve.Model):
         self.engine.probe()  # the first request does not pay for lazy initialisation
         self.batcher = Batcher(self.engine, self.config.max_batch_size, self.config.max_queue,
                                self.config.request_timeout_s, prepare=self._compile if self.config.compile else None,
-                               max_prefill_tokens=self.config.max_prefill_tokens)
+                               max_prefill_tokens=self.config.max_prefill_tokens,
+                               prefix_caching=self.config.prefix_caching)
         self.batcher.start()
         metrics.WAITING.set_function(lambda: self.batcher.waiting)
         metrics.RUNNING.set_function(lambda: self.batcher.running_sequences)

@@ -76,7 +76,7 @@ class Batcher:
 
     def __init__(self, engine: Engine, max_batch_size: int = 32, max_queue: int = 128,
                  time_budget_s: float = 300.0, prepare: Callable[[], None] | None = None,
-                 max_prefill_tokens: int = 512, max_beam_queue: int | None = None):
+                 max_prefill_tokens: int = 512, max_beam_queue: int | None = None, prefix_caching: bool = True):
         """``prepare`` runs on the decode thread before it serves, and ``start`` waits for it: work such as
         recording CUDA graphs must happen on the thread that replays them. The engine's KV cache must be reserved
         by then: its rows bound the running sequences along with ``max_batch_size``."""
@@ -88,6 +88,7 @@ class Batcher:
         self.max_queue = max_queue
         self.max_beam_queue = max_beam_queue if max_beam_queue is not None else max(1, max_queue // 8)
         self.max_prefill_tokens = max_prefill_tokens
+        self.prefix_caching = prefix_caching
         self.time_budget_s = time_budget_s
         self._lock = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
@@ -228,9 +229,11 @@ class Batcher:
         """Give a request's sequences their rows; the leader's starts from the longest cached prefix."""
         ticket.started_at = time.monotonic()
         cache, prompt = self.engine.cache, list(ticket.job.prompt_ids)
-        hit = cache.find_prefix(prompt)
-        metrics.PREFIX_CACHE_QUERIES.inc(len(prompt))
-        metrics.PREFIX_CACHE_HITS.inc(hit.tokens if hit else 0)
+        hit = None
+        if self.prefix_caching:
+            hit = cache.find_prefix(prompt)
+            metrics.PREFIX_CACHE_QUERIES.inc(len(prompt))
+            metrics.PREFIX_CACHE_HITS.inc(hit.tokens if hit else 0)
         sequences = []
         for index in range(ticket.job.options.num_return_sequences):
             sampler = make_sampler(ticket.job.options, prompt, index, self.engine.device)
