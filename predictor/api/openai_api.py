@@ -187,9 +187,7 @@ class Reply:
 def install_openai_routes(app: FastAPI, model: FalconModel, prefix: str | None = None) -> None:
     """Add the OpenAI routes under ``{prefix}/v1``; the prefix defaults to KServe's: $KSERVE_OPENAI_ROUTE_PREFIX,
     else ``/openai``. An empty prefix serves ``/v1/models``, in place of KServe's v1 model list."""
-    if prefix is None:
-        prefix = os.environ.get("KSERVE_OPENAI_ROUTE_PREFIX", "/openai")
-    base = f"/{prefix.strip('/')}/v1" if prefix.strip("/") else "/v1"
+    base = openai_base(prefix)
     router = APIRouter(prefix=base, tags=["openai"])
     started = int(time.time())
     completions, chat = CompletionsApi(f"{base}/completions"), ChatCompletionsApi(f"{base}/chat/completions")
@@ -218,6 +216,14 @@ def install_openai_routes(app: FastAPI, model: FalconModel, prefix: str | None =
         return JSONResponse(card())
 
     app.include_router(router)
+
+
+def openai_base(prefix: str | None = None) -> str:
+    """Where the OpenAI routes are: ``{prefix}/v1``, the prefix KServe's ($KSERVE_OPENAI_ROUTE_PREFIX, else
+    ``/openai``) unless given."""
+    if prefix is None:
+        prefix = os.environ.get("KSERVE_OPENAI_ROUTE_PREFIX", "/openai")
+    return f"/{prefix.strip('/')}/v1" if prefix.strip("/") else "/v1"
 
 
 async def create(request: Request, model: FalconModel, api: CompletionsApi) -> Response:
