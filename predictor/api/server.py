@@ -27,6 +27,7 @@ from ..config import SHUTDOWN_AFTER_DRAIN_S, ServerConfig
 from ..errors import BodyTooLarge, Draining, HeadersTooLarge, ModelNotFound, NotFound, PredictorError, Unauthorized, error_body
 from .connections import ConnectionLimits, configure_connections
 from .model import Completion, FalconModel
+from .open_inference import install_open_inference_route
 from .openai_api import install_openai_routes, openai_base, openai_error_response
 from .schema import decode_json_body, parse_chat_request
 from .streaming import stream_chat, unless_disconnected
@@ -38,7 +39,8 @@ OPEN_PATHS = ("/health", "/healthz", "/livez", "/metrics", "/v2/health/", "/docs
 # shutdown) for the answers' last bytes. Both fit in SHUTDOWN_AFTER_DRAIN_S, which the manifests count on.
 STOP_WORKERS_S, SEND_GRACE_S = 5.0, 3
 PREDICT_ROUTE = "/v1/models/{name}:predict"  # the route label in falcon_requests_total
-GENERATION_ROUTES = "POST /chat, POST /v1/models/<name>:predict and the OpenAI routes under /openai/v1/"
+GENERATION_ROUTES = ("POST /chat, POST /v1/models/<name>:predict, POST /v2/models/<name>/infer (Open Inference "
+                     "Protocol) and the OpenAI routes under /openai/v1/")
 
 
 def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
@@ -72,6 +74,7 @@ def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
             return JSONResponse({"status": "Dead", "unhealthy_seconds": round(broken_for)}, status_code=503)
         return JSONResponse({"status": "Alive"})
 
+    install_open_inference_route(app, model)
     install_openai_routes(app, model)
 
 
@@ -185,14 +188,11 @@ def _header_bytes(scope: dict[str, Any]) -> int:
 
 
 def unserved_kserve_route(path: str, query: bytes) -> NotFound | None:
-    """KServe routes this server refuses with a 404 naming what to use instead: they would fail (model versions,
-    explanations and tensor inference are not what a text generator has: KServe answers 501, or 500 or 400 for
-    any infer body) or harm (the model repository's routes would let any client unload the one model served)."""
+    """KServe routes this server refuses with a 404 naming what to use instead: they would fail (a text generator
+    has no model versions or explanations: KServe answers 501) or harm (the model repository's routes would let any
+    client unload the one model served). Unversioned v2 infer is served (``open_inference``)."""
     if path.startswith("/v2/repository/"):
         return NotFound("model repository operations are disabled: this server serves one model, loaded at start-up")
-    if path.startswith("/v2/models/") and path.endswith("/infer"):
-        return NotFound(f"this server does not serve Open Inference Protocol tensors: text generation is served by "
-                        f"{GENERATION_ROUTES}")
     if path.endswith(":explain"):
         return NotFound(f"this server has no explainer: text generation is served by {GENERATION_ROUTES}")
     if path.startswith("/v2/models/") and ("/versions/" in path or "model_version" in parse_qs(query.decode("latin-1"))):
