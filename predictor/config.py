@@ -139,6 +139,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                  "max_batch_size", "max_queue", "max_body_bytes", "max_header_bytes"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag} must be at least 1")
+    if args.header_timeout <= 0:
+        raise SystemExit("--header_timeout must be above 0 seconds")
     return ServerConfig(
         model_name=model_name, model_id=model_id, model_dir=args.model_dir, revision=revision, dtype=args.dtype,
         device=args.device, http_port=args.http_port, limits=limits, max_batch_size=args.max_batch_size,

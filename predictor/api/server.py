@@ -1,4 +1,4 @@
-"""HTTP: the /chat and health routes on KServe's app, request guards, error responses, and graceful drain.
+"""HTTP: the /chat, :predict and health routes on KServe's app, request guards, error responses, and the drain.
 
 Every ``PredictorError`` becomes a JSON response here and nowhere else::
 
@@ -23,8 +23,9 @@ from fastapi.responses import JSONResponse
 from kserve import ModelServer
 
 from .. import metrics
-from ..config import SHUTDOWN_AFTER_DRAIN_S, ServerConfig
-from ..errors import BodyTooLarge, Draining, HeadersTooLarge, ModelNotFound, NotFound, PredictorError, Unauthorized, error_body
+from ..config import ServerConfig
+from ..errors import (BodyTooLarge, Draining, HeadersTooLarge, ModelNotFound, NotFound, PredictorError, Unauthorized,
+                      error_body)
 from .connections import ConnectionLimits, configure_connections
 from .model import Completion, FalconModel
 from .open_inference import install_open_inference_route
@@ -139,8 +140,9 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         path = scope["path"]
         if _header_bytes(scope) > self.max_header_bytes:
-            return await error_response(HeadersTooLarge(f"the request's headers are larger than this server's "
-                                                        f"limit of {self.max_header_bytes} bytes"))(scope, receive, send)
+            too_large = HeadersTooLarge(f"the request's headers are larger than this server's limit of "
+                                        f"{self.max_header_bytes} bytes")
+            return await error_response(too_large)(scope, receive, send)
         headers = dict(scope["headers"])
         if self.api_key is not None and _needs_auth(path) and not self._authorized(headers):
             refusal = Unauthorized("this route needs 'Authorization: Bearer <api key>'")
@@ -195,7 +197,8 @@ def unserved_kserve_route(path: str, query: bytes) -> NotFound | None:
         return NotFound("model repository operations are disabled: this server serves one model, loaded at start-up")
     if path.endswith(":explain"):
         return NotFound(f"this server has no explainer: text generation is served by {GENERATION_ROUTES}")
-    if path.startswith("/v2/models/") and ("/versions/" in path or "model_version" in parse_qs(query.decode("latin-1"))):
+    versioned = "/versions/" in path or "model_version" in parse_qs(query.decode("latin-1"))
+    if path.startswith("/v2/models/") and versioned:
         return NotFound("model versions are not served: this server serves one unversioned model "
                         "(GET /v2/models/<name> and /v2/models/<name>/ready)")
     return None
