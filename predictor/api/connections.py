@@ -19,7 +19,9 @@ the headers are bounded by ``RequestGuard`` (413).
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass
+from typing import Any
 
 import h11
 import orjson
@@ -37,16 +39,18 @@ class ConnectionLimits:
 
 def configure_connections(config: uvicorn.Config, limits: ConnectionLimits) -> None:
     """Make ``config`` (not yet loaded: before the server starts) serve with ``GuardedH11Protocol``."""
-    config.http = type("ConfiguredH11Protocol", (GuardedH11Protocol,), {"header_timeout_s": limits.header_timeout_s})
+    config.http = functools.partial(GuardedH11Protocol, header_timeout_s=limits.header_timeout_s)
     config.h11_max_incomplete_event_size = limits.max_header_bytes
 
 
 class GuardedH11Protocol(H11Protocol):
-    header_timeout_s: float = 10.0
+    def __init__(self, *args: Any, header_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout_s = header_timeout_s
+        self._header_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._header_deadline: asyncio.TimerHandle | None = None
         self._watch_headers()
 
     def data_received(self, data: bytes) -> None:

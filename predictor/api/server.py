@@ -226,6 +226,7 @@ class FalconModelServer(ModelServer):
         super().__init__(grace_period=SEND_GRACE_S, **kwargs)
         self._model = model
         self._drain_timeout_s = drain_timeout_s
+        self._drain: asyncio.Task | None = None
 
     def register_signal_handler(self) -> None:
         super().register_signal_handler()
@@ -240,7 +241,7 @@ class FalconModelServer(ModelServer):
                 return stop_uvicorn(sig, frame)
             logger.info("SIGTERM: draining (%d request(s) in flight)", self._in_flight())
             begin_drain(self._model)
-            asyncio.get_event_loop().create_task(
+            self._drain = asyncio.get_event_loop().create_task(  # held: the loop keeps only a weak reference
                 drain(self._model, self._drain_timeout_s, lambda: stop_uvicorn(sig, frame)))
 
         uvicorn_server.handle_exit = handle_exit
