@@ -12,6 +12,7 @@ from .logs import LOG_FORMATS
 from .variants import find_variant
 
 DEMO_MODEL_NAME = "falcon-tiny-demo"
+SHUTDOWN_AFTER_DRAIN_S = 10  # the most the process takes to exit once --drain_timeout is over
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class ServerConfig:
     max_queue: int  # requests waiting for a batch slot before new ones get 429
     request_timeout_s: float  # generation time one request may take before it is cut short
     max_body_bytes: int
+    max_header_bytes: int  # request line and headers; larger ones get 431
+    header_timeout_s: float  # how long a client may take to send them before its connection is closed
     drain_timeout_s: float  # how long SIGTERM waits for in-flight requests
     dead_after_s: float  # how long the engine may stay broken before liveness fails
     api_key: str | None
@@ -97,8 +100,16 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
                              "'time_limit' and returns what it has")
     limits.add_argument("--max_body_bytes", type=int, default=2 * 1024 * 1024,
                         help="largest request body; larger ones get 413 before parsing")
+    limits.add_argument("--max_header_bytes", type=int, default=64 * 1024,
+                        help="largest request line and headers together; larger ones get 431 and the connection "
+                             "is closed (idle keep-alive connections close after --timeout-keep-alive)")
+    limits.add_argument("--header_timeout", type=float, default=10.0,
+                        help="seconds a client may take to send a request's headers (from its first byte, or from "
+                             "connecting); then the connection is closed")
     limits.add_argument("--drain_timeout", type=float, default=60.0,
-                        help="seconds SIGTERM waits for in-flight requests before exiting")
+                        help="seconds SIGTERM waits for in-flight requests; then those still running end with "
+                             "their text so far and finish_reason 'shutdown', and the process exits 0 within "
+                             f"{SHUTDOWN_AFTER_DRAIN_S} s")
     limits.add_argument("--dead_after", type=float, default=120.0,
                         help="seconds the engine may stay broken (failing its self-check, e.g. a lost GPU) before "
                              "GET /livez answers 503 so that Kubernetes restarts the pod")
@@ -149,13 +160,16 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_new_tokens=args.max_new_tokens, max_num_beams=args.max_num_beams,
         max_num_return_sequences=args.max_num_return_sequences, max_sequences=args.max_sequences_per_request)
     for flag in ("max_new_tokens", "max_num_beams", "max_num_return_sequences", "max_sequences_per_request",
-                 "max_batch_size", "max_queue", "max_body_bytes", "max_prefill_tokens"):
+                 "max_batch_size", "max_queue", "max_body_bytes", "max_header_bytes", "max_prefill_tokens"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag} must be at least 1")
+    if args.header_timeout <= 0:
+        raise SystemExit("--header_timeout must be above 0 seconds")
     return ServerConfig(
         model_name=model_name, model_id=model_id, model_dir=args.model_dir, revision=revision, dtype=args.dtype,
         device=args.device, http_port=args.http_port, limits=limits, max_batch_size=args.max_batch_size,
         max_queue=args.max_queue, request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
+        max_header_bytes=args.max_header_bytes, header_timeout_s=args.header_timeout,
         drain_timeout_s=args.drain_timeout, dead_after_s=args.dead_after,
         api_key=args.api_key or os.environ.get("PREDICTOR_API_KEY") or None, log_prompts=args.log_prompts,
         load_in_8bit=args.load_in_8bit, compile=args.compile, kv_cache_memory_gib=args.kv_cache_memory,

@@ -60,6 +60,17 @@ class BodyTooLarge(PredictorError):
     error_type = "body_too_large"
 
 
+class HeadersTooLarge(PredictorError):
+    """The request line and headers are larger than the server's limit: answered, then the connection closed."""
+
+    status = 431
+    error_type = "headers_too_large"
+
+    def __init__(self, message: str, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("Connection", "close")
+
+
 class Unauthorized(PredictorError):
     status = 401
     error_type = "unauthorized"
@@ -93,3 +104,9 @@ class GenerationFailed(PredictorError):
 
     status = 500
     error_type = "generation_failed"
+
+
+def error_body(exc: PredictorError) -> dict[str, str | None]:
+    """The JSON body of every error answer but the OpenAI routes': ``detail`` for the Falcon /chat clients,
+    ``error``/``error_type`` as text-generation-inference has them."""
+    return {"detail": exc.message, "error": exc.message, "error_type": exc.error_type, "param": exc.param}

@@ -17,7 +17,7 @@ import jsonschema
 import kubernetes_validate
 from kubernetes.utils import parse_quantity
 
-from predictor.config import ServerConfig, build_parser, parse_config
+from predictor.config import SHUTDOWN_AFTER_DRAIN_S, ServerConfig, build_parser, parse_config
 from predictor.variants import VARIANTS, Variant
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,7 +246,7 @@ def probe_problems(container: Doc, config: ServerConfig) -> list[str]:
 
 
 def timing_problems(pod: Doc, config: ServerConfig) -> list[str]:
-    """The nesting that lets a long generation finish: generation < gateway, drain < grace period."""
+    """The nesting that lets a long generation finish: generation < gateway, preStop + drain + exit < grace period."""
     variant = VARIANTS[config.model_name]
     longest = 2 * variant.context_length * DECODE_S_PER_TOKEN[variant.gpus]
     sleep = pre_stop_seconds(kserve_container(pod))
@@ -257,8 +257,9 @@ def timing_problems(pod: Doc, config: ServerConfig) -> list[str]:
         problems.append(f"timeout {pod.get('timeout', 60)} s cuts requests before --request_timeout")
     if config.drain_timeout_s < config.request_timeout_s:
         problems.append("--drain_timeout is shorter than --request_timeout: SIGTERM would cut in-flight requests")
-    if pod.get("terminationGracePeriodSeconds", 30) < sleep + config.drain_timeout_s:
-        problems.append(f"terminationGracePeriodSeconds < preStop {sleep} s + --drain_timeout")
+    if pod.get("terminationGracePeriodSeconds", 30) < sleep + config.drain_timeout_s + SHUTDOWN_AFTER_DRAIN_S:
+        problems.append(f"terminationGracePeriodSeconds < preStop {sleep} s + --drain_timeout + the "
+                        f"{SHUTDOWN_AFTER_DRAIN_S} s the server may take to exit after its drain")
     return problems
 
 

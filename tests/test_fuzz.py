@@ -1,5 +1,5 @@
-"""Property-based fuzzing of a real server: whatever a client sends to /chat or KServe's :predict, the answer is
-never a 5xx and the server keeps serving.
+"""Property-based fuzzing of a real server: whatever a client sends to /chat or KServe's v1 and v2 routes, the
+answer is never a 5xx and the server keeps serving.
 
 Payloads are generated with hypothesis: any JSON value; /chat-shaped objects whose known fields (and every
 generate option the schema knows, plus those that load code) hold values of random types and ranges, with random
@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import threading
 import time
+from urllib.parse import quote
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import HealthCheck, Phase, event, example, given, settings
 from hypothesis import strategies as st
 
 from predictor.api.schema import CODE_LOADING_OPTIONS, GenerateKwargs
@@ -120,7 +121,9 @@ bodies = st.sampled_from([  # most examples should reach generation: more draws 
     mutated_json(),
     st.binary(max_size=64),
 ]).flatmap(lambda strategy: strategy)
-routes = st.sampled_from(["/chat", "/v1/models/tiny-falcon:predict"])
+routes = st.sampled_from(["/chat", "/v1/models/tiny-falcon:predict", "/v1/models/tiny-falcon:explain",
+                          "/v1/models/other:predict", "/v2/models/tiny-falcon/infer",
+                          "/v2/models/tiny-falcon/versions/1/infer", "/v2/models/other/infer"])
 
 
 @settings(max_examples=150, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
@@ -136,6 +139,34 @@ def test_no_payload_gets_a_5xx(fuzz_server, client, route: str, body: bytes) -> 
     if response.status_code >= 400:
         assert response.headers["content-type"].startswith("application/json")
         assert "error" in response.json()
+    assert fuzz_server.process.poll() is None, "the server died"
+
+
+KSERVE_PATHS = ["/v1/models", "/v1/models/{m}", "/v1/models/{m}:predict", "/v1/models/{m}:explain", "/v2",
+                "/v2/health/live", "/v2/health/ready", "/v2/models", "/v2/models/{m}", "/v2/models/{m}/ready",
+                "/v2/models/{m}/infer", "/v2/models/{m}/versions/{v}", "/v2/models/{m}/versions/{v}/ready",
+                "/v2/models/{m}/versions/{v}/infer", "/v2/repository/index", "/v2/repository/models/{m}/unload"]
+model_names = st.sampled_from(["tiny-falcon", "other", ""]) | st.text(max_size=8)
+queries = st.dictionaries(st.sampled_from(["model_version", "version", "verbose"]) | st.text(max_size=6),
+                          st.text(max_size=6), max_size=2)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(method="POST", template="/v2/models/{m}/infer", name="tiny-falcon", version="1", query={},
+         body=b'{"inputs": [{"name": "\\ud800"}]}')  # a lone surrogate: KServe's v2 parsing answered 500
+@example(method="GET", template="/v2/models/{m}", name="tiny-falcon", version="1", query={"model_version": "1"},
+         body=b"")  # KServe answered 501
+@given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE"]), template=st.sampled_from(KSERVE_PATHS),
+       name=model_names, version=st.sampled_from(["1", "0", "x"]) | st.text(max_size=4), query=queries,
+       body=bodies)
+def test_no_kserve_route_gets_a_5xx(fuzz_server, client, method: str, template: str, name: str, version: str,
+                                    query: dict[str, str], body: bytes) -> None:
+    path = template.format(m=quote(name, safe=""), v=quote(version, safe=""))
+    response = client.request(method, path, params=query, content=body if method != "GET" else None,
+                              headers={"Content-Type": "application/json"})
+    event(f"{method} {template}: HTTP {response.status_code}")
+    assert response.status_code < 500, f"{method} {path}: {response.status_code} {response.text[:300]}"
+    assert "Traceback" not in response.text
     assert fuzz_server.process.poll() is None, "the server died"
 
 

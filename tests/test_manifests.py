@@ -198,6 +198,8 @@ DRIFTS: dict[str, tuple[str, str, Callable[[list[Doc]], None]]] = {
                               ["httpGet"].update(path="/health")),
     "grace period": ("falcon-7b", "terminationGracePeriodSeconds", lambda d: named(d, "falcon-7b")["spec"]
                      ["predictor"].update(terminationGracePeriodSeconds=30)),
+    "no time to exit": ("falcon-40b", "to exit after its drain", lambda d: named(d, "falcon-40b")["spec"]
+                        ["predictor"].update(terminationGracePeriodSeconds=10 + 660)),
     "gateway timeout": ("falcon-40b", "cuts requests", lambda d: named(d, "falcon-40b")["spec"]["predictor"].update(
         timeout=60)),
     "writable root": ("falcon-7b", "readOnlyRootFilesystem", lambda d: _runtime_container(d)["securityContext"]

@@ -96,7 +96,13 @@ def test_inference_routes_need_the_key(keyed_server, headers: dict[str, str]) ->
                          ("POST", f"/v2/repository/models/{keyed_server.model_name}/load")):
         response = httpx.request(method, url + path, json=NORMAL, headers=headers, timeout=30)
         assert response.status_code == 401, f"{method} {path}: {response.status_code} {response.text[:200]}"
-        assert response.json()["error_type"] == "unauthorized"
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+        if path.startswith("/openai/"):  # OpenAI clients read OpenAI's error shape
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}, error
+            assert error["type"] == "authentication_error", error
+        else:
+            assert response.json()["error_type"] == "unauthorized"
     assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # nothing above reached the model
 
 

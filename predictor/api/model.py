@@ -1,8 +1,8 @@
 """The KServe model: loads a Falcon, turns /chat payloads into generation jobs and results into responses.
 
-``preprocess`` validates and tokenizes, ``predict`` queues the job with the batcher and awaits it, ``postprocess``
-shapes the Falcon /chat response. The same three steps serve ``POST /chat`` and KServe's
-``POST /v1/models/<name>:predict``.
+``prepare`` validates and tokenizes, ``submit`` queues the job with the batcher, ``to_response`` shapes the Falcon
+/chat response: the routes (``server``) use them, so that each can cancel on a client's disconnect. KServe's own
+``preprocess``/``predict``/``postprocess`` are the same three steps, for KServe's data plane.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class FalconModel(kserve.Model):
         self.batcher: Batcher | None = None
         self.limits: Limits = config.limits
         self.draining = False
+        self._live: set[Ticket] = set()  # submitted and not yet answered
 
     # -- loading ---------------------------------------------------------------------------------------------
     def load(self) -> bool:
@@ -148,7 +149,18 @@ class FalconModel(kserve.Model):
 
     def submit(self, job: GenerationJob, *, stream: bool = False) -> Ticket:
         self.require_ready()
-        return self.batcher.submit(job, stream=stream)
+        ticket = self.batcher.submit(job, stream=stream)
+        self._live.add(ticket)
+        ticket.on_settled(lambda: self._live.discard(ticket))
+        return ticket
+
+    def interrupt(self, reason: str) -> int:
+        """End every request not yet answered with the text it has so far and ``reason`` as its finish reason;
+        how many there were."""
+        live = list(self._live)
+        for ticket in live:
+            ticket.cancel(reason)
+        return len(live)
 
     def postprocess(self, completion: Completion, headers: dict[str, str] | None = None) -> dict[str, Any]:
         return self.to_response(completion)

@@ -20,7 +20,8 @@ validation, limits, batching and seeds are those of /chat. The choices made in t
   ``top_logprobs``, ``best_of``, ``echo`` or ``suffix`` with (``repetition_penalty`` is a different, multiplicative
   penalty): they are accepted at their neutral values, otherwise refused with a 400 naming them. Other fields
   OpenAI knows (tools, response_format, ...) are refused as unsupported.
-- ``finish_reason`` is ``"stop"`` (eos or a stop string) or ``"length"`` (max_tokens, or the server's time limit).
+- ``finish_reason`` is ``"stop"`` (eos or a stop string) or ``"length"`` (max_tokens, or the server's time limit);
+  ``"shutdown"`` (not one of OpenAI's) when the server's drain ran out before the answer was complete.
 
 Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: client mistakes are 400 (a prompt
 that does not fit the context too, as OpenAI has it), an unknown model 404, a loading or draining server 503. Once a
@@ -57,7 +58,8 @@ logger = logging.getLogger(__name__)
 # /chat's names for the options an OpenAI request sets, to name the OpenAI field in an error from the mapping.
 OPENAI_PARAMS = {"generate_kwargs.max_new_tokens": "max_tokens", "generate_kwargs.num_return_sequences": "n",
                  "generate_kwargs.temperature": "temperature", "generate_kwargs.top_p": "top_p"}
-FINISH_REASONS = {"stop": "stop", "length": "length"}  # others (time_limit, cancelled) were cut short: "length"
+FINISH_REASONS = {"stop": "stop", "length": "length", "shutdown": "shutdown"}  # others (time_limit, cancelled)
+# were cut short: "length"
 
 # -- the mapping onto /chat --------------------------------------------------------------------------------------
 def to_chat_request(request: GenerationFields, prompt: str, max_new_tokens: int) -> ChatRequest:
@@ -188,9 +190,7 @@ class Reply:
 def install_openai_routes(app: FastAPI, model: FalconModel, prefix: str | None = None) -> None:
     """Add the OpenAI routes under ``{prefix}/v1``; the prefix defaults to KServe's: $KSERVE_OPENAI_ROUTE_PREFIX,
     else ``/openai``. An empty prefix serves ``/v1/models``, in place of KServe's v1 model list."""
-    if prefix is None:
-        prefix = os.environ.get("KSERVE_OPENAI_ROUTE_PREFIX", "/openai")
-    base = f"/{prefix.strip('/')}/v1" if prefix.strip("/") else "/v1"
+    base = openai_base(prefix)
     router = APIRouter(prefix=base, tags=["openai"])
     started = int(time.time())
     completions, chat = CompletionsApi(f"{base}/completions"), ChatCompletionsApi(f"{base}/chat/completions")
@@ -219,6 +219,14 @@ def install_openai_routes(app: FastAPI, model: FalconModel, prefix: str | None =
         return JSONResponse(card())
 
     app.include_router(router)
+
+
+def openai_base(prefix: str | None = None) -> str:
+    """Where the OpenAI routes are: ``{prefix}/v1``, the prefix KServe's ($KSERVE_OPENAI_ROUTE_PREFIX, else
+    ``/openai``) unless given."""
+    if prefix is None:
+        prefix = os.environ.get("KSERVE_OPENAI_ROUTE_PREFIX", "/openai")
+    return f"/{prefix.strip('/')}/v1" if prefix.strip("/") else "/v1"
 
 
 async def create(request: Request, model: FalconModel, api: CompletionsApi) -> Response:

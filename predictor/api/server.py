@@ -1,4 +1,4 @@
-"""HTTP: the /chat and health routes on KServe's app, request guards, error responses, and graceful drain.
+"""HTTP: the /chat, :predict and health routes on KServe's app, request guards, error responses, and the drain.
 
 Every ``PredictorError`` becomes a JSON response here and nowhere else::
 
@@ -18,6 +18,7 @@ import logging
 import signal
 import time
 from typing import Any, Callable
+from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -25,9 +26,12 @@ from kserve import ModelServer
 
 from .. import metrics
 from ..config import ServerConfig
-from ..errors import BodyTooLarge, Draining, NotFound, PredictorError, Unauthorized
+from ..errors import (BodyTooLarge, Draining, HeadersTooLarge, ModelNotFound, NotFound, PredictorError, Unauthorized,
+                      error_body)
+from .connections import ConnectionLimits, configure_connections
 from .model import Completion, FalconModel
-from .openai_api import install_openai_routes
+from .open_inference import install_open_inference_route
+from .openai_api import install_openai_routes, openai_base, openai_error_response
 from .schema import decode_json_body, parse_chat_request
 from .streaming import stream_chat, unless_disconnected
 from .tracing import RequestIdMiddleware, current_request_id
@@ -35,17 +39,29 @@ from .tracing import RequestIdMiddleware, current_request_id
 logger = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/health", "/healthz", "/livez", "/metrics", "/v2/health/", "/docs", "/openapi.json")
+# After the drain: time for the cut requests to settle and the generation threads to end, then (uvicorn's graceful
+# shutdown) for the answers' last bytes. Both fit in SHUTDOWN_AFTER_DRAIN_S, which the manifests count on.
+STOP_WORKERS_S, SEND_GRACE_S = 5.0, 3
+PREDICT_ROUTE = "/v1/models/{name}:predict"  # the route label in falcon_requests_total
+GENERATION_ROUTES = ("POST /chat, POST /v1/models/<name>:predict, POST /v2/models/<name>/infer (Open Inference "
+                     "Protocol) and the OpenAI routes under /openai/v1/")
 
 
 def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
     """Add this server's routes, guards and error handlers to KServe's app (before the server starts)."""
     app.add_exception_handler(PredictorError, predictor_error_handler)
-    app.add_middleware(RequestGuard, max_body_bytes=config.max_body_bytes, api_key=config.api_key)
+    app.add_middleware(RequestGuard, max_body_bytes=config.max_body_bytes, max_header_bytes=config.max_header_bytes,
+                       api_key=config.api_key, openai_base=openai_base())
     app.add_middleware(RequestIdMiddleware)  # added last, so outermost: the guard's refusals carry the id too
 
     @app.post("/chat", tags=["falcon"], summary="Generate text for a prompt (the Falcon /chat API)")
     async def chat(request: Request) -> Any:
-        return await _chat(request, model)
+        return await _chat(request, model, "/chat")
+
+    # Ahead of KServe's own :predict route (added when the server starts), which cannot see a client leave.
+    @app.post("/v1/models/{model_name}:predict", tags=["falcon"], summary="KServe v1 predict: the /chat payload")
+    async def predict(model_name: str, request: Request) -> Any:
+        return await _chat(request, model, PREDICT_ROUTE, model_name)
 
     async def health() -> JSONResponse:
         state = health_state(model)
@@ -63,6 +79,7 @@ def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
             return JSONResponse({"status": "Dead", "unhealthy_seconds": round(broken_for)}, status_code=503)
         return JSONResponse({"status": "Alive"})
 
+    install_open_inference_route(app, model)
     install_openai_routes(app, model)
 
 
@@ -76,16 +93,17 @@ def health_state(model: FalconModel) -> str:
     return "Healthy"
 
 
-async def _chat(request: Request, model: FalconModel) -> Any:
-    route = "/chat"
+async def _chat(request: Request, model: FalconModel, route: str, model_name: str | None = None) -> Any:
     try:
+        if model_name is not None and model_name != model.name:
+            raise ModelNotFound(f"the model {model_name!r} is not served here; this server serves {model.name!r}")
         if model.draining:
             raise Draining("the server is shutting down and takes no new requests")
         chat_request = parse_chat_request(decode_json_body(await request.body()))
         job = await model.prepare(chat_request)
         ticket = model.submit(job, stream=chat_request.stream)
         if chat_request.stream:
-            return stream_chat(model, job, ticket)
+            return stream_chat(model, job, ticket, route)
         finished, result = await unless_disconnected(request, ticket.result())
     except PredictorError as exc:
         metrics.REQUESTS.labels(route, exc.error_type).inc()
@@ -105,32 +123,39 @@ async def predictor_error_handler(_: Request, exc: PredictorError) -> JSONRespon
 def error_response(exc: PredictorError) -> JSONResponse:
     if exc.status >= 500:
         logger.error("%s: %s", exc.error_type, exc.message)
-    body = {"detail": exc.message, "error": exc.message, "error_type": exc.error_type, "param": exc.param,
-            "request_id": current_request_id()}
+    body = {**error_body(exc), "request_id": current_request_id()}
     return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
 
 class RequestGuard:
-    """ASGI middleware: optional bearer-token auth on inference routes, and a body-size limit (413) enforced
-    before the body is parsed, whether or not the client sent Content-Length."""
+    """ASGI middleware: a header-size limit (431), optional bearer-token auth on inference routes, KServe routes
+    that are not served (404), and a body-size limit (413) enforced before the body is parsed, whether or not the
+    client sent Content-Length."""
 
-    def __init__(self, app, max_body_bytes: int, api_key: str | None) -> None:
+    def __init__(self, app, max_body_bytes: int, max_header_bytes: int, api_key: str | None,
+                 openai_base: str) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
         self.api_key = api_key.encode() if api_key else None
+        self.openai_base = openai_base
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
+        if _header_bytes(scope) > self.max_header_bytes:
+            too_large = HeadersTooLarge(f"the request's headers are larger than this server's limit of "
+                                        f"{self.max_header_bytes} bytes")
+            return await error_response(too_large)(scope, receive, send)
         headers = dict(scope["headers"])
         if self.api_key is not None and _needs_auth(path) and not self._authorized(headers):
-            return await error_response(Unauthorized(
-                "this route needs 'Authorization: Bearer <api key>'"))(scope, receive, send)
-        if path.startswith("/v2/repository/"):
-            # KServe's model-repository routes would let any client unload the one model this server exists for.
-            return await error_response(NotFound("model repository operations are disabled: this server "
-                                                 "serves one model, loaded at start-up"))(scope, receive, send)
+            refusal = Unauthorized("this route needs 'Authorization: Bearer <api key>'")
+            if path.startswith(self.openai_base + "/"):  # OpenAI clients read OpenAI's error shape
+                return await openai_error_response(refusal)(scope, receive, send)
+            return await error_response(refusal)(scope, receive, send)
+        if (unserved := unserved_kserve_route(path, scope["query_string"])) is not None:
+            return await error_response(unserved)(scope, receive, send)
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             return await self._too_large(scope, receive, send)
@@ -163,6 +188,27 @@ class _BodyLimitExceeded(Exception):
     pass
 
 
+def _header_bytes(scope: dict[str, Any]) -> int:
+    """The size of the request line and headers as sent (near enough: the separators are counted, not read)."""
+    line = len(scope["method"]) + len(scope["raw_path"]) + len(scope["query_string"]) + 12
+    return line + sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+
+
+def unserved_kserve_route(path: str, query: bytes) -> NotFound | None:
+    """KServe routes this server refuses with a 404 naming what to use instead: they would fail (a text generator
+    has no model versions or explanations: KServe answers 501) or harm (the model repository's routes would let any
+    client unload the one model served). Unversioned v2 infer is served (``open_inference``)."""
+    if path.startswith("/v2/repository/"):
+        return NotFound("model repository operations are disabled: this server serves one model, loaded at start-up")
+    if path.endswith(":explain"):
+        return NotFound(f"this server has no explainer: text generation is served by {GENERATION_ROUTES}")
+    versioned = "/versions/" in path or "model_version" in parse_qs(query.decode("latin-1"))
+    if path.startswith("/v2/models/") and versioned:
+        return NotFound("model versions are not served: this server serves one unversioned model "
+                        "(GET /v2/models/<name> and /v2/models/<name>/ready)")
+    return None
+
+
 def _needs_auth(path: str) -> bool:
     return path != "/" and not path.startswith(OPEN_PATHS) and not _is_readiness(path)
 
@@ -173,16 +219,25 @@ def _is_readiness(path: str) -> bool:
 
 
 class FalconModelServer(ModelServer):
-    """KServe's model server with a graceful drain on SIGTERM: readiness turns 503 at once, new requests get
-    503, in-flight requests finish (up to ``drain_timeout_s``), then the process exits 0."""
+    """KServe's model server with HTTP connections bounded (``connections``) and a drain on SIGTERM that keeps its
+    word: readiness turns 503 at once and new requests get 503; requests in flight run on for up to
+    ``drain_timeout_s``; those still running then end with the text they have and finish_reason "shutdown"
+    (streams with their final event and ``[DONE]``); the generation threads stop, and the process exits 0 at most
+    ``SHUTDOWN_AFTER_DRAIN_S`` later."""
 
     def __init__(self, model: FalconModel, drain_timeout_s: float, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        # grace_period is uvicorn's timeout_graceful_shutdown: once the drain is over, every answer has been
+        # given, so this is only for the last bytes to be sent.
+        super().__init__(grace_period=SEND_GRACE_S, **kwargs)
         self._model = model
         self._drain_timeout_s = drain_timeout_s
+        self._drain: asyncio.Task | None = None
 
     def register_signal_handler(self) -> None:
         super().register_signal_handler()
+        config = self._model.config  # the REST server exists by now, and has not loaded its uvicorn config yet
+        configure_connections(self._rest_server.config, ConnectionLimits(config.max_header_bytes,
+                                                                         config.header_timeout_s))
         uvicorn_server = self._rest_server._server  # uvicorn installs its own handlers while it serves
         stop_uvicorn = uvicorn_server.handle_exit
 
@@ -191,8 +246,8 @@ class FalconModelServer(ModelServer):
                 return stop_uvicorn(sig, frame)
             logger.info("SIGTERM: draining (%d request(s) in flight)", self._in_flight())
             begin_drain(self._model)
-            asyncio.get_event_loop().create_task(
-                _after_drain(self._model, self._drain_timeout_s, lambda: stop_uvicorn(sig, frame)))
+            self._drain = asyncio.get_event_loop().create_task(  # held: the loop keeps only a weak reference
+                drain(self._model, self._drain_timeout_s, lambda: stop_uvicorn(sig, frame)))
 
         uvicorn_server.handle_exit = handle_exit
 
@@ -207,11 +262,23 @@ def begin_drain(model: FalconModel) -> None:
         model.batcher.close()
 
 
-async def _after_drain(model: FalconModel, timeout_s: float, then: Callable[[], None]) -> None:
-    deadline = time.monotonic() + timeout_s
-    while model.batcher is not None and model.batcher.in_flight and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+async def drain(model: FalconModel, timeout_s: float, then: Callable[[], None]) -> None:
+    """Wait up to ``timeout_s`` for the requests in flight, end those still running, stop the generation threads
+    (so that no thread is inside torch when the interpreter exits), then call ``then`` (stop serving)."""
+    batcher = model.batcher
+    if batcher is not None:
+        await _until(lambda: batcher.in_flight == 0, timeout_s)
+        if cut := model.interrupt("shutdown"):
+            logger.warning("Drain timeout (%g s): ended %d request(s) with finish_reason 'shutdown'", timeout_s, cut)
+        stop_by = time.monotonic() + STOP_WORKERS_S
+        await _until(lambda: batcher.in_flight == 0, STOP_WORKERS_S)
+        if not await asyncio.to_thread(batcher.join, max(0.0, stop_by - time.monotonic())):
+            logger.error("The generation threads did not stop within %g s of the drain", STOP_WORKERS_S)
     logger.info("Drained; stopping the server")
     then()
 
 
+async def _until(condition: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)

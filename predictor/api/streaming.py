@@ -168,9 +168,9 @@ async def stream_text(model: FalconModel, job: GenerationJob, ticket: Ticket,
         ticket.cancel()  # a no-op once every sequence has finished in the engine
 
 
-def stream_chat(model: FalconModel, job: GenerationJob, ticket: Ticket) -> StreamingResponse:
+def stream_chat(model: FalconModel, job: GenerationJob, ticket: Ticket, route: str = "/chat") -> StreamingResponse:
     """The streaming answer of ``POST /chat`` (see the module docstring for its events)."""
-    return sse_response(_chat_payloads(model, job, ticket), "/chat", _chat_error)
+    return sse_response(_chat_payloads(model, job, ticket), route, _chat_error)
 
 
 async def _chat_payloads(model: FalconModel, job: GenerationJob, ticket: Ticket) -> AsyncIterator[dict[str, Any]]:

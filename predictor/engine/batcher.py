@@ -138,6 +138,15 @@ class Batcher:
             self._closed = True
             self._lock.notify_all()
 
+    def join(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the worker threads to end, which they do once ``close()`` was called and
+        every request has settled; whether they did."""
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
+
     @property
     def waiting(self) -> int:
         return len(self._waiting) + len(self._beam_waiting)

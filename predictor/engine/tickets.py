@@ -7,6 +7,7 @@ metrics (time to first token, time per output token, latency, token counts) are 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from .options import GenerationJob
 @dataclass(frozen=True)
 class SequenceOutput:
     token_ids: tuple[int, ...]  # generated ids, eos included when the sequence stopped on it
-    finish_reason: str  # "stop" (eos), "length", "time_limit" or "cancelled"
+    finish_reason: str  # "stop" (eos), "length", "time_limit", or the reason it was cancelled with
     logprobs: tuple[float, ...] | None = None
 
 
@@ -54,6 +55,7 @@ class Ticket:
         self._future: asyncio.Future[GenerationResult] = loop.create_future()
         self._events: asyncio.Queue[TokenEvent] | None = asyncio.Queue() if stream else None
         self._cancelled = threading.Event()
+        self._cancel_reason = "cancelled"
 
     # -- the client's side (event loop) ----------------------------------------------------------------------
     async def result(self) -> GenerationResult:
@@ -80,7 +82,11 @@ class Ticket:
             finished += event.finish_reason is not None
             yield event
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stop generating: every sequence still running ends at the worker's next step, with the text it has and
+        ``reason`` as its finish reason ("cancelled": the client went away; "shutdown": the drain ran out)."""
+        if not self._cancelled.is_set():
+            self._cancel_reason = reason
         self._cancelled.set()
 
     def on_settled(self, callback: Callable[[], None]) -> None:
@@ -119,9 +125,14 @@ class Ticket:
         if self.first_token_at is None and event.token_id is not None:
             self.first_token_at = time.monotonic()
         if self._events is not None:
+            if event.finish_reason == "cancelled":
+                event = dataclasses.replace(event, finish_reason=self._cancel_reason)
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
 
     def resolve(self, sequences: list[SequenceOutput]) -> None:
+        # The worker reports a cancelled sequence as "cancelled"; the ticket knows why it was cancelled.
+        sequences = [dataclasses.replace(seq, finish_reason=self._cancel_reason)
+                     if seq.finish_reason == "cancelled" else seq for seq in sequences]
         now = time.monotonic()
         started = self.started_at or now
         result = GenerationResult(tuple(sequences), len(self.job.prompt_ids), started - self.submitted_at,
