@@ -168,17 +168,17 @@ def test_an_idle_kept_alive_connection_is_closed_and_a_busy_one_is_not(server) -
 def test_predict_stops_generating_when_its_client_leaves(server) -> None:
     route = "/v1/models/{name}:predict"
     cancelled, generated = metric(server, "falcon_requests_total", route=route, outcome="cancelled"), metric(
-        server, "falcon_generated_tokens_sum")
+        server, "falcon_request_generation_tokens_sum")
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/models/{server.model_name}:predict", json=LONG, timeout=0.5)
     deadline = time.monotonic() + 30
     while metric(server, "falcon_requests_total", route=route, outcome="cancelled") == cancelled:
         assert time.monotonic() < deadline, "the :predict whose client left was not counted as cancelled"
         time.sleep(0.1)
-    while metric(server, "falcon_generated_tokens_sum") == generated:  # the cancelled generation's tokens
+    while metric(server, "falcon_request_generation_tokens_sum") == generated:  # the cancelled generation's tokens
         assert time.monotonic() < deadline, "the cancelled generation never ended"
         time.sleep(0.1)
-    spent = metric(server, "falcon_generated_tokens_sum") - generated
+    spent = metric(server, "falcon_request_generation_tokens_sum") - generated
     assert spent < LONG["generate_kwargs"]["max_new_tokens"], "the generation ran to its end"
 
 

@@ -68,7 +68,7 @@ def test_a_bad_infer_request_is_a_400_naming_its_fault(tiny_server, body, param)
     response = httpx.post(infer_url(tiny_server), timeout=60, **kwargs)
     assert response.status_code == 400, f"{response.status_code} {response.text[:300]}"
     error = response.json()
-    assert set(error) == {"detail", "error", "error_type", "param"}
+    assert set(error) == {"detail", "error", "error_type", "param", "request_id"}
     if param is not None:
         assert error["param"] == param, error
 

@@ -228,7 +228,7 @@ class Batcher:
                     break
                 self._waiting.popleft()
                 if ticket.cancelled:
-                    ticket.resolve([SequenceOutput((), "cancelled")] * need)
+                    ticket.resolve([SequenceOutput((), ticket.cancel_reason)] * need)
                     continue
                 self._requests.append(self._start(ticket, rows))
                 rows += need
@@ -313,7 +313,7 @@ class Batcher:
         """Requests cancelled or out of time before their prompt was computed end now, with no tokens."""
         for request in self._requests:
             if request.leader.prefilling and request.ticket.should_stop():
-                reason = "cancelled" if request.ticket.cancelled else "time_limit"
+                reason = request.ticket.cancel_reason if request.ticket.cancelled else "time_limit"
                 for seq in request.sequences:
                     seq.finish_reason = reason
 
@@ -348,7 +348,7 @@ class Batcher:
         if len(seq.generated) >= options.max_new_tokens:
             return "length"
         if seq.ticket.cancelled:
-            return "cancelled"
+            return seq.ticket.cancel_reason
         if seq.ticket.out_of_time():
             return "time_limit"
         return None
@@ -412,7 +412,7 @@ class Batcher:
     def _run_beams(self, ticket: Ticket) -> None:
         options = ticket.job.options
         if ticket.cancelled:
-            ticket.resolve([SequenceOutput((), "cancelled")] * options.num_return_sequences)
+            ticket.resolve([SequenceOutput((), ticket.cancel_reason)] * options.num_return_sequences)
             return
         ticket.started_at = time.monotonic()
         try:
@@ -421,7 +421,7 @@ class Batcher:
         except Exception as exc:  # noqa: BLE001 - fail this request, keep the worker
             self._fail_tickets([ticket], exc)
             return
-        interrupted = "cancelled" if ticket.cancelled else "time_limit" if ticket.out_of_time() else "length"
+        interrupted = ticket.cancel_reason if ticket.cancelled else "time_limit" if ticket.out_of_time() else "length"
         outputs = []
         for i, seq in enumerate(out.sequences):
             reason = "stop" if out.finished[i] else interrupted

@@ -124,7 +124,7 @@ class Engine:
         started = time.monotonic()
         shapes = self.compiled_shapes
         for done, (rows, columns) in enumerate(shapes, 1):
-            tensors = self._decode_tensors([], rows, columns)
+            tensors = self._decode_tensors([], rows, columns, every_row=True)
             for _ in range(3):  # CUDA graphs are recorded on a later call than the first
                 self._compiled(self.model, self.shape, self.cache, tensors)
             progress(done, len(shapes))
@@ -169,19 +169,26 @@ class Engine:
         if compiled:
             needed = smallest_at_least(self._buckets, needed)
             columns = smallest_at_least(self._tiers, columns)
-        tensors = self._decode_tensors(decode, needed, columns, chunks)
-        run = self._compiled if compiled else forward
-        logits = run(self.model, self.shape, cache, tensors)
+        tensors = self._decode_tensors(decode, needed, columns, chunks, every_row=compiled)
+        if compiled:
+            # Logits of every row of the bucket, so that one graph serves any number of running rows in it; the
+            # running rows are picked after the graph (its output is overwritten by the next replay anyway).
+            logits = self._compiled(self.model, self.shape, cache, tensors)
+            logits = logits[torch.tensor([row for row, _ in decode], device=logits.device)]
+        else:
+            logits = forward(self.model, self.shape, cache, tensors)
         for row, token in decode:
             cache.extend(row, (token,))
         for row, tokens, _ in chunks:
             cache.extend(row, tokens)
-        return logits.clone() if compiled else logits  # a CUDA graph's output is overwritten by its next replay
+        return logits
 
     def _decode_tensors(self, decode: Sequence[tuple[int, int]], rows: int, columns: int,
-                        chunks: Sequence[tuple[int, Sequence[int], bool]] = ()) -> StepTensors:
+                        chunks: Sequence[tuple[int, Sequence[int], bool]] = (), every_row: bool = False
+                        ) -> StepTensors:
         """Host-built inputs of a step: ``rows`` decode rows (those not in ``decode`` are padding that writes the
-        scratch row), then the chunks' tokens."""
+        scratch row), then the chunks' tokens. Logits are kept for the rows in ``decode`` (``every_row``: all
+        ``rows``) and the chunks that ask for them."""
         cache = self.cache
         ids = [self._pad_token_id] * rows
         positions = [0] * rows
@@ -190,6 +197,8 @@ class Engine:
         for row, token in decode:
             ids[row], positions[row], write_rows[row] = token, cache.length(row), row
             keep.append(row)
+        if every_row:
+            keep = list(range(rows))
         packed = []
         offset = rows
         for row, tokens, wants_logits in chunks:

@@ -7,7 +7,6 @@ metrics (time to first token, time per output token, latency, token counts) are 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -97,6 +96,11 @@ class Ticket:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
+    @property
+    def cancel_reason(self) -> str:
+        """The finish reason of the sequences a cancellation ends."""
+        return self._cancel_reason
+
     # -- the worker's side -----------------------------------------------------------------------------------
     @property
     def started_at(self) -> float | None:
@@ -125,14 +129,9 @@ class Ticket:
         if self.first_token_at is None and event.token_id is not None:
             self.first_token_at = time.monotonic()
         if self._events is not None:
-            if event.finish_reason == "cancelled":
-                event = dataclasses.replace(event, finish_reason=self._cancel_reason)
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
 
     def resolve(self, sequences: list[SequenceOutput]) -> None:
-        # The worker reports a cancelled sequence as "cancelled"; the ticket knows why it was cancelled.
-        sequences = [dataclasses.replace(seq, finish_reason=self._cancel_reason)
-                     if seq.finish_reason == "cancelled" else seq for seq in sequences]
         now = time.monotonic()
         started = self.started_at or now
         result = GenerationResult(tuple(sequences), len(self.job.prompt_ids), started - self.submitted_at,
