@@ -22,7 +22,7 @@ import torch
 from ..errors import Draining, GenerationFailed, Overloaded
 from .options import GenerationJob
 from .runner import Engine, KVBatch
-from .sampling import SequenceSampler, choose_next_tokens, make_sampler
+from .sampling import SequenceSampler, TokenLogprob, choose_next_tokens, make_sampler
 from .static_cache import SlotCache
 from .tickets import SequenceOutput, Ticket, TokenEvent
 
@@ -41,7 +41,7 @@ class _Sequence:
     tokens: list[int]  # prompt + generated
     sampler: SequenceSampler
     prompt_len: int
-    logprobs: list[float] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
 
     @property
@@ -217,7 +217,7 @@ class Batcher:
             ticket.started_at = now
             prompt = list(ticket.job.prompt_ids)
             for index in range(ticket.job.options.num_return_sequences):
-                sampler = make_sampler(ticket.job.options, prompt, index, self.engine.device)
+                sampler = make_sampler(ticket.job.options, prompt, index, self.engine.device, self.engine.tokenizer)
                 new.append(_Sequence(ticket, index, list(prompt), sampler, len(prompt)))
         kv, logits = self.engine.prefill([seq.tokens for seq in new])
         self._kv = self.engine.join(self._kv, kv)
@@ -249,12 +249,12 @@ class Batcher:
             if logprob is not None:
                 seq.logprobs.append(logprob)
             seq.finish_reason = self._finish_reason(seq, token)
-            seq.ticket.emit(TokenEvent(seq.index, token, seq.finish_reason))
+            seq.ticket.emit(TokenEvent(seq.index, token, seq.finish_reason, logprob))
 
     @staticmethod
     def _finish_reason(seq: _Sequence, token: int) -> str | None:
         options = seq.ticket.job.options
-        if token in options.eos_token_ids:
+        if token in options.eos_token_ids or seq.sampler.stopped(seq.tokens):
             return "stop"
         if len(seq.generated) >= options.max_new_tokens:
             return "length"
@@ -327,7 +327,7 @@ class Batcher:
         outputs = []
         for i, seq in enumerate(out.sequences):
             reason = "stop" if out.finished[i] else interrupted
-            logprobs = tuple(out.logprobs[i]) if out.logprobs is not None else None
+            logprobs = tuple(map(TokenLogprob, out.logprobs[i])) if out.logprobs is not None else None
             outputs.append(SequenceOutput(tuple(seq), reason, logprobs))
             for token in seq:
                 ticket.emit(TokenEvent(i, token))
