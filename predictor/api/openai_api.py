@@ -109,8 +109,8 @@ async def create(request: Request, model: FalconModel, api: CompletionsApi,
     except PredictorError as exc:
         return _failed(api, exc)
     prefixes = [prompt if job.return_full_text else ""] * body.n
-    reply = Reply(api, model.name, len(job.prompt_ids), prefixes, lambda token_id: engine.decode([token_id]),
-                  job.options.logprobs)
+    token_text = _token_id_text if body.return_tokens_as_token_ids else lambda token_id: engine.decode([token_id])
+    reply = Reply(api, model.name, len(job.prompt_ids), prefixes, token_text, job.options.logprobs)
     deltas = stream_text(model, job, ticket)
     if body.stream:
         return sse_response(reply.chunks(deltas, body.include_usage), api.route, openai_error_body)
@@ -128,6 +128,10 @@ def _prompt(body: GenerationFields, tokenizer: PreTrainedTokenizerBase) -> tuple
         messages = [{"role": message.role, "content": message.text()} for message in body.messages]
         return render_chat(tokenizer, messages), [*body.stops(), CHAT_STOP]
     return body.text(), body.stops()
+
+
+def _token_id_text(token_id: int) -> str:
+    return f"token_id:{token_id}"
 
 
 def _failed(api: CompletionsApi, exc: PredictorError) -> Response:

@@ -21,7 +21,8 @@ TokenText = Callable[[int], str]  # a token id's text
 
 @dataclass(frozen=True)
 class LoggedToken:
-    """A generated token with its log-probabilities and where its text starts in the choice's text."""
+    """A generated token with its log-probabilities and where its text starts: the length of the choice's text
+    before it, counting each token's own text (as vLLM does; a part of a character counts as one U+FFFD)."""
 
     token_id: int
     logprob: TokenLogprob
@@ -84,6 +85,7 @@ class _Choice:
     finish_reason: str | None = None
     tokens: int = 0
     logged: list[LoggedToken] = field(default_factory=list)
+    logged_chars: int = 0  # the logged tokens' text so far, from the end of the echoed prompt
 
 
 class Reply:
@@ -107,8 +109,9 @@ class Reply:
         choice = self.choices[delta.index]
         logged = None
         if delta.logprob is not None and delta.token_id is not None:
-            logged = LoggedToken(delta.token_id, delta.logprob, len(choice.text))
+            logged = LoggedToken(delta.token_id, delta.logprob, len(self.prefixes[delta.index]) + choice.logged_chars)
             choice.logged.append(logged)
+            choice.logged_chars += len(self.token_text(delta.token_id))
         choice.text += delta.text
         choice.tokens = delta.tokens
         if delta.finish_reason is not None:

@@ -56,6 +56,8 @@ class GenerationFields(BaseModel):
     min_tokens: int = Field(0, ge=0, description="vLLM's extension: tokens before eos or a stop token may end it")
     stop_token_ids: list[int] = Field(default_factory=list, description="vLLM's extension: ids that end a choice")
     ignore_eos: bool = Field(False, description="vLLM's extension: go on past eos")
+    return_tokens_as_token_ids: bool = Field(False, description="vLLM's extension: logprobs name tokens "
+                                                                '"token_id:<id>" rather than by their text')
     n: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
@@ -165,7 +167,7 @@ class ChatCompletionRequest(GenerationFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-R = TypeVar("R", bound=GenerationFields)
+R = TypeVar("R", bound=BaseModel)
 
 
 def parse_openai_request(body: Any, request_type: type[R]) -> R:
@@ -202,3 +204,25 @@ def _to_invalid_request(exc: ValidationError) -> InvalidRequest:
 
 def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
     return any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in neutral)
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``POST /tokenize``: a ``prompt``, or chat ``messages`` rendered in the conversation format."""
+
+    model_config = _STRICT
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's ``POST /detokenize``."""
+
+    model_config = _STRICT
+
+    model: str | None = None
+    tokens: list[int]

@@ -28,6 +28,7 @@ from .model import Completion, FalconModel
 from .openai_api import install_openai_routes
 from .schema import decode_json_body, parse_chat_request
 from .streaming import stream_chat, unless_disconnected
+from .tokenizer_api import install_tokenizer_routes
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
         return JSONResponse({"status": "Alive"})
 
     install_openai_routes(app, model)
+    install_tokenizer_routes(app, model)
 
 
 def health_state(model: FalconModel) -> str:
