@@ -21,6 +21,21 @@ CODE_LOADING_OPTIONS = frozenset({
     "cache_config", "past_key_values", "cache", "compile_config", "prompt_lookup_num_tokens", "assistant_early_exit",
 })
 
+# GenerationConfig options that are safe but refused, and why (the README's table lists every option).
+REFUSED_OPTIONS = {
+    "max_time": "the server's --request_timeout bounds each request's time",
+    "output_logits": "raw logits for every vocabulary entry are not returned; output_scores gives log-probabilities",
+    "output_attentions": "attention maps are not returned", "output_hidden_states": "hidden states are not returned",
+    "guidance_scale": "classifier-free guidance needs a second forward pass per token outside the shared batch",
+    "penalty_alpha": "contrastive search moved to the Hub in transformers 5 (remote code)",
+    "dola_layers": "DoLa decoding moved to the Hub in transformers 5 (remote code)",
+    "constraints": "constrained beam search moved to the Hub in transformers 5 (remote code)",
+    "force_words_ids": "constrained beam search moved to the Hub in transformers 5 (remote code)",
+    "low_memory": "a memory switch of beam search, decided by the server", "token_healing": "not offered here",
+    "encoder_repetition_penalty": "Falcon has no encoder: transformers ignores it on a decoder-only model",
+    "decoder_start_token_id": "Falcon has no decoder start token (it is decoder-only)",
+    "bos_token_id": "Falcon's prompts carry no bos token; set forced_bos_token_id to force a first token",
+}
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 MAX_BIAS = 100.0  # a logit bias beyond this already bans or forces a token (OpenAI's logit_bias range)
 MAX_STOP_STRINGS = 8
@@ -172,6 +187,9 @@ def _refuse_unknown_options(kwargs: dict[str, Any]) -> None:
         if key in CODE_LOADING_OPTIONS:
             raise UnknownParameter(f"generate_kwargs.{key} is never accepted: options that load code or objects "
                                    "cannot be set by a request", param=f"generate_kwargs.{key}")
+        if key in REFUSED_OPTIONS:
+            raise UnknownParameter(f"generate_kwargs.{key} is not supported: {REFUSED_OPTIONS[key]}",
+                                   param=f"generate_kwargs.{key}")
         allowed = ", ".join(GenerateKwargs.model_fields)
         raise UnknownParameter(f"generate_kwargs.{key} is not a supported generation option; supported: {allowed}",
                                param=f"generate_kwargs.{key}")
