@@ -78,7 +78,7 @@ def test_openai_options_map_straight_onto_the_engines():
 
 def test_unsupported_options_are_refused_by_name_and_neutral_values_accepted():
     completion_request(best_of=1, suffix="", user="u", logprobs=None)
-    for field, value in [("best_of", 2), ("suffix", "x"), ("tools", []), ("response_format", {"type": "text"}),
+    for field, value in [("best_of", 2), ("suffix", "x"), ("tools", []), ("functions", []),
                          ("use_beam_search", True)]:
         with pytest.raises(UnknownParameter) as caught:
             completion_request(**{field: value})

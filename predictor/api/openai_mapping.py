@@ -14,6 +14,8 @@ helpers), so an error names the OpenAI parameter and a new parameter touches thi
   as eos does; ``ignore_eos`` goes on past eos; ``top_k``, ``min_p`` and ``repetition_penalty``.
 - ``stop`` (at most 4 strings) cuts the text before the first one; the engine also stops the choice there. Chat also
   stops at ``"\\nUser:"`` (``chat_format.CHAT_STOP``), so the model does not write the user's next turn.
+- ``response_format`` ``json_object`` or ``json_schema`` is compiled by llguidance into a grammar that masks every
+  token that would leave it; a schema it cannot compile is a 400 saying why.
 - ``logprobs`` (chat: with ``top_logprobs`` up to 20; completions: an integer up to 5) reports each generated
   token's log-probability under the distribution it was chosen from. ``echo`` puts the prompt in front of a
   completion; the prompt's own log-probabilities are not computed, so ``echo`` with ``logprobs`` is refused.
@@ -23,10 +25,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ..engine.grammar import json_schema_grammar
 from ..engine.options import GenerationJob, GenerationOptions, Limits, ModelInfo
 from ..errors import ContextLengthExceeded, InvalidRequest
 from .mapping import pad_token_id, samples, token_ids
-from .openai_schema import GenerationFields
+from .openai_schema import GenerationFields, ResponseFormat
 
 
 def to_generation_job(request: GenerationFields, prompt: str, prompt_ids: list[int], stops: Sequence[str],
@@ -57,6 +60,7 @@ def to_generation_job(request: GenerationFields, prompt: str, prompt_ids: list[i
         sequence_bias=logit_bias(request.logit_bias, model),
         eos_token_ids=ends, pad_token_id=pad_token_id(None, eos, model), num_return_sequences=request.n,
         logprobs=logprobs, top_logprobs=top_logprobs, stop_strings=tuple(stops), seed=request.seed,
+        grammar=grammar(request.response_format),
     )
     return GenerationJob(prompt_ids=tuple(prompt_ids), options=options, prompt=prompt,
                          return_full_text=request.echo_prompt, stop_texts=tuple(stops))
@@ -81,6 +85,22 @@ def resolve_max_tokens(asked: int | None, prompt_tokens: int, limits: Limits, pr
 def logit_bias(bias: dict[str, float], model: ModelInfo) -> tuple[tuple[tuple[int, ...], float], ...]:
     """OpenAI's ``logit_bias`` (token ids as strings) as one-token sequence biases, each id checked."""
     return tuple((token_ids(int(key), "logit_bias", model), float(value)) for key, value in bias.items())
+
+
+def grammar(response_format: ResponseFormat | None) -> str | None:
+    """The grammar ``response_format`` asks the text to follow (None: free text)."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return json_schema_grammar({"type": "object"})
+    if response_format.json_schema is None:
+        raise InvalidRequest('response_format: type "json_schema" needs a json_schema: {"name": ..., "schema": '
+                             "{...}}", param="response_format")
+    try:
+        return json_schema_grammar(response_format.json_schema.json_schema)
+    except ValueError as exc:
+        raise InvalidRequest(f"response_format: the JSON schema cannot be compiled: {exc}",
+                             param="response_format") from None
 
 
 def _check_n(n: int, do_sample: bool, limits: Limits) -> None:

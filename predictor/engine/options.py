@@ -70,6 +70,7 @@ class GenerationOptions:
     logprobs: bool = False  # report each generated token's log-probability
     top_logprobs: int = 0  # and that many most likely tokens' at each step
     stop_strings: tuple[str, ...] = ()  # transformers' meaning: end after the token that completes one
+    grammar: str | None = None  # an llguidance grammar the text must follow (structured output)
     seed: int | None = None
 
     @property

@@ -44,6 +44,7 @@ from transformers.generation.logits_process import (
 
 from transformers.generation.stopping_criteria import StopStringCriteria
 
+from .grammar import GrammarMask
 from .options import GenerationOptions
 
 # temperature, top_h, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff
@@ -103,6 +104,8 @@ def make_sampler(options: GenerationOptions, prompt_ids: list[int], sequence_ind
     """The sampler for sequence ``sequence_index`` of a request (several with num_return_sequences); stop strings
     need the ``tokenizer``."""
     processors = _id_processors(options, prompt_ids, device)
+    if options.grammar is not None and tokenizer is not None:
+        processors.append(GrammarMask(options.grammar, tokenizer, len(prompt_ids)))  # its state: this sequence's
     generator = None
     if options.seed is not None and options.do_sample:
         generator = torch.Generator(device=device).manual_seed(sequence_seed(options.seed, sequence_index))
