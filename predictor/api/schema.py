@@ -35,6 +35,13 @@ REFUSED_OPTIONS = {
     "encoder_repetition_penalty": "Falcon has no encoder: transformers ignores it on a decoder-only model",
     "decoder_start_token_id": "Falcon has no decoder start token (it is decoder-only)",
     "bos_token_id": "Falcon's prompts carry no bos token; set forced_bos_token_id to force a first token",
+    **dict.fromkeys(["num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+                     "assistant_lookbehind", "target_lookbehind", "max_matching_ngram_size", "is_assistant",
+                     "assistant_ensemble_weight", "speculation_type", "use_mtp"],
+                    "a setting of assisted (speculative) decoding, which needs a second model and is not offered"),
+    **dict.fromkeys(["continuous_batching_config", "disable_compile", "max_cache_len", "prefill_chunk_size"],
+                    "a performance switch of the server, set once at start-up (--compile, --max_batch_size)"),
+    **dict.fromkeys(["transformers_version", "_from_model_config"], "metadata of a saved generation config"),
 }
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 MAX_BIAS = 100.0  # a logit bias beyond this already bans or forces a token (OpenAI's logit_bias range)
