@@ -100,11 +100,11 @@ class SequenceSampler:
 
 
 def make_sampler(options: GenerationOptions, prompt_ids: list[int], sequence_index: int, device: torch.device,
-                 tokenizer: PreTrainedTokenizerBase | None = None) -> SequenceSampler:
+                 tokenizer: PreTrainedTokenizerBase) -> SequenceSampler:
     """The sampler for sequence ``sequence_index`` of a request (several with num_return_sequences); stop strings
-    need the ``tokenizer``."""
+    and grammars read the ``tokenizer``'s vocabulary."""
     processors = _id_processors(options, prompt_ids, device)
-    if options.grammar is not None and tokenizer is not None:
+    if options.grammar is not None:
         processors.append(GrammarMask(options.grammar, tokenizer, len(prompt_ids)))  # its state: this sequence's
     generator = None
     if options.seed is not None and options.do_sample:
@@ -114,8 +114,7 @@ def make_sampler(options: GenerationOptions, prompt_ids: list[int], sequence_ind
     return SequenceSampler(prompt_len=len(prompt_ids), min_new_tokens=options.min_new_tokens,
                            eos_token_ids=options.eos_token_ids, processors=processors, warp_key=warp_key,
                            generator=generator, logprobs=options.logprobs, top_logprobs=options.top_logprobs,
-                           stop_strings=_stop_criteria(tokenizer, options.stop_strings)
-                           if options.stop_strings and tokenizer is not None else None)
+                           stop_strings=_stop_criteria(tokenizer, options.stop_strings) if options.stop_strings else None)
 
 
 @functools.lru_cache(maxsize=64)
