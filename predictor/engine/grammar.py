@@ -56,8 +56,15 @@ class GrammarMask(LogitsProcessor):
         if self.matcher.is_error():  # cannot happen unless a later processor forced a banned token: stop masking
             return scores
         llguidance.torch.fill_next_token_bitmask(self.matcher, self.mask, 0)
-        llguidance.torch.apply_token_bitmask_inplace(scores, self.mask.to(scores.device))
-        return scores
+        return scores.masked_fill(~_unpack(self.mask, scores.shape[-1]).to(scores.device), -torch.inf)
+
+
+def _unpack(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """llguidance's bitmask [1, words] as booleans [1, vocab], bit i of word w allowing token 32 * w + i. Written out
+    rather than through ``llguidance.torch.apply_token_bitmask_inplace``, which ``torch.compile``s itself on first
+    use: seconds on the batch's thread, and a C++ compiler the serving image need not have."""
+    bits = torch.arange(32, dtype=torch.int32)
+    return ((mask.unsqueeze(-1) >> bits) & 1).flatten(1)[:, :vocab_size].bool()  # [1, vocab]
 
 
 @functools.lru_cache(maxsize=4)
