@@ -14,15 +14,17 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import test_chat_options
 import torch
-from test_chat_options import (  # noqa: F401 - fixtures
-    EOS, ONE_TOKEN_PROMPT, PROMPT, assert_refused, chat, greedy, ref, references, request, texts)
+from test_chat_options import EOS, PROMPT, assert_refused, chat, greedy, request, texts
 from transformers.generation.logits_process import (
     EpsilonLogitsWarper,
     EtaLogitsWarper,
     MinPLogitsWarper,
     TopHLogitsWarper,
 )
+
+references, ref = test_chat_options.references, test_chat_options.ref  # the tiny checkpoints, as fixtures
 
 GREEDY_IDS = [769, 214, 725, 325, 13, 656, 727, 116, 41, 441, 435, 435]  # PROMPT on the 7B-style tiny Falcon
 

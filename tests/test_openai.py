@@ -48,8 +48,8 @@ def chat_request(**fields) -> ChatCompletionRequest:
     return parse_openai_request({"model": "m", "messages": MESSAGES, **fields}, ChatCompletionRequest)
 
 
-def job_of(request, prompt_len=3, stops=(), limits=Limits()):
-    return to_generation_job(request, "p", list(range(100, 100 + prompt_len)), stops, FALCON, limits)
+def job_of(request, prompt_len=3, stops=(), limits=None):
+    return to_generation_job(request, "p", list(range(100, 100 + prompt_len)), stops, FALCON, limits or Limits())
 
 
 def test_temperature_zero_is_greedy_and_sampling_has_no_top_k():

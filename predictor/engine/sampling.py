@@ -41,7 +41,6 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
     TypicalLogitsWarper,
 )
-
 from transformers.generation.stopping_criteria import StopStringCriteria
 
 from .grammar import GrammarMask
@@ -111,10 +110,11 @@ def make_sampler(options: GenerationOptions, prompt_ids: list[int], sequence_ind
         generator = torch.Generator(device=device).manual_seed(sequence_seed(options.seed, sequence_index))
     warp_key = (options.temperature, options.top_h, options.top_k, options.top_p, options.min_p, options.typical_p,
                 options.epsilon_cutoff, options.eta_cutoff) if options.do_sample else None
+    stops = _stop_criteria(tokenizer, options.stop_strings) if options.stop_strings else None
     return SequenceSampler(prompt_len=len(prompt_ids), min_new_tokens=options.min_new_tokens,
                            eos_token_ids=options.eos_token_ids, processors=processors, warp_key=warp_key,
                            generator=generator, logprobs=options.logprobs, top_logprobs=options.top_logprobs,
-                           stop_strings=_stop_criteria(tokenizer, options.stop_strings) if options.stop_strings else None)
+                           stop_strings=stops)
 
 
 @functools.lru_cache(maxsize=64)
