@@ -143,6 +143,12 @@ def test_messages_answer_with_the_assistants_reply(tiny_server):
                                            temperature=0).choices[0].message.content
     assert body["Result"] == reply and "\nUser:" not in body["Result"]
 
+    streamed = []
+    with httpx.stream("POST", f"{tiny_server.url}/chat", timeout=60, json={
+            "messages": MESSAGES, "stream": True, "generate_kwargs": {"do_sample": False, "max_new_tokens": 12}}) as s:
+        streamed = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    assert "".join(event.get("text", "") for event in streamed[:-1]) == reply == streamed[-1]["Result"]
+
 
 @pytest.mark.parametrize("payload, param, fragment", [
     ({"prompt": "Hi", "messages": MESSAGES}, "messages", "not both"),

@@ -2,7 +2,8 @@
 
 Pydantic lives here for the OpenAI routes as ``schema`` holds it for /chat. ``parse_openai_request`` turns a
 decoded JSON body into a request or raises an ``InvalidRequest`` naming the field at fault as OpenAI does
-(``messages[0].content``).
+(``messages[0].content``); a field this server refuses (``REFUSED``: tools, ``best_of``...) is named with the
+reason. vLLM's ``/tokenize`` and ``/detokenize`` bodies are here too.
 """
 
 from __future__ import annotations
