@@ -27,12 +27,14 @@ class InvalidRequest(PredictorError):
 
 
 class MissingPrompt(InvalidRequest):
-    """No prompt, or an empty one (the message is the one the Falcon /chat clients know)."""
+    """No prompt (or an empty one) and no messages; the message starts with the words the Falcon /chat clients
+    know."""
 
     error_type = "missing_prompt"
 
     def __init__(self) -> None:
-        super().__init__("Text generation parameter prompt required", param="prompt")
+        super().__init__('Text generation parameter prompt required: send "prompt" (a non-empty string) or '
+                         '"messages" (a list of {"role", "content"})', param="prompt")
 
 
 class UnknownParameter(InvalidRequest):

@@ -200,7 +200,7 @@ def test_v1_predict_route_answers_like_chat(any_server):
 
 def test_v1_predict_route_refuses_like_chat(tiny_server):
     refused = post(tiny_server.url, {"prompt": ""}, f"/v1/models/{tiny_server.model_name}:predict")
-    assert assert_client_error(refused, 400, "prompt")["detail"] == MISSING_PROMPT
+    assert assert_client_error(refused, 400, "prompt")["detail"].startswith(MISSING_PROMPT)
 
 
 # -- prompt and the fields around it ----------------------------------------------------------------------------
@@ -209,7 +209,7 @@ def test_v1_predict_route_refuses_like_chat(tiny_server):
 def test_missing_or_empty_prompt_is_400(any_server, body):
     response = post(any_server.url, body)
     assert response.status_code == 400
-    assert response.json()["detail"] == MISSING_PROMPT
+    assert response.json()["detail"].startswith(MISSING_PROMPT)
 
 
 def test_return_full_text(any_server):

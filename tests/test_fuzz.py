@@ -1,5 +1,5 @@
-"""Property-based fuzzing of a real server: whatever a client sends to /chat or KServe's v1 and v2 routes, the
-answer is never a 5xx and the server keeps serving.
+"""Property-based fuzzing of a real server: whatever a client sends to /chat, KServe's v1 and v2 routes, the OpenAI
+routes or the tokenizer routes, the answer is never a 5xx and the server keeps serving.
 
 Payloads are generated with hypothesis: any JSON value; /chat-shaped objects whose known fields (and every
 generate option the schema knows, plus those that load code) hold values of random types and ranges, with random
@@ -60,6 +60,8 @@ top_level = st.fixed_dictionaries({}, optional={
     "return_full_text": json_scalars,
     "clean_up_tokenization_spaces": json_scalars,
     "prefix": st.text(max_size=10) | json_scalars,
+    "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "x"]),
+                                                "content": st.text(max_size=10)}), max_size=3) | json_values,
     "handle_long_generation": st.sampled_from(["hole", None, "middle"]) | json_scalars,
     "seed": st.integers(-1, 2**64) | json_scalars,
     "stream": json_scalars,
@@ -88,6 +90,12 @@ plausible_options = {
     "return_dict_in_generate": st.booleans(), "remove_invalid_values": st.booleans(),
     "forced_bos_token_id": st.integers(0, 1023), "forced_eos_token_id": st.integers(0, 1023) | some_ids,
     "pad_token_id": st.integers(0, 1023), "eos_token_id": st.integers(0, 1023) | some_ids,
+    "min_p": probabilities | st.just(0.0), "top_h": probabilities, "epsilon_cutoff": st.floats(0, 1, exclude_max=True),
+    "eta_cutoff": st.floats(0, 1, exclude_max=True), "renormalize_logits": st.booleans(),
+    "suppress_tokens": some_ids, "begin_suppress_tokens": some_ids, "use_cache": st.booleans(),
+    "sequence_bias": st.lists(st.tuples(some_ids, st.floats(-100, 100)).map(list), min_size=1, max_size=3),
+    "exponential_decay_length_penalty": st.tuples(st.integers(0, 20), positive).map(list),
+    "stop_strings": st.text(min_size=1, max_size=5) | st.lists(st.text(min_size=1, max_size=5), max_size=3),
 }
 plausible_payloads = st.builds(
     lambda options, new_tokens, fields: {"prompt": fields.pop("prompt", "Hello"), **fields,
@@ -99,6 +107,8 @@ plausible_payloads = st.builds(
         "prompt": st.text(min_size=1, max_size=60), "prefix": st.text(max_size=10), "seed": st.integers(0, 2**63),
         "return_full_text": st.booleans(), "clean_up_tokenization_spaces": st.booleans(),
         "handle_long_generation": st.sampled_from(["hole", None]), "stream": st.booleans()}))
+with_messages = plausible_payloads.map(lambda p: {**{k: v for k, v in p.items() if k != "prompt"},
+                                                  "messages": [{"role": "user", "content": p["prompt"]}]})
 chat_payloads = plausible_payloads | chaotic_payloads
 
 
@@ -116,6 +126,7 @@ def mutated_json(draw) -> bytes:
 valid_looking = plausible_payloads.map(lambda p: json.dumps(p).encode())
 bodies = st.sampled_from([  # most examples should reach generation: more draws of the valid-looking kind
     *[valid_looking] * 5,
+    with_messages.map(lambda p: json.dumps(p).encode()),
     chaotic_payloads.map(lambda p: json.dumps(p).encode()),
     json_values.map(lambda v: json.dumps(v).encode()),
     mutated_json(),
@@ -201,3 +212,57 @@ def test_the_server_still_serves_after_fuzzing(fuzz_server, client) -> None:
     response = client.post("/chat", json=NORMAL)
     assert response.status_code == 200, response.text
     assert client.get("/health").status_code == 200
+
+
+# -- the OpenAI and tokenizer routes -------------------------------------------------------------------------------
+openai_fields = {  # values of the right types around the edges of their ranges, as plausible_options
+    "max_tokens": st.integers(1, MAX_NEW_TOKENS), "temperature": st.floats(0, 2), "top_p": probabilities,
+    "top_k": st.integers(0, 2000), "min_p": st.floats(0, 1), "n": st.integers(1, 4), "seed": st.integers(0, 2**63),
+    "stop": st.text(min_size=1, max_size=4) | st.lists(st.text(min_size=1, max_size=4), max_size=4),
+    "stream": st.booleans(), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2), "repetition_penalty": positive,
+    "logit_bias": st.dictionaries(st.integers(0, 1023).map(str), st.floats(-100, 100), max_size=3),
+    "min_tokens": st.integers(0, MAX_NEW_TOKENS), "stop_token_ids": st.lists(st.integers(0, 1023), max_size=3),
+    "ignore_eos": st.booleans(), "return_tokens_as_token_ids": st.booleans(),
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "json_schema"},
+                                        {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                                            "type": "object", "properties": {"a": {"type": "boolean"}}}}},
+                                        {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                                            "type": "nonsense"}}}]),
+}
+completion_fields = {**openai_fields, "logprobs": st.integers(0, 5), "echo": st.booleans()}
+chat_fields = {**openai_fields, "logprobs": st.booleans(), "top_logprobs": st.integers(0, 20)}
+chat_messages = with_messages.map(lambda p: p["messages"])
+
+
+def openai_body(fields: dict, required: dict) -> st.SearchStrategy:
+    """A few plausible fields, now and then one of any JSON value or an unknown or refused one."""
+    some = st.lists(st.sampled_from(sorted(fields)), max_size=5, unique=True).flatmap(
+        lambda names: st.fixed_dictionaries({name: fields[name] for name in names}))
+    odd = st.dictionaries(st.sampled_from([*fields, "tools", "best_of", "x"]), json_values, max_size=1)
+    return st.builds(lambda body, extra, base: {**base, **body, **extra}, some, st.just({}) | odd,
+                     st.fixed_dictionaries({"model": st.just("tiny-falcon"), **required}))
+
+
+openai_payloads = st.one_of(
+    st.tuples(st.just("/v1/completions"), openai_body(completion_fields, {"prompt": st.text(min_size=1, max_size=30)})),
+    st.tuples(st.just("/v1/chat/completions"), openai_body(chat_fields, {"messages": chat_messages})),
+    st.tuples(st.just("/tokenize"), st.fixed_dictionaries({}, optional={
+        "prompt": st.text(max_size=20) | json_scalars, "messages": chat_messages | json_values,
+        "add_special_tokens": st.booleans(), "add_generation_prompt": st.booleans()})),
+    st.tuples(st.just("/detokenize"), st.fixed_dictionaries({"tokens": st.lists(token_ids, max_size=5) | json_values})),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(route_and_body=openai_payloads)
+def test_no_openai_payload_gets_a_5xx(fuzz_server, client, route_and_body) -> None:
+    route, body = route_and_body
+    response = client.post(route, json=body)
+    event(f"{route} HTTP {response.status_code}")
+    assert response.status_code < 500, f"{response.status_code} {response.text[:300]}"
+    if response.headers.get("content-type", "").startswith("text/event-stream"):
+        assert '"error"' not in response.text, f"failed after the 200 went out: {response.text[-300:]}"
+    elif response.status_code >= 400:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert fuzz_server.process.poll() is None, "the server died"

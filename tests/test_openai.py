@@ -8,10 +8,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from predictor.api.chat_format import render_chat
-from predictor.api.openai_api import resolve_max_tokens, to_chat_request
-from predictor.api.openai_schema import CompletionRequest, parse_openai_request
-from predictor.engine.options import Limits
+from predictor.api.openai_mapping import resolve_max_tokens, to_generation_job
+from predictor.api.openai_schema import ChatCompletionRequest, CompletionRequest, parse_openai_request
+from predictor.engine.options import Limits, ModelInfo
 from predictor.errors import ContextLengthExceeded, InvalidRequest, UnknownParameter
+
+FALCON = ModelInfo(vocab_size=65024, eos_token_id=11)
 
 PROMPT = "Once upon a time"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story."}]
@@ -42,25 +44,67 @@ def completion_request(**fields) -> CompletionRequest:
     return parse_openai_request({"model": "m", "prompt": "p", **fields}, CompletionRequest)
 
 
+def chat_request(**fields) -> ChatCompletionRequest:
+    return parse_openai_request({"model": "m", "messages": MESSAGES, **fields}, ChatCompletionRequest)
+
+
+def job_of(request, prompt_len=3, stops=(), limits=None):
+    return to_generation_job(request, "p", list(range(100, 100 + prompt_len)), stops, FALCON, limits or Limits())
+
+
 def test_temperature_zero_is_greedy_and_sampling_has_no_top_k():
-    greedy = to_chat_request(completion_request(temperature=0), "p", 5).generate_kwargs
+    greedy = job_of(completion_request(temperature=0, max_tokens=5)).options
     assert (greedy.do_sample, greedy.max_new_tokens) == (False, 5)
-    sampled = to_chat_request(completion_request(top_p=0.5, n=3, seed=1), "p", 5)
-    kwargs = sampled.generate_kwargs
-    assert (kwargs.do_sample, kwargs.temperature, kwargs.top_k, kwargs.top_p, kwargs.num_return_sequences) == (
+    sampled = job_of(completion_request(top_p=0.5, n=3, seed=1))
+    options = sampled.options
+    assert (options.do_sample, options.temperature, options.top_k, options.top_p, options.num_return_sequences) == (
         True, 1.0, 0, 0.5, 3)
-    assert sampled.seed == 1 and sampled.return_full_text is False
+    assert options.seed == 1 and sampled.return_full_text is False
 
 
-def test_neutral_values_of_unsupported_options_are_accepted_and_others_refused():
-    completion_request(presence_penalty=0, frequency_penalty=0.0, logit_bias={}, echo=False, best_of=1, user="u",
-                       logprobs=None)
-    for field, value in [("presence_penalty", 0.5), ("logit_bias", {"1": 5}), ("echo", True), ("logprobs", 0)]:
+def test_openai_options_map_straight_onto_the_engines():
+    options = job_of(completion_request(presence_penalty=0.5, frequency_penalty=-1, logit_bias={"7": -100, "9": 2.5},
+                                        min_tokens=3, stop_token_ids=[5], logprobs=2), stops=["x"]).options
+    assert (options.presence_penalty, options.frequency_penalty) == (0.5, -1)
+    assert options.sequence_bias == (((7,), -100.0), ((9,), 2.5))
+    assert (options.min_new_tokens, options.eos_token_ids, options.logprobs, options.top_logprobs) == (
+        3, (11, 5), True, 2)
+    assert options.stop_strings == ("x",)
+    assert job_of(completion_request(ignore_eos=True, stop_token_ids=[5])).options.eos_token_ids == (5,)
+    assert job_of(completion_request(echo=True)).return_full_text
+    chat = job_of(chat_request(logprobs=True, top_logprobs=20), stops=["\nUser:"])
+    assert (chat.options.top_logprobs, chat.stop_texts) == (20, ("\nUser:",))
+
+
+def test_unsupported_options_are_refused_by_name_and_neutral_values_accepted():
+    completion_request(best_of=1, suffix="", user="u", logprobs=None)
+    for field, value in [("best_of", 2), ("suffix", "x"), ("tools", []), ("functions", []),
+                         ("use_beam_search", True)]:
         with pytest.raises(UnknownParameter) as caught:
             completion_request(**{field: value})
-        assert caught.value.param == field
-    with pytest.raises(UnknownParameter):
-        completion_request(tools=[])
+        assert caught.value.param == field and field in caught.value.message
+
+
+@pytest.mark.parametrize("request_of, param", [
+    (lambda: completion_request(logit_bias={"70000": 1}), "logit_bias"),
+    (lambda: completion_request(logit_bias={"5": 101}), "logit_bias"),
+    (lambda: completion_request(logit_bias={"five": 1}), "logit_bias"),
+    (lambda: completion_request(presence_penalty=2.5), "presence_penalty"),
+    (lambda: completion_request(frequency_penalty=-3), "frequency_penalty"),
+    (lambda: completion_request(logprobs=6), "logprobs"),
+    (lambda: completion_request(logprobs=1, echo=True), "echo"),
+    (lambda: chat_request(top_logprobs=21, logprobs=True), "top_logprobs"),
+    (lambda: chat_request(top_logprobs=2), "top_logprobs"),
+    (lambda: completion_request(stop_token_ids=[-1]), "stop_token_ids"),
+    (lambda: completion_request(min_tokens=17), "min_tokens"),
+    (lambda: completion_request(max_tokens=5000), "max_tokens"),
+    (lambda: completion_request(n=9, temperature=1), "n"),
+])
+def test_each_mistake_names_the_openai_parameter(request_of, param):
+    with pytest.raises(InvalidRequest) as caught:
+        job_of(request_of(), limits=Limits(context_length=8000))
+    assert caught.value.param == param
+    assert caught.value.message.startswith(param) and "generate_kwargs" not in caught.value.message
 
 
 def test_max_tokens_default_fills_the_context_up_to_the_server_limit():
@@ -183,7 +227,9 @@ def test_a_stop_sequence_counts_only_the_tokens_up_to_it(client, model):
 @pytest.mark.parametrize("kwargs, param", [
     ({"temperature": 3}, "temperature"),
     ({"n": 2, "temperature": 0}, "n"),
-    ({"presence_penalty": 1.0}, "presence_penalty"),
+    ({"presence_penalty": 3.0}, "presence_penalty"),
+    ({"logit_bias": {"99999": 1}}, "logit_bias"),
+    ({"best_of": 3}, "best_of"),
     ({"max_tokens": 4096}, "max_tokens"),
     ({"prompt": "word " * 3000}, "prompt"),
 ])

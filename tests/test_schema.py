@@ -37,7 +37,8 @@ def test_the_full_contract_payload_parses():
 def test_missing_prompt_has_the_message_clients_know(body):
     with pytest.raises(MissingPrompt) as caught:
         parse_chat_request(body)
-    assert caught.value.message == "Text generation parameter prompt required"
+    assert caught.value.message.startswith("Text generation parameter prompt required")
+    assert "messages" in caught.value.message
     assert caught.value.status == 400
 
 
@@ -103,3 +104,24 @@ def test_null_generate_kwargs_means_defaults():
 def test_bodies_that_are_not_strict_json_are_client_errors(raw):
     with pytest.raises(InvalidRequest, match="not valid JSON"):
         decode_json_body(raw)
+
+
+def test_every_generation_config_option_is_decided_and_in_the_readme():
+    """Each option of transformers' GenerationConfig is accepted, refused with a reason, or never accepted (it
+    loads code or objects), and the README's table names it."""
+    from pathlib import Path
+
+    from transformers import GenerationConfig
+
+    from predictor.api.schema import REFUSED_OPTIONS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme[readme.index("### transformers' generation options"):]
+    for option in GenerationConfig().to_dict():
+        decided = option in GenerateKwargs.model_fields or option in REFUSED_OPTIONS or option in CODE_LOADING_OPTIONS
+        assert decided, option
+        assert f"`{option}`" in table, option
+    for option in REFUSED_OPTIONS:
+        with pytest.raises(UnknownParameter) as caught:
+            parse_chat_request({"prompt": "x", "generate_kwargs": {option: 1}})
+        assert REFUSED_OPTIONS[option] in caught.value.message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import time
@@ -126,7 +127,8 @@ def job_for(prompt_ids, n=1):
 
 
 async def deltas_of(model, job, ticket, stops=()):
-    return [delta async for delta in stream_text(model, job, ticket, stops)]
+    job = dataclasses.replace(job, stop_texts=tuple(stops))
+    return [delta async for delta in stream_text(model, job, ticket)]
 
 
 def test_a_stop_string_ends_the_sequence_and_cancels_the_request(tokenizer):

@@ -42,11 +42,13 @@ FALCON_CHAT_TEMPLATE = (
 )
 
 
-def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]]) -> str:
-    """The prompt for ``messages`` (each with ``role`` and ``content``), ending with the generation prompt."""
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]],
+                add_generation_prompt: bool = True) -> str:
+    """The prompt for ``messages`` (each with ``role`` and ``content``), ending with the generation prompt unless
+    ``add_generation_prompt`` is false."""
     check_messages(messages)
     return tokenizer.apply_chat_template([dict(m) for m in messages], chat_template=FALCON_CHAT_TEMPLATE,
-                                         tokenize=False, add_generation_prompt=True)
+                                         tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def check_messages(messages: Sequence[Mapping[str, str]]) -> None:

@@ -8,27 +8,32 @@ is a frozen ``GenerationJob`` the engine runs without further checks. No model i
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import math
+from typing import Any, Mapping, Sequence
 
 from ..engine.options import GREEDY_BELOW_TEMPERATURE, GenerationJob, GenerationOptions, Limits, ModelInfo
 from ..errors import ContextLengthExceeded, InvalidRequest
 from .schema import ChatRequest, GenerateKwargs
 
 
-def to_generation_job(request: ChatRequest, prompt_ids: list[int], model: ModelInfo, limits: Limits) -> GenerationJob:
+def to_generation_job(request: ChatRequest, prompt_ids: list[int], model: ModelInfo, limits: Limits,
+                      prompt: str | None = None, stop_texts: Sequence[str] = ()) -> GenerationJob:
     """Map a validated request and its tokenized prompt (``prefix`` included) onto a ``GenerationJob``.
 
-    Raises ``InvalidRequest`` or ``ContextLengthExceeded`` naming the field at fault and what would fit.
+    ``prompt`` is the text generated from when it is not ``request.prompt`` (a rendered conversation, whose answer
+    is then the assistant's reply alone, cut before ``stop_texts``). Raises ``InvalidRequest`` or
+    ``ContextLengthExceeded`` naming the field at fault and what would fit.
     """
     sent = _resolve(request.generate_kwargs, model.generation_defaults)
     length_asked = bool({"max_length", "max_new_tokens"} & request.generate_kwargs.model_fields_set)
     max_new = _max_new_tokens(sent, len(prompt_ids), limits, length_asked)
-    prompt_ids, truncated = _fit_context(prompt_ids, max_new, request.handle_long_generation, limits)
-    options = _options(sent, len(prompt_ids) + truncated, max_new, model, limits, request.seed)
-    return GenerationJob(prompt_ids=tuple(prompt_ids), options=options, prompt=request.prompt,
-                         return_full_text=request.return_full_text,
+    prompt_param = "prompt" if request.messages is None else "messages"
+    prompt_ids, truncated = fit_context(prompt_ids, max_new, request.handle_long_generation, limits, prompt_param)
+    options = _options(sent, len(prompt_ids) + truncated, max_new, model, limits, request.seed, stop_texts)
+    return GenerationJob(prompt_ids=tuple(prompt_ids), options=options, prompt=prompt or request.prompt or "",
+                         return_full_text=request.return_full_text and request.messages is None,
                          clean_up_tokenization_spaces=request.clean_up_tokenization_spaces,
-                         truncated_tokens=truncated)
+                         truncated_tokens=truncated, stop_texts=tuple(stop_texts))
 
 
 def _resolve(kwargs: GenerateKwargs, model_defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -60,8 +65,9 @@ def _max_new_tokens(kw: dict[str, Any], prompt_len: int, limits: Limits, length_
     return max_new
 
 
-def _fit_context(prompt_ids: list[int], max_new: int, handle_long_generation: str | None,
-                 limits: Limits) -> tuple[list[int], int]:
+def fit_context(prompt_ids: list[int], max_new: int, handle_long_generation: str | None, limits: Limits,
+                prompt_param: str = "prompt") -> tuple[list[int], int]:
+    """The prompt ids that fit the context with ``max_new`` more, and how many were cut from the left."""
     room = limits.context_length - max_new
     if len(prompt_ids) <= room:
         return prompt_ids, 0
@@ -70,18 +76,16 @@ def _fit_context(prompt_ids: list[int], max_new: int, handle_long_generation: st
     raise ContextLengthExceeded(
         f"the prompt has {len(prompt_ids)} tokens and {max_new} new tokens were asked for, but the model's context "
         f"holds {limits.context_length} tokens: send at most {room} prompt tokens, ask for fewer new tokens, or set "
-        '"handle_long_generation": "hole" to cut the prompt from the left', param="prompt")
+        '"handle_long_generation": "hole" to cut the prompt from the left', param=prompt_param)
 
 
 def _options(kw: dict[str, Any], prompt_len: int, max_new: int, model: ModelInfo, limits: Limits,
-             seed: int | None) -> GenerationOptions:
+             seed: int | None, stop_texts: Sequence[str]) -> GenerationOptions:
     eos_ids = _token_ids(kw["eos_token_id"], "eos_token_id", model)
     if not eos_ids and model.eos_token_id is not None:
         eos_ids = (model.eos_token_id,)
-    pad_id = kw["pad_token_id"] if kw["pad_token_id"] is not None else model.pad_token_id
-    if pad_id is None:
-        pad_id = eos_ids[0] if eos_ids else 0  # Falcon has no pad token: pad with eos, as transformers does
-    _token_ids(pad_id, "pad_token_id", model)
+    pad_id = _token_ids(kw["pad_token_id"], "pad_token_id", model)
+    pad_id = pad_token_id(pad_id[0] if pad_id else None, eos_ids, model)
 
     min_new = kw["min_new_tokens"] if kw["min_new_tokens"] is not None else max(0, kw["min_length"] - prompt_len)
     if min_new > max_new:
@@ -90,9 +94,7 @@ def _options(kw: dict[str, Any], prompt_len: int, max_new: int, model: ModelInfo
                              "may be generated: min_length must not exceed max_length",
                              param=f"generate_kwargs.{param}")
 
-    # temperature 0 is the usual way to ask for greedy decoding; transformers 5 raises on it. Below 1e-5 sampling
-    # is greedy in all but float overflow, so it is treated the same (as vLLM does).
-    do_sample = kw["do_sample"] and kw["temperature"] >= GREEDY_BELOW_TEMPERATURE
+    do_sample = samples(kw["do_sample"], kw["temperature"])
     num_beams, groups, n = kw["num_beams"], kw["num_beam_groups"], kw["num_return_sequences"]
     _check_beams(num_beams, groups, n, do_sample, limits)
 
@@ -101,12 +103,24 @@ def _options(kw: dict[str, Any], prompt_len: int, max_new: int, model: ModelInfo
         _token_ids(list(word), "bad_words_ids", model)
     forced_bos = kw["forced_bos_token_id"]
     _token_ids(forced_bos, "forced_bos_token_id", model)
+    bias = tuple((_token_ids(ids, "sequence_bias", model), float(value)) for ids, value in kw["sequence_bias"] or ())
+    decay = _decay(kw["exponential_decay_length_penalty"], max_new)
+    stop_strings = kw["stop_strings"]
+    stop_strings = (stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings or ())
     return GenerationOptions(
         max_new_tokens=max_new, min_new_tokens=min_new, do_sample=do_sample,
         temperature=kw["temperature"] if do_sample else 1.0,
         top_k=kw["top_k"] if do_sample else 0,
         top_p=kw["top_p"] if do_sample else 1.0,
         typical_p=kw["typical_p"] if do_sample else 1.0,
+        min_p=(kw["min_p"] or 0.0) if do_sample else 0.0,
+        top_h=(kw["top_h"] or 1.0) if do_sample else 1.0,
+        epsilon_cutoff=kw["epsilon_cutoff"] if do_sample else 0.0,
+        eta_cutoff=kw["eta_cutoff"] if do_sample else 0.0,
+        sequence_bias=bias, exponential_decay_length_penalty=decay,
+        suppress_tokens=_token_ids(kw["suppress_tokens"], "suppress_tokens", model),
+        begin_suppress_tokens=_token_ids(kw["begin_suppress_tokens"], "begin_suppress_tokens", model),
+        stop_strings=stop_strings + tuple(stop_texts), renormalize_logits=kw["renormalize_logits"],
         repetition_penalty=kw["repetition_penalty"], no_repeat_ngram_size=kw["no_repeat_ngram_size"],
         encoder_no_repeat_ngram_size=kw["encoder_no_repeat_ngram_size"], bad_words_ids=bad_words,
         forced_bos_token_id=forced_bos,
@@ -142,12 +156,49 @@ def _check_beams(num_beams: int, groups: int, n: int, do_sample: bool, limits: L
             fail("num_beam_groups", "diverse beam search does not sample: set do_sample to false")
 
 
+def _decay(value: list[int | float] | None, max_new: int) -> tuple[int, float] | None:
+    """exponential_decay_length_penalty, refused where the factor would overflow before generation ends (transformers
+    raises an OverflowError there, which in a shared batch would fail every request in it)."""
+    if value is None:
+        return None
+    start, factor = int(value[0]), float(value[1])
+    if max(0, max_new - start) * math.log(factor) > math.log(1e30):
+        raise InvalidRequest(f"generate_kwargs.exponential_decay_length_penalty: a factor of {factor:g} from token "
+                             f"{start} overflows before {max_new} new tokens: use a factor closer to 1 or a later "
+                             "start", param="generate_kwargs.exponential_decay_length_penalty")
+    return start, factor
+
+
 def _token_ids(value: int | list[int] | None, name: str, model: ModelInfo) -> tuple[int, ...]:
+    return token_ids(value, f"generate_kwargs.{name}", model)
+
+
+# -- shared with the OpenAI mapping ----------------------------------------------------------------------------
+def samples(do_sample: bool, temperature: float) -> bool:
+    """Whether to sample. temperature 0 is the usual way to ask for greedy decoding; transformers 5 raises on it.
+    Below 1e-5 sampling is greedy in all but float overflow, so it is treated the same (as vLLM does)."""
+    return do_sample and temperature >= GREEDY_BELOW_TEMPERATURE
+
+
+def pad_token_id(asked: int | None, eos_ids: Sequence[int], model: ModelInfo) -> int:
+    """The id rows are padded with: the request's, the tokenizer's, else eos (Falcon has no pad token; transformers
+    pads with eos too)."""
+    if asked is not None:
+        return asked
+    if model.pad_token_id is not None:
+        return model.pad_token_id
+    if eos_ids:
+        return eos_ids[0]
+    return model.eos_token_id if model.eos_token_id is not None else 0
+
+
+def token_ids(value: int | Sequence[int] | None, param: str, model: ModelInfo) -> tuple[int, ...]:
+    """``value`` as a tuple of ids, each checked against the vocabulary; ``param`` names the field at fault."""
     if value is None:
         return ()
     ids = (value,) if isinstance(value, int) else tuple(value)
     for token_id in ids:
         if not 0 <= token_id < model.vocab_size:
-            raise InvalidRequest(f"generate_kwargs.{name}: token id {token_id} is outside the vocabulary "
-                                 f"[0, {model.vocab_size - 1}]", param=f"generate_kwargs.{name}")
+            raise InvalidRequest(f"{param}: token id {token_id} is outside the vocabulary [0, {model.vocab_size - 1}]",
+                                 param=param)
     return ids

@@ -26,6 +26,7 @@ from ..engine.tickets import GenerationResult, Ticket
 from ..errors import NotReady
 from ..tiny import build_tiny_falcon, default_cache_dir
 from ..variants import Variant, find_variant
+from .chat_format import CHAT_STOP, render_chat
 from .mapping import to_generation_job
 from .schema import ChatRequest, decode_json_body, parse_chat_request
 
@@ -136,12 +137,17 @@ class FalconModel(kserve.Model):
         return await self.prepare(parse_chat_request(payload))
 
     async def prepare(self, request: ChatRequest) -> GenerationJob:
-        """Tokenize (off the event loop: prompts can be long) and map the request onto a job."""
+        """Render ``messages`` in the conversation format, tokenize (off the event loop: prompts can be long) and
+        map the request onto a job. A conversation's answer is the assistant's reply, up to its next turn."""
         engine = self.require_ready()
-        prompt_ids = await asyncio.to_thread(engine.encode, (request.prefix or "") + request.prompt)
+        prompt, stops = request.prompt or "", ()
+        if request.messages is not None:
+            prompt = render_chat(engine.tokenizer, [message.model_dump() for message in request.messages])
+            stops = (CHAT_STOP,)
+        prompt_ids = await asyncio.to_thread(engine.encode, (request.prefix or "") + prompt)
         if self.config.log_prompts:
-            logger.info("prompt: %r", request.prompt)
-        return to_generation_job(request, prompt_ids, engine.info, self.limits)
+            logger.info("prompt: %r", prompt)
+        return to_generation_job(request, prompt_ids, engine.info, self.limits, prompt, stops)
 
     async def predict(self, job: GenerationJob, headers: dict[str, str] | None = None) -> Completion:
         ticket = self.submit(job)
@@ -169,8 +175,8 @@ class FalconModel(kserve.Model):
         """The Falcon /chat response: ``Result`` is a string, or a list for several sequences; ``details`` adds
         token counts, finish reasons and (when asked) per-token log-probabilities."""
         job, result = completion.job, completion.result
-        texts = [self.engine.continuation(job.prompt_ids, seq.token_ids, job.clean_up_tokenization_spaces)
-                 for seq in result.sequences]
+        texts = [cut_at_stop(self.engine.continuation(job.prompt_ids, seq.token_ids, job.clean_up_tokenization_spaces),
+                             job.stop_texts) for seq in result.sequences]
         if job.return_full_text:
             texts = [job.prompt + text for text in texts]
         details: dict[str, Any] = {
@@ -181,7 +187,7 @@ class FalconModel(kserve.Model):
         if job.truncated_tokens:
             details["truncated_prompt_tokens"] = job.truncated_tokens
         if job.options.logprobs:
-            details["logprobs"] = [list(seq.logprobs or ()) for seq in result.sequences]
+            details["logprobs"] = [[token.logprob for token in seq.logprobs or ()] for seq in result.sequences]
         if self.config.log_prompts:
             logger.info("generated: %r", texts)
         return {"Result": texts[0] if len(texts) == 1 else texts, "details": details}
@@ -195,6 +201,11 @@ class FalconModel(kserve.Model):
         self.ready = False
         if self.batcher is not None:
             self.batcher.close()
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    """``text`` up to the first of ``stops`` in it."""
+    return text[:min((text.find(stop) for stop in stops if stop in text), default=len(text))]
 
 
 def check_fits(config: ServerConfig) -> None:

@@ -2,23 +2,33 @@
 
 Pydantic lives here for the OpenAI routes as ``schema`` holds it for /chat. ``parse_openai_request`` turns a
 decoded JSON body into a request or raises an ``InvalidRequest`` naming the field at fault as OpenAI does
-(``messages[0].content``).
+(``messages[0].content``); a field this server refuses (``REFUSED``: tools, ``best_of``...) is named with the
+reason. vLLM's ``/tokenize`` and ``/detokenize`` bodies are here too.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import InvalidRequest, UnknownParameter
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, 100 all but forces it
 # Options the engine cannot honour, with the values that ask for nothing (clients often send those explicitly).
-NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "logprobs": (False,),
-    "top_logprobs": (0,), "best_of": (1,), "echo": (False,), "suffix": ("",),
+NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {"best_of": (1,), "suffix": ("",), "use_beam_search": (False,)}
+# Fields OpenAI or vLLM know that this server refuses, and why: named in the 400 rather than "not supported".
+REFUSED = {
+    "best_of": "best_of (several completions ranked server-side) is not supported: ask for n and choose",
+    "suffix": "suffix (insertion) is not supported by Falcon",
+    "use_beam_search": "beam search is not offered on the OpenAI routes: use POST /chat with num_beams",
+    "tools": "tool calling is not supported", "tool_choice": "tool calling is not supported",
+    "parallel_tool_calls": "tool calling is not supported", "functions": "function calling is not supported",
+    "function_call": "function calling is not supported", "audio": "audio output is not supported",
+    "modalities": "only text output is supported", "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "Falcon is not a reasoning model", "web_search_options": "web search is not supported",
 }
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -27,6 +37,24 @@ class StreamOptions(BaseModel):
     model_config = _STRICT
 
     include_usage: bool = False  # a last chunk, with no choices, carries the usage
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
+
+    name: str = Field(max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # the schema is always enforced exactly
+
+
+class ResponseFormat(BaseModel):
+    """``{"type": "text"}``, ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``."""
+
+    model_config = _STRICT
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class GenerationFields(BaseModel):
@@ -38,12 +66,34 @@ class GenerationFields(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2, description="0 means greedy decoding")
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="vLLM's extension; 0 keeps every token")
+    min_p: float = Field(0.0, ge=0, le=1, description="vLLM's extension; 0 is off")
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100, description="vLLM's extension (transformers' meaning)")
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] = Field(default_factory=dict, description="token id -> bias in [-100, 100]")
+    min_tokens: int = Field(0, ge=0, description="vLLM's extension: tokens before eos or a stop token may end it")
+    stop_token_ids: list[int] = Field(default_factory=list, description="vLLM's extension: ids that end a choice")
+    ignore_eos: bool = Field(False, description="vLLM's extension: go on past eos")
+    return_tokens_as_token_ids: bool = Field(False, description="vLLM's extension: logprobs name tokens "
+                                                                '"token_id:<id>" rather than by their text')
     n: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = None  # an end-user id for abuse monitoring: accepted, not used
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bounded_bias(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, bias in value.items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids, as strings (got {key[:20]!r})")
+            if abs(bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"biases must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}] (got {bias:g})")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -64,10 +114,29 @@ class GenerationFields(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def echo_prompt(self) -> bool:
+        return False
+
+    def logprobs_asked(self) -> tuple[bool, int]:
+        """Whether each token's log-probability is wanted, and how many top alternatives with it."""
+        raise NotImplementedError
+
 
 class CompletionRequest(GenerationFields):
+    prompt_param: ClassVar[str] = "prompt"
+
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=5, description="the top alternatives to each token's logprob")
+    echo: bool = Field(False, description="the prompt in front of the completion")
+
+    @property
+    def echo_prompt(self) -> bool:
+        return self.echo
+
+    def logprobs_asked(self) -> tuple[bool, int]:
+        return self.logprobs is not None, self.logprobs or 0
 
     @field_validator("prompt")
     @classmethod
@@ -101,15 +170,24 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(GenerationFields):
+    prompt_param: ClassVar[str] = "messages"
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens; wins over it
+    logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=20)
+
+    def logprobs_asked(self) -> tuple[bool, int]:
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+        return self.logprobs, self.top_logprobs
 
     @property
     def asked_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-R = TypeVar("R", bound=GenerationFields)
+R = TypeVar("R", bound=BaseModel)
 
 
 def parse_openai_request(body: Any, request_type: type[R]) -> R:
@@ -119,9 +197,11 @@ def parse_openai_request(body: Any, request_type: type[R]) -> R:
         raise InvalidRequest("the request body must be a JSON object")
     body = {key: value for key, value in body.items() if value is not None}
     for name, neutral in NEUTRAL_VALUES.items():
-        if name in body and not _is_neutral(value := body.pop(name), neutral):
-            raise UnknownParameter(f"{name}={value!r} is not supported by this server (only {neutral[0]!r})",
-                                   param=name)
+        if name in body and _is_neutral(body[name], neutral):
+            del body[name]
+    for name in body:
+        if name in REFUSED:
+            raise UnknownParameter(f"{name}: {REFUSED[name]}", param=name)
     try:
         return request_type.model_validate(body)
     except ValidationError as exc:
@@ -144,3 +224,25 @@ def _to_invalid_request(exc: ValidationError) -> InvalidRequest:
 
 def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
     return any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in neutral)
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``POST /tokenize``: a ``prompt``, or chat ``messages`` rendered in the conversation format."""
+
+    model_config = _STRICT
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's ``POST /detokenize``."""
+
+    model_config = _STRICT
+
+    model: str | None = None
+    tokens: list[int]

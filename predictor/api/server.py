@@ -34,6 +34,7 @@ from .open_inference import install_open_inference_route
 from .openai_api import install_openai_routes, openai_base, openai_error_response
 from .schema import decode_json_body, parse_chat_request
 from .streaming import stream_chat, unless_disconnected
+from .tokenizer_api import install_tokenizer_routes
 from .tracing import RequestIdMiddleware, current_request_id
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
     """Add this server's routes, guards and error handlers to KServe's app (before the server starts)."""
     app.add_exception_handler(PredictorError, predictor_error_handler)
     app.add_middleware(RequestGuard, max_body_bytes=config.max_body_bytes, max_header_bytes=config.max_header_bytes,
-                       api_key=config.api_key, openai_base=openai_base())
+                       api_key=config.api_key,
+                       openai_paths=(openai_base() + "/", "/v1/completions", "/v1/chat/completions"))
     app.add_middleware(RequestIdMiddleware)  # added last, so outermost: the guard's refusals carry the id too
 
     @app.post("/chat", tags=["falcon"], summary="Generate text for a prompt (the Falcon /chat API)")
@@ -81,6 +83,7 @@ def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
 
     install_open_inference_route(app, model)
     install_openai_routes(app, model)
+    install_tokenizer_routes(app, model)
 
 
 def health_state(model: FalconModel) -> str:
@@ -133,12 +136,12 @@ class RequestGuard:
     client sent Content-Length."""
 
     def __init__(self, app, max_body_bytes: int, max_header_bytes: int, api_key: str | None,
-                 openai_base: str) -> None:
+                 openai_paths: tuple[str, ...]) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.max_header_bytes = max_header_bytes
         self.api_key = api_key.encode() if api_key else None
-        self.openai_base = openai_base
+        self.openai_paths = openai_paths  # where clients read OpenAI's error shape
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -151,7 +154,7 @@ class RequestGuard:
         headers = dict(scope["headers"])
         if self.api_key is not None and _needs_auth(path) and not self._authorized(headers):
             refusal = Unauthorized("this route needs 'Authorization: Bearer <api key>'")
-            if path.startswith(self.openai_base + "/"):  # OpenAI clients read OpenAI's error shape
+            if path.startswith(self.openai_paths):
                 return await openai_error_response(refusal)(scope, receive, send)
             return await error_response(refusal)(scope, receive, send)
         if (unserved := unserved_kserve_route(path, scope["query_string"])) is not None:

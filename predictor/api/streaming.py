@@ -37,6 +37,7 @@ from starlette.responses import StreamingResponse
 from .. import metrics
 from ..engine.options import GenerationJob
 from ..engine.runner import PROMPT_CONTEXT_TOKENS
+from ..engine.sampling import TokenLogprob
 from ..engine.tickets import Ticket, TokenEvent
 from ..errors import PredictorError
 from .model import Completion, FalconModel
@@ -117,6 +118,7 @@ class TextDelta:
     token_id: int | None  # the token this delta came with (None for the end-of-sequence marker of beam search)
     finish_reason: str | None = None  # the engine's ("stop", "length", ...), or "stop" for a stop string
     tokens: int = 0  # tokens of this sequence so far; at a stop string, those up to the one that completed it
+    logprob: TokenLogprob | None = None  # the token's, when the request asked for log-probabilities
 
 
 @dataclass
@@ -142,9 +144,9 @@ class _SequenceText:
         return text
 
 
-async def stream_text(model: FalconModel, job: GenerationJob, ticket: Ticket,
-                      stops: Sequence[str] = ()) -> AsyncIterator[TextDelta]:
-    """Text deltas of a ticket submitted with ``stream=True``, each sequence cut at its first stop string.
+async def stream_text(model: FalconModel, job: GenerationJob, ticket: Ticket) -> AsyncIterator[TextDelta]:
+    """Text deltas of a ticket submitted with ``stream=True``, each sequence cut at its first stop text
+    (``job.stop_texts``).
 
     The ticket is cancelled when this ends, whether every sequence finished, the caller stopped iterating (a
     client went away) or an error was raised, so no generation outlives the response.
@@ -152,7 +154,7 @@ async def stream_text(model: FalconModel, job: GenerationJob, ticket: Ticket,
     def decode(ids: list[int]) -> str:
         return model.engine.decode(ids, job.clean_up_tokenization_spaces)
 
-    sequences = [_SequenceText(IncrementalDecoder(decode, job.prompt_ids), StopMatcher(stops))
+    sequences = [_SequenceText(IncrementalDecoder(decode, job.prompt_ids), StopMatcher(job.stop_texts))
                  for _ in range(job.options.num_return_sequences)]
     try:
         async with aclosing(ticket.events()) as events:
@@ -161,7 +163,8 @@ async def stream_text(model: FalconModel, job: GenerationJob, ticket: Ticket,
                 if sequence.finish_reason is not None:
                     continue  # cut at a stop string while the engine went on
                 text = sequence.advance(event)
-                yield TextDelta(event.index, text, event.token_id, sequence.finish_reason, sequence.tokens)
+                yield TextDelta(event.index, text, event.token_id, sequence.finish_reason, sequence.tokens,
+                                event.logprob)
                 if all(s.finish_reason is not None for s in sequences):
                     break
     finally:

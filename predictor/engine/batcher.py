@@ -27,7 +27,7 @@ from .. import metrics
 from ..errors import Draining, GenerationFailed, Overloaded
 from .options import GenerationJob
 from .runner import Engine
-from .sampling import SequenceSampler, choose_next_tokens, make_sampler
+from .sampling import SequenceSampler, TokenLogprob, choose_next_tokens, make_sampler
 from .tickets import SequenceOutput, Ticket, TokenEvent
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class _Sequence:
     sampler: SequenceSampler
     prompt_len: int
     computed: int = 0  # prompt tokens whose keys and values are in the row
-    logprobs: list[float] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
 
     @property
@@ -245,7 +245,7 @@ class Batcher:
             metrics.PREFIX_CACHE_HITS.inc(hit.tokens if hit else 0)
         sequences = []
         for index in range(ticket.job.options.num_return_sequences):
-            sampler = make_sampler(ticket.job.options, prompt, index, self.engine.device)
+            sampler = make_sampler(ticket.job.options, prompt, index, self.engine.device, self.engine.tokenizer)
             row = cache.allocate(running + index, hit if index == 0 else None)
             sequences.append(_Sequence(ticket, index, row, list(prompt), sampler, len(prompt),
                                        computed=cache.length(row)))
@@ -338,12 +338,12 @@ class Batcher:
             if logprob is not None:
                 seq.logprobs.append(logprob)
             seq.finish_reason = self._finish_reason(seq, token)
-            seq.ticket.emit(TokenEvent(seq.index, token, seq.finish_reason))
+            seq.ticket.emit(TokenEvent(seq.index, token, seq.finish_reason, logprob))
 
     @staticmethod
     def _finish_reason(seq: _Sequence, token: int) -> str | None:
         options = seq.ticket.job.options
-        if token in options.eos_token_ids:
+        if token in options.eos_token_ids or seq.sampler.stopped(seq.tokens):
             return "stop"
         if len(seq.generated) >= options.max_new_tokens:
             return "length"
@@ -425,7 +425,7 @@ class Batcher:
         outputs = []
         for i, seq in enumerate(out.sequences):
             reason = "stop" if out.finished[i] else interrupted
-            logprobs = tuple(out.logprobs[i]) if out.logprobs is not None else None
+            logprobs = tuple(map(TokenLogprob, out.logprobs[i])) if out.logprobs is not None else None
             outputs.append(SequenceOutput(tuple(seq), reason, logprobs))
             for token in seq:
                 ticket.emit(TokenEvent(i, token))

@@ -41,14 +41,25 @@ class GenerationOptions:
     top_k: int = 0
     top_p: float = 1.0
     typical_p: float = 1.0
+    min_p: float = 0.0  # 0: off
+    top_h: float = 1.0  # 1: off
+    epsilon_cutoff: float = 0.0  # 0: off
+    eta_cutoff: float = 0.0  # 0: off
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from each token generated at least once
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was generated
+    sequence_bias: tuple[tuple[tuple[int, ...], float], ...] = ()  # (token ids, bias); one id is a logit bias
+    suppress_tokens: tuple[int, ...] = ()  # never generated
+    begin_suppress_tokens: tuple[int, ...] = ()  # not generated as the first new token
+    exponential_decay_length_penalty: tuple[int, float] | None = None  # (start index, decay factor)
     no_repeat_ngram_size: int = 0
     encoder_no_repeat_ngram_size: int = 0
     bad_words_ids: tuple[tuple[int, ...], ...] = ()
     forced_bos_token_id: int | None = None
     forced_eos_token_id: tuple[int, ...] = ()
     remove_invalid_values: bool = False
-    eos_token_ids: tuple[int, ...] = ()
+    renormalize_logits: bool = False  # beam search only: reported log-probabilities are always normalised
+    eos_token_ids: tuple[int, ...] = ()  # the ids that end a sequence (eos, and OpenAI's stop_token_ids)
     pad_token_id: int = 0
     num_beams: int = 1
     num_beam_groups: int = 1
@@ -57,6 +68,9 @@ class GenerationOptions:
     early_stopping: bool | str = False
     num_return_sequences: int = 1
     logprobs: bool = False  # report each generated token's log-probability
+    top_logprobs: int = 0  # and that many most likely tokens' at each step
+    stop_strings: tuple[str, ...] = ()  # transformers' meaning: end after the token that completes one
+    grammar: str | None = None  # an llguidance grammar the text must follow (structured output)
     seed: int | None = None
 
     @property
@@ -74,14 +88,21 @@ class GenerationOptions:
             bad_words_ids=[list(word) for word in self.bad_words_ids] or None,
             forced_bos_token_id=self.forced_bos_token_id,
             forced_eos_token_id=list(self.forced_eos_token_id) or None,
-            remove_invalid_values=self.remove_invalid_values,
+            remove_invalid_values=self.remove_invalid_values, renormalize_logits=self.renormalize_logits,
             eos_token_id=list(self.eos_token_ids) or None, pad_token_id=self.pad_token_id,
             output_scores=self.logprobs, return_dict_in_generate=True,
+            sequence_bias=[[list(ids), bias] for ids, bias in self.sequence_bias] or None,
+            suppress_tokens=list(self.suppress_tokens) or None,
+            begin_suppress_tokens=list(self.begin_suppress_tokens) or None,
+            exponential_decay_length_penalty=self.exponential_decay_length_penalty,
+            stop_strings=list(self.stop_strings) or None,
         )
         if self.num_beam_groups > 1:
             kwargs["diversity_penalty"] = self.diversity_penalty
         if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, typical_p=self.typical_p)
+            kwargs.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, typical_p=self.typical_p,
+                          min_p=self.min_p or None, top_h=self.top_h if self.top_h < 1.0 else None,
+                          epsilon_cutoff=self.epsilon_cutoff, eta_cutoff=self.eta_cutoff)
         return kwargs
 
 
@@ -95,3 +116,5 @@ class GenerationJob:
     return_full_text: bool = True
     clean_up_tokenization_spaces: bool = False
     truncated_tokens: int = 0  # prompt tokens cut from the left by handle_long_generation="hole"
+    stop_texts: tuple[str, ...] = ()  # the answer's text is cut before the first of these (OpenAI's stop, a chat's
+    #                                    next turn); the tokens up to it count as generated

@@ -238,6 +238,8 @@ class Engine:
         """Beam search (diverse when num_beam_groups > 1) for one prompt with transformers' ``generate``."""
         ids = torch.tensor([prompt_ids], device=self.device)
         kwargs = options.to_generate_kwargs()
+        if options.stop_strings:
+            kwargs["tokenizer"] = self.tokenizer  # generate matches stop strings with it
         if options.num_beam_groups > 1:
             kwargs["custom_generate"] = group_beam_search  # the project's own: transformers 5 moved it to the Hub
         devices = [self.device] if self.device.type == "cuda" else []

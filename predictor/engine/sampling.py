@@ -4,32 +4,76 @@ Sequences in one batch may ask for different things (greedy or sampled, their ow
 words...). The logits processors are transformers' own, so each option means exactly what it means in
 ``generate``; they are applied to each sequence's own unpadded token ids, so a sequence gets the same tokens alone
 or in a batch. Options that do not depend on the token ids (the sampling warpers) run once per group of sequences
-that share them, which in practice is the whole batch.
+that share them, which in practice is the whole batch. OpenAI's presence and frequency penalties, which
+transformers does not have, are one small processor of the same kind here (``OpenAIPenalties``).
+
+The log-probabilities a request asks for (``/chat``'s ``output_scores``, OpenAI's ``logprobs`` and
+``top_logprobs``) are taken here, from the scores the token was chosen from, for every route alike.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedTokenizerBase
 from transformers.generation.logits_process import (
     EncoderNoRepeatNGramLogitsProcessor,
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    ExponentialDecayLengthPenalty,
     ForcedBOSTokenLogitsProcessor,
     ForcedEOSTokenLogitsProcessor,
     InfNanRemoveLogitsProcessor,
+    LogitsProcessor,
     LogitsProcessorList,
+    MinPLogitsWarper,
     NoBadWordsLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+    SuppressTokensAtBeginLogitsProcessor,
+    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
+    TopHLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
     TypicalLogitsWarper,
 )
+from transformers.generation.stopping_criteria import StopStringCriteria
 
+from .grammar import GrammarMask
 from .options import GenerationOptions
 
-WarpKey = tuple[float, int, float, float]  # temperature, top_k, top_p, typical_p
+# temperature, top_h, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff
+WarpKey = tuple[float, float, int, float, float, float, float, float]
+LOWEST_LOGPROB = -9999.0  # reported for a token that cannot be chosen (-inf is not JSON), as vLLM does
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability and, when asked, the most likely tokens' at that step, best first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class OpenAIPenalties(LogitsProcessor):
+    """OpenAI's presence and frequency penalties, over the tokens generated so far (not the prompt):
+    ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``."""
+
+    def __init__(self, prompt_len: int, presence_penalty: float, frequency_penalty: float) -> None:
+        self.prompt_len = prompt_len
+        self.presence_penalty = presence_penalty
+        self.frequency_penalty = frequency_penalty
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids[:, self.prompt_len:]  # [rows, new]
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency_penalty * counts - self.presence_penalty * (counts > 0).to(scores.dtype)
 
 
 @dataclass
@@ -43,12 +87,48 @@ class SequenceSampler:
     warp_key: WarpKey | None  # None: greedy
     generator: torch.Generator | None  # set when the request gave a seed
     logprobs: bool
+    top_logprobs: int = 0
+    stop_strings: StopStringCriteria | None = None  # transformers' own matcher, on token ids
+
+    def stopped(self, tokens: list[int]) -> bool:
+        """Whether the sequence now ends with one of its stop strings."""
+        if self.stop_strings is None or len(tokens) <= self.prompt_len:
+            return False
+        ids = torch.tensor([tokens])  # [1, seq]
+        return bool(self.stop_strings(ids, None)[0])
 
 
-def make_sampler(options: GenerationOptions, prompt_ids: list[int], sequence_index: int,
-                 device: torch.device) -> SequenceSampler:
-    """The sampler for sequence ``sequence_index`` of a request (several with num_return_sequences)."""
+def make_sampler(options: GenerationOptions, prompt_ids: list[int], sequence_index: int, device: torch.device,
+                 tokenizer: PreTrainedTokenizerBase) -> SequenceSampler:
+    """The sampler for sequence ``sequence_index`` of a request (several with num_return_sequences); stop strings
+    and grammars read the ``tokenizer``'s vocabulary."""
+    processors = _id_processors(options, prompt_ids, device)
+    if options.grammar is not None:
+        processors.append(GrammarMask(options.grammar, tokenizer, len(prompt_ids)))  # its state: this sequence's
+    generator = None
+    if options.seed is not None and options.do_sample:
+        generator = torch.Generator(device=device).manual_seed(sequence_seed(options.seed, sequence_index))
+    warp_key = (options.temperature, options.top_h, options.top_k, options.top_p, options.min_p, options.typical_p,
+                options.epsilon_cutoff, options.eta_cutoff) if options.do_sample else None
+    stops = _stop_criteria(tokenizer, options.stop_strings) if options.stop_strings else None
+    return SequenceSampler(prompt_len=len(prompt_ids), min_new_tokens=options.min_new_tokens,
+                           eos_token_ids=options.eos_token_ids, processors=processors, warp_key=warp_key,
+                           generator=generator, logprobs=options.logprobs, top_logprobs=options.top_logprobs,
+                           stop_strings=stops)
+
+
+@functools.lru_cache(maxsize=64)
+def _stop_criteria(tokenizer: PreTrainedTokenizerBase, stop_strings: tuple[str, ...]) -> StopStringCriteria:
+    """transformers' stop-string matcher, kept per set of strings: building one reads and sorts the whole vocabulary
+    (tens of milliseconds for Falcon's), on the thread that runs the batch. Matching keeps no state."""
+    return StopStringCriteria(tokenizer, list(stop_strings))
+
+
+def _id_processors(options: GenerationOptions, prompt_ids: list[int], device: torch.device) -> LogitsProcessorList:
+    """The processors that read the sequence's ids, in the order ``generate`` applies them."""
     processors = LogitsProcessorList()
+    if options.sequence_bias:
+        processors.append(SequenceBiasLogitsProcessor([[list(ids), bias] for ids, bias in options.sequence_bias]))
     if options.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(options.repetition_penalty))
     if options.no_repeat_ngram_size > 0:
@@ -67,13 +147,19 @@ def make_sampler(options: GenerationOptions, prompt_ids: list[int], sequence_ind
                                                         list(options.forced_eos_token_id), device=device))
     if options.remove_invalid_values:
         processors.append(InfNanRemoveLogitsProcessor())
-    generator = None
-    if options.seed is not None and options.do_sample:
-        generator = torch.Generator(device=device).manual_seed(sequence_seed(options.seed, sequence_index))
-    warp_key = (options.temperature, options.top_k, options.top_p, options.typical_p) if options.do_sample else None
-    return SequenceSampler(prompt_len=len(prompt_ids), min_new_tokens=options.min_new_tokens,
-                           eos_token_ids=options.eos_token_ids, processors=processors, warp_key=warp_key,
-                           generator=generator, logprobs=options.logprobs)
+    if options.exponential_decay_length_penalty is not None:
+        processors.append(ExponentialDecayLengthPenalty(options.exponential_decay_length_penalty,
+                                                        list(options.eos_token_ids), len(prompt_ids)))
+    if options.suppress_tokens:
+        processors.append(SuppressTokensLogitsProcessor(list(options.suppress_tokens), device=device))
+    if options.begin_suppress_tokens:
+        # generate's first-token index: one later when a forced bos token follows a one-token prompt
+        begin = len(prompt_ids) + (len(prompt_ids) == 1 and options.forced_bos_token_id is not None)
+        processors.append(SuppressTokensAtBeginLogitsProcessor(list(options.begin_suppress_tokens), begin,
+                                                               device=device))
+    if options.presence_penalty or options.frequency_penalty:
+        processors.append(OpenAIPenalties(len(prompt_ids), options.presence_penalty, options.frequency_penalty))
+    return processors
 
 
 def sequence_seed(seed: int, sequence_index: int) -> int:
@@ -83,7 +169,7 @@ def sequence_seed(seed: int, sequence_index: int) -> int:
 
 
 def choose_next_tokens(logits: torch.Tensor, samplers: list[SequenceSampler], sequences: list[list[int]],
-                       rng: torch.Generator | None = None) -> tuple[list[int], list[float | None]]:
+                       rng: torch.Generator | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
     """Pick one token per row of ``logits`` [batch, vocab]; ``sequences`` holds each row's ids so far.
 
     Sequences without a seed of their own draw from ``rng`` (the batcher's), never from torch's global generator,
@@ -135,15 +221,23 @@ def _group_by_warp(samplers: list[SequenceSampler]) -> dict[WarpKey | None, list
 
 def _warp(scores: torch.Tensor, key: WarpKey) -> torch.Tensor:
     """transformers' sampling warpers, in generate's order."""
-    temperature, top_k, top_p, typical_p = key
+    temperature, top_h, top_k, top_p, min_p, typical_p, epsilon, eta = key
     if temperature != 1.0:
         scores = TemperatureLogitsWarper(temperature)(None, scores)
+    if top_h < 1.0:
+        scores = TopHLogitsWarper(top_h)(None, scores)
     if top_k != 0:
         scores = TopKLogitsWarper(top_k)(None, scores)
     if top_p < 1.0:
         scores = TopPLogitsWarper(top_p)(None, scores)
+    if min_p > 0.0:
+        scores = MinPLogitsWarper(min_p)(None, scores)
     if typical_p < 1.0:
         scores = TypicalLogitsWarper(typical_p)(None, scores)
+    if 0.0 < epsilon < 1.0:
+        scores = EpsilonLogitsWarper(epsilon)(None, scores)
+    if 0.0 < eta < 1.0:
+        scores = EtaLogitsWarper(eta, device=scores.device)(None, scores)
     return scores
 
 
@@ -168,12 +262,20 @@ def _sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> to
     return torch.cat([torch.multinomial(probs[i], num_samples=1, generator=g) for i, g in enumerate(generators)])
 
 
-def _logprobs(scores: torch.Tensor, tokens: torch.Tensor, samplers: list[SequenceSampler]) -> list[float | None]:
+def _logprobs(scores: torch.Tensor, tokens: torch.Tensor,
+              samplers: list[SequenceSampler]) -> list[TokenLogprob | None]:
+    """The chosen tokens' log-probabilities (and the top ones') under the distribution they were chosen from."""
     wanted = [row for row, sampler in enumerate(samplers) if sampler.logprobs]
-    values: list[float | None] = [None] * len(samplers)
-    if wanted:
-        index = torch.tensor(wanted, device=scores.device)
-        picked = scores[index].log_softmax(dim=-1).gather(1, tokens[index].unsqueeze(1)).squeeze(1)
-        for row, value in zip(wanted, picked.tolist()):
-            values[row] = value
+    values: list[TokenLogprob | None] = [None] * len(samplers)
+    if not wanted:
+        return values
+    index = torch.tensor(wanted, device=scores.device)
+    logprobs = scores[index].log_softmax(dim=-1).nan_to_num(nan=-torch.inf).clamp(min=LOWEST_LOGPROB)  # [rows, vocab]
+    picked = logprobs.gather(1, tokens[index].unsqueeze(1)).squeeze(1).tolist()
+    most = max(samplers[row].top_logprobs for row in wanted)
+    best_values, best_ids = logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0])
+    for i, row in enumerate(wanted):
+        k = samplers[row].top_logprobs
+        top = tuple(zip(best_ids[i, :k].tolist(), best_values[i, :k].tolist()))
+        values[row] = TokenLogprob(picked[i], top)
     return values

@@ -14,13 +14,14 @@ from typing import AsyncIterator, Callable
 
 from .. import metrics
 from .options import GenerationJob
+from .sampling import TokenLogprob
 
 
 @dataclass(frozen=True)
 class SequenceOutput:
     token_ids: tuple[int, ...]  # generated ids, eos included when the sequence stopped on it
     finish_reason: str  # "stop" (eos), "length", "time_limit", or the reason it was cancelled with
-    logprobs: tuple[float, ...] | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class TokenEvent:
     index: int
     token_id: int | None
     finish_reason: str | None = None
+    logprob: TokenLogprob | None = None  # when the request asked for log-probabilities (not for beam search)
 
 
 class Ticket:

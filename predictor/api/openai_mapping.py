@@ -1,0 +1,111 @@
+"""One pure function maps a validated OpenAI request onto generation: ``to_generation_job``.
+
+The OpenAI request goes straight onto the engine's ``GenerationOptions``, as the /chat mapping's does (and with its
+helpers), so an error names the OpenAI parameter and a new parameter touches this module alone. The choices:
+
+- ``temperature`` 0 is greedy decoding; above 0 it samples with that temperature, ``top_p`` and no top-k (OpenAI has
+  none, so /chat's ``top_k=10`` default does not apply; vLLM's ``top_k`` extension sets one). OpenAI's default
+  temperature is 1.
+- ``max_tokens`` defaults to 16 for completions, as OpenAI's; for chat, to what the context has left, up to the
+  server's ``--max_new_tokens``. ``max_completion_tokens`` is chat's newer name for it.
+- ``presence_penalty`` and ``frequency_penalty`` have OpenAI's definitions, over the generated tokens;
+  ``logit_bias`` adds its bias to a token's logit (transformers' ``sequence_bias`` of one token).
+- vLLM's extensions: ``min_tokens`` holds eos and ``stop_token_ids`` back that long; ``stop_token_ids`` end a choice
+  as eos does; ``ignore_eos`` goes on past eos; ``top_k``, ``min_p`` and ``repetition_penalty``.
+- ``stop`` (at most 4 strings) cuts the text before the first one; the engine also stops the choice there. Chat also
+  stops at ``"\\nUser:"`` (``chat_format.CHAT_STOP``), so the model does not write the user's next turn.
+- ``response_format`` ``json_object`` or ``json_schema`` is compiled by llguidance into a grammar that masks every
+  token that would leave it; a schema it cannot compile is a 400 saying why.
+- ``logprobs`` (chat: with ``top_logprobs`` up to 20; completions: an integer up to 5) reports each generated
+  token's log-probability under the distribution it was chosen from. ``echo`` puts the prompt in front of a
+  completion; the prompt's own log-probabilities are not computed, so ``echo`` with ``logprobs`` is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..engine.grammar import json_schema_grammar
+from ..engine.options import GenerationJob, GenerationOptions, Limits, ModelInfo
+from ..errors import ContextLengthExceeded, InvalidRequest
+from .mapping import pad_token_id, samples, token_ids
+from .openai_schema import GenerationFields, ResponseFormat
+
+
+def to_generation_job(request: GenerationFields, prompt: str, prompt_ids: list[int], stops: Sequence[str],
+                      model: ModelInfo, limits: Limits) -> GenerationJob:
+    """Map a validated OpenAI request, its prompt (a chat's rendered conversation) and that prompt's ids onto a
+    ``GenerationJob``; ``stops`` are the texts the answer is cut before. Raises ``InvalidRequest`` or
+    ``ContextLengthExceeded`` naming the OpenAI field at fault."""
+    max_new = resolve_max_tokens(request.asked_tokens, len(prompt_ids), limits, request.prompt_param)
+    do_sample = samples(True, request.temperature)
+    _check_n(request.n, do_sample, limits)
+    eos = () if request.ignore_eos or model.eos_token_id is None else (model.eos_token_id,)
+    ends = eos + token_ids(request.stop_token_ids, "stop_token_ids", model)
+    if request.min_tokens > max_new:
+        raise InvalidRequest(f"min_tokens: {request.min_tokens} is more than the {max_new} tokens that may be "
+                             "generated (max_tokens)", param="min_tokens")
+    logprobs, top_logprobs = request.logprobs_asked()
+    if logprobs and request.echo_prompt:
+        raise InvalidRequest("echo with logprobs would need the prompt's log-probabilities, which this server does "
+                             "not compute: ask for one or the other", param="echo")
+    options = GenerationOptions(
+        max_new_tokens=max_new, min_new_tokens=request.min_tokens, do_sample=do_sample,
+        temperature=request.temperature if do_sample else 1.0,
+        top_k=request.top_k if do_sample else 0,
+        top_p=request.top_p if do_sample else 1.0,
+        min_p=request.min_p if do_sample else 0.0,
+        repetition_penalty=request.repetition_penalty,
+        presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+        sequence_bias=logit_bias(request.logit_bias, model),
+        eos_token_ids=ends, pad_token_id=pad_token_id(None, eos, model), num_return_sequences=request.n,
+        logprobs=logprobs, top_logprobs=top_logprobs, stop_strings=tuple(stops), seed=request.seed,
+        grammar=grammar(request.response_format),
+    )
+    return GenerationJob(prompt_ids=tuple(prompt_ids), options=options, prompt=prompt,
+                         return_full_text=request.echo_prompt, stop_texts=tuple(stops))
+
+
+def resolve_max_tokens(asked: int | None, prompt_tokens: int, limits: Limits, prompt_param: str = "prompt") -> int:
+    """New tokens to generate: ``asked``, or (None) what the context has left up to the server's limit."""
+    room = limits.context_length - prompt_tokens
+    if asked is None and room >= 1:
+        return min(room, limits.max_new_tokens)
+    if asked is None or asked > room:
+        raise ContextLengthExceeded(
+            f"this model's context holds {limits.context_length} tokens, but the prompt has {prompt_tokens} and "
+            f"{asked or 'at least 1'} more were asked for: shorten the prompt or lower max_tokens",
+            param=prompt_param if asked is None or room < 1 else "max_tokens")
+    if asked > limits.max_new_tokens:
+        raise InvalidRequest(f"max_tokens: {asked} is above this server's limit of {limits.max_new_tokens} new "
+                             "tokens per choice", param="max_tokens")
+    return asked
+
+
+def logit_bias(bias: dict[str, float], model: ModelInfo) -> tuple[tuple[tuple[int, ...], float], ...]:
+    """OpenAI's ``logit_bias`` (token ids as strings) as one-token sequence biases, each id checked."""
+    return tuple((token_ids(int(key), "logit_bias", model), float(value)) for key, value in bias.items())
+
+
+def grammar(response_format: ResponseFormat | None) -> str | None:
+    """The grammar ``response_format`` asks the text to follow (None: free text)."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return json_schema_grammar({"type": "object"})
+    if response_format.json_schema is None:
+        raise InvalidRequest('response_format: type "json_schema" needs a json_schema: {"name": ..., "schema": '
+                             "{...}}", param="response_format")
+    try:
+        return json_schema_grammar(response_format.json_schema.json_schema)
+    except ValueError as exc:
+        raise InvalidRequest(f"response_format: the JSON schema cannot be compiled: {exc}",
+                             param="response_format") from None
+
+
+def _check_n(n: int, do_sample: bool, limits: Limits) -> None:
+    if n > limits.max_num_return_sequences:
+        raise InvalidRequest(f"n: {n} is above this server's limit of {limits.max_num_return_sequences}", param="n")
+    if n > 1 and not do_sample:
+        raise InvalidRequest(f"n: temperature 0 (greedy decoding) gives one completion, not {n}: set a temperature "
+                             "above 0", param="n")

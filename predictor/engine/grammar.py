@@ -1,0 +1,73 @@
+"""Structured output: a grammar (a JSON schema) enforced as a per-sequence token mask inside the shared batch.
+
+llguidance (which vLLM also uses) compiles the grammar and, at each step, says which tokens may come next; every
+other token's score becomes -inf before the token is chosen, so even a random-weight model writes JSON that parses
+and fits its schema (when it is given enough tokens to finish). The matcher is the grammar's state: it belongs to
+one sequence, lives in its sampler's processors and is freed with it. Once the grammar is complete only eos may
+follow.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+import llguidance
+import llguidance.hf
+import llguidance.torch
+import torch
+from transformers import PreTrainedTokenizerBase
+from transformers.generation.logits_process import LogitsProcessor
+
+
+def json_schema_grammar(schema: dict[str, Any]) -> str:
+    """The grammar for JSON matching ``schema``, written compactly (free whitespace would let a weak model
+    write spaces forever); raises ``ValueError`` saying why llguidance cannot compile it."""
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema),
+                                                                defaults={"whitespace_flexible": False})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(str(exc)) from None
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise ValueError(error)
+    return grammar
+
+
+class GrammarMask(LogitsProcessor):
+    """Bans the tokens ``grammar`` does not allow next; the matcher advances on the tokens generated since the
+    last call (``input_ids`` is the whole sequence, prompt first)."""
+
+    def __init__(self, grammar: str, tokenizer: PreTrainedTokenizerBase, prompt_len: int) -> None:
+        self.grammar = grammar
+        self.tokenizer = tokenizer
+        self.seen = prompt_len
+        self.matcher: llguidance.LLMatcher | None = None  # built at the first step, when the vocabulary size is known
+        self.mask: torch.Tensor | None = None  # [1, words of 32 bits]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.matcher is None:
+            self.matcher = llguidance.LLMatcher(_ll_tokenizer(self.tokenizer, scores.shape[-1]), self.grammar)
+            self.mask = llguidance.torch.allocate_token_bitmask(1, scores.shape[-1])
+        for token in input_ids[0, self.seen:].tolist():
+            self.matcher.consume_token(token)
+        self.seen = input_ids.shape[1]
+        if self.matcher.is_error():  # cannot happen unless a later processor forced a banned token: stop masking
+            return scores
+        llguidance.torch.fill_next_token_bitmask(self.matcher, self.mask, 0)
+        return scores.masked_fill(~_unpack(self.mask, scores.shape[-1]).to(scores.device), -torch.inf)
+
+
+def _unpack(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """llguidance's bitmask [1, words] as booleans [1, vocab], bit i of word w allowing token 32 * w + i. Written out
+    rather than through ``llguidance.torch.apply_token_bitmask_inplace``, which ``torch.compile``s itself on first
+    use: seconds on the batch's thread, and a C++ compiler the serving image need not have."""
+    bits = torch.arange(32, dtype=torch.int32)
+    return ((mask.unsqueeze(-1) >> bits) & 1).flatten(1)[:, :vocab_size].bool()  # [1, vocab]
+
+
+@functools.lru_cache(maxsize=4)
+def _ll_tokenizer(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> llguidance.LLTokenizer:
+    """llguidance's view of the vocabulary, built once per tokenizer."""
+    return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
