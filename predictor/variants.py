@@ -6,6 +6,7 @@ manifests in ``inferenceservices/`` agree with it.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 FALCON_CONTEXT_LENGTH = 2048  # every Falcon was trained with a 2048-token context
@@ -23,6 +24,7 @@ class Variant:
     gpus: int  # GPUs one replica needs
     gpu_memory_gib: int  # GPU memory one replica needs in all, weights plus room for the KV cache
     instruct: bool  # tuned to follow the User:/Assistant: conversation format
+    parameters_b: float  # parameters, in billions: what the weights weigh on the CPU (4 bytes each in float32)
 
     @property
     def hf_uri(self) -> str:
@@ -34,13 +36,17 @@ VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
         Variant("falcon-7b", "tiiuae/falcon-7b", "898df1396f35e447d5fe44e0a3ccaaaa69f30d36",
-                "bfloat16", FALCON_CONTEXT_LENGTH, gpus=1, gpu_memory_gib=14, instruct=False),
+                "bfloat16", FALCON_CONTEXT_LENGTH, gpus=1, gpu_memory_gib=14, instruct=False,
+                parameters_b=6.9),
         Variant("falcon-7b-instruct", "tiiuae/falcon-7b-instruct", "cf4b3c42ce2fdfe24f753f0f0d179202fea59c99",
-                "bfloat16", FALCON_CONTEXT_LENGTH, gpus=1, gpu_memory_gib=14, instruct=True),
+                "bfloat16", FALCON_CONTEXT_LENGTH, gpus=1, gpu_memory_gib=14, instruct=True,
+                parameters_b=6.9),
         Variant("falcon-40b", "tiiuae/falcon-40b", "4a70170c215b36a3cce4b4253f6d0612bb7d4146",
-                "bfloat16", FALCON_CONTEXT_LENGTH, gpus=2, gpu_memory_gib=90, instruct=False),
+                "bfloat16", FALCON_CONTEXT_LENGTH, gpus=2, gpu_memory_gib=90, instruct=False,
+                parameters_b=41.3),
         Variant("falcon-40b-instruct", "tiiuae/falcon-40b-instruct", "ecb78d97ac356d098e79f0db222c9ce7c5d9ee5f",
-                "bfloat16", FALCON_CONTEXT_LENGTH, gpus=2, gpu_memory_gib=90, instruct=True),
+                "bfloat16", FALCON_CONTEXT_LENGTH, gpus=2, gpu_memory_gib=90, instruct=True,
+                parameters_b=41.3),
     )
 }
 
@@ -53,3 +59,9 @@ def find_variant(name_or_id: str | None) -> Variant | None:
         if name_or_id in (variant.name, variant.hf_id):
             return variant
     return None
+
+
+def closest_variant(name: str) -> str | None:
+    """The variant name a mistyped ``name`` most likely meant ("falcon-7" -> "falcon-7b"), if any is close."""
+    matches = difflib.get_close_matches(name.lower(), VARIANTS, n=1, cutoff=0.5)
+    return matches[0] if matches else None

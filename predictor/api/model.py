@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,12 +165,31 @@ def check_fits(config: ServerConfig) -> None:
     import torch
 
     variant = find_variant(config.model_id) or find_variant(config.model_name)
-    if variant is None or config.device == "cpu" or not torch.cuda.is_available():
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but no CUDA GPU is visible (torch.cuda.is_available() is "
+                         "False); use --device auto or --device cpu")
+    if variant is None:
+        return
+    if config.device == "cpu" or not torch.cuda.is_available():
+        logger.warning(cpu_memory_warning(variant, config.dtype))
         return
     gpu_gib = [torch.cuda.mem_get_info(i)[1] / 2**30 for i in range(torch.cuda.device_count())]
     problem = memory_shortfall(variant, gpu_gib, config.load_in_8bit)
     if problem:
         raise SystemExit(problem)
+
+
+def cpu_memory_warning(variant: Variant, dtype: str, memory_gib: float | None = None) -> str:
+    """How much memory ``variant``'s weights take on the CPU (float32 unless another dtype was asked for), and
+    how much this machine has (``memory_gib``, read from the system when None)."""
+    bytes_per_parameter = 4 if dtype in ("auto", "float32") else 2
+    weights_gib = variant.parameters_b * 1e9 * bytes_per_parameter / 2**30
+    if memory_gib is None:
+        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    shown = "float32" if bytes_per_parameter == 4 else dtype
+    return (f"{variant.name} on the CPU: {variant.parameters_b} B parameters in {shown} need about "
+            f"{weights_gib:.0f} GiB of memory for the weights alone; this machine has {memory_gib:.0f} GiB. "
+            f"On GPUs it is served in {variant.dtype} ({variant.gpus} GPU(s), about {variant.gpu_memory_gib} GiB).")
 
 
 def memory_shortfall(variant: Variant, gpu_gib: list[float], load_in_8bit: bool = False) -> str | None:

@@ -13,17 +13,20 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import signal
 import time
+from http import HTTPStatus
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from kserve import ModelServer
+from starlette.exceptions import HTTPException
 
 from .. import metrics
 from ..config import ServerConfig
-from ..errors import BodyTooLarge, Draining, NotFound, PredictorError, Unauthorized
+from ..errors import BodyTooLarge, Draining, ModelNotFound, NotFound, PredictorError, Unauthorized
 from .model import Completion, FalconModel
 from .openai_api import install_openai_routes
 from .schema import decode_json_body, parse_chat_request
@@ -32,16 +35,32 @@ from .streaming import stream_chat, unless_disconnected
 logger = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/health", "/healthz", "/livez", "/metrics", "/v2/health/", "/docs", "/openapi.json")
+# The model name in KServe's model routes: /v1/models/<name>[:verb], /v2/models/<name>[/...].
+MODEL_PATH = re.compile(r"^/v[12]/models/([^/:]+)")
 
 
 def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
     """Add this server's routes, guards and error handlers to KServe's app (before the server starts)."""
     app.add_exception_handler(PredictorError, predictor_error_handler)
-    app.add_middleware(RequestGuard, max_body_bytes=config.max_body_bytes, api_key=config.api_key)
+    app.add_exception_handler(HTTPException, http_error_handler)  # unknown routes and methods: 404, 405
+    app.add_middleware(RequestGuard, max_body_bytes=config.max_body_bytes, api_key=config.api_key,
+                       model_name=model.name)
+
+    @app.get("/", tags=["falcon"], summary="Liveness in both shapes: KServe's and the replaced service's")
+    async def root() -> dict[str, str]:
+        return {"status": "alive", "message": "Server is running"}
 
     @app.post("/chat", tags=["falcon"], summary="Generate text for a prompt (the Falcon /chat API)")
     async def chat(request: Request) -> Any:
-        return await _chat(request, model)
+        return await _chat(request, model, "/chat")
+
+    # Added before KServe adds its own route for this path, so this one answers: the same strict decoding,
+    # errors and streaming as /chat (KServe's decodes the body itself, losing duplicate keys, and cannot stream).
+    @app.post("/v1/models/{model_name}:predict", tags=["falcon"], summary="The /chat API on KServe's v1 route")
+    async def predict(model_name: str, request: Request) -> Any:
+        if model_name != model.name:
+            raise _unknown_model(model_name, model.name)
+        return await _chat(request, model, "/v1/models/:predict")
 
     async def health() -> JSONResponse:
         state = health_state(model)
@@ -72,8 +91,7 @@ def health_state(model: FalconModel) -> str:
     return "Healthy"
 
 
-async def _chat(request: Request, model: FalconModel) -> Any:
-    route = "/chat"
+async def _chat(request: Request, model: FalconModel, route: str) -> Any:
     try:
         if model.draining:
             raise Draining("the server is shutting down and takes no new requests")
@@ -98,6 +116,22 @@ async def predictor_error_handler(_: Request, exc: PredictorError) -> JSONRespon
     return error_response(exc)
 
 
+async def http_error_handler(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own 404 (no such route) and 405 (method not allowed), in this server's error shape."""
+    error_type = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    message = exc.detail
+    if message == HTTPStatus(exc.status_code).phrase:  # Starlette's default: say which route and method
+        allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow")
+        message = (f"{request.url.path} does not accept {request.method}; it accepts {allowed}" if allowed else
+                   f"{request.method} {request.url.path} is not a route of this server")
+    body = {"detail": message, "error": message, "error_type": error_type, "param": None}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+def _unknown_model(requested: str, served: str) -> ModelNotFound:
+    return ModelNotFound(f"model {requested} is not served here; this server serves {served}")
+
+
 def error_response(exc: PredictorError) -> JSONResponse:
     if exc.status >= 500:
         logger.error("%s: %s", exc.error_type, exc.message)
@@ -106,13 +140,14 @@ def error_response(exc: PredictorError) -> JSONResponse:
 
 
 class RequestGuard:
-    """ASGI middleware: optional bearer-token auth on inference routes, and a body-size limit (413) enforced
-    before the body is parsed, whether or not the client sent Content-Length."""
+    """ASGI middleware: optional bearer-token auth on inference routes, 404 for a model this server does not
+    serve, and a body-size limit (413) enforced before the body is parsed, with or without Content-Length."""
 
-    def __init__(self, app, max_body_bytes: int, api_key: str | None) -> None:
+    def __init__(self, app, max_body_bytes: int, api_key: str | None, model_name: str) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.api_key = api_key.encode() if api_key else None
+        self.model_name = model_name
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -126,6 +161,11 @@ class RequestGuard:
             # KServe's model-repository routes would let any client unload the one model this server exists for.
             return await error_response(NotFound("model repository operations are disabled: this server "
                                                  "serves one model, loaded at start-up"))(scope, receive, send)
+        named = MODEL_PATH.match(path)
+        if named and named.group(1) != self.model_name:
+            # Answered here because KServe's handler for its ModelNotFound logs an ERROR with a traceback: a
+            # client asking for a model this server does not have is the client's mistake.
+            return await error_response(_unknown_model(named.group(1), self.model_name))(scope, receive, send)
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             return await self._too_large(scope, receive, send)

@@ -1,0 +1,128 @@
+"""Checks made before anything heavy loads: can the model named on the command line be found at all?
+
+Each failure here is a user's mistake (a wrong path, an incomplete download, no network), so it ends start-up at
+once with one line saying what to do, rather than with a traceback from deep inside transformers a minute later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from pathlib import Path
+
+from .config import ServerConfig
+from .variants import find_variant
+
+logger = logging.getLogger("predictor")
+
+HUB_TIMEOUT_S = 3.0  # a reachable Hub answers in well under a second; an unreachable one should not cost a minute
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+TOKENIZER_FILE = "tokenizer.json"  # what every Falcon checkpoint ships (a fast BPE tokenizer)
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def check_model_source(config: ServerConfig) -> ServerConfig:
+    """The configuration to load with: as given, or pointing at the Hugging Face cache's copy of the checkpoint
+    when that copy can be served. Exits with one line when the model cannot be found."""
+    if config.model_dir is not None:
+        problem = checkpoint_problem(Path(config.model_dir))
+        if problem:
+            raise SystemExit(f"--model_dir {config.model_dir} {problem}.{_how_to_fetch(config)}")
+        return config
+    if config.model_id is None:
+        return config  # the demo, built on this machine
+    from huggingface_hub import constants  # noqa: PLC0415 - only when a model comes from the Hub
+
+    offline = constants.HF_HUB_OFFLINE
+    # A pinned commit never changes: its cached copy is the checkpoint, and loading it needs no network.
+    cached = _cached_snapshot(config) if offline or _COMMIT.match(config.revision or "") else None
+    if cached is not None and checkpoint_problem(cached) is None:
+        logger.info("Serving %s from the Hugging Face cache: %s", config.model_id, cached)
+        return dataclasses.replace(config, model_dir=str(cached))
+    wanted = f"{config.model_id} at revision {config.revision or 'main'}"
+    if offline:
+        raise SystemExit(f"HF_HUB_OFFLINE is set and {wanted} is not in the Hugging Face cache "
+                         f"({constants.HF_HUB_CACHE}). {_how_to_download(config, _local_dir(config))}")
+    unreachable = hub_unreachable(constants.ENDPOINT)
+    if unreachable:
+        raise SystemExit(f"The Hugging Face Hub ({constants.ENDPOINT}) cannot be reached ({unreachable}) to fetch "
+                         f"{wanted}. {_how_to_download(config, _local_dir(config))}")
+    return config
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What keeps ``path`` from being a Hugging Face-format Falcon checkpoint directory; None when nothing does."""
+    if not path.exists():
+        return "does not exist"
+    if not path.is_dir():
+        return "is a file, not a directory"
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    weights = [name for pattern in WEIGHT_PATTERNS for name in path.glob(pattern)]
+    if not weights:
+        missing.append("the weights, *.safetensors or *.bin")
+    for index in path.glob("*.index.json"):
+        shards = _listed_shards(index)
+        absent = sorted(name for name in shards if not (path / name).is_file())
+        if absent:
+            missing.append(f"{len(absent)} of the {len(shards)} weight files {index.name} lists (e.g. {absent[0]})")
+    if not (path / TOKENIZER_FILE).is_file():
+        missing.append(f"the tokenizer, {TOKENIZER_FILE}")
+    if not missing:
+        return None
+    return (f"is not a complete Falcon checkpoint, missing: {'; '.join(missing)}. A checkpoint directory holds "
+            f"config.json, the weights as *.safetensors or *.bin files, and {TOKENIZER_FILE}")
+
+
+def hub_unreachable(endpoint: str, timeout_s: float = HUB_TIMEOUT_S) -> str | None:
+    """Why the Hub at ``endpoint`` cannot be reached within ``timeout_s``; None when it answers at all."""
+    import httpx  # noqa: PLC0415 - only when a model comes from the Hub
+
+    try:
+        httpx.head(endpoint, timeout=timeout_s)  # any HTTP answer, even an error status, means it is reachable
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return None
+
+
+def download_command(model_id: str, revision: str | None, local_dir: str) -> str:
+    """The command that copies ``model_id`` (at ``revision``, when pinned) into ``local_dir``."""
+    pin = f" --revision {revision}" if revision else ""
+    return f"hf download {model_id}{pin} --local-dir {local_dir}"
+
+
+def _how_to_download(config: ServerConfig, local_dir: str) -> str:
+    return (f"To serve a local copy, download it where the Hub is reachable with "
+            f"`{download_command(config.model_id, config.revision, local_dir)}` and start with "
+            f"--model_dir {local_dir} --model_name {config.model_name}.")
+
+
+def _how_to_fetch(config: ServerConfig) -> str:
+    variant = find_variant(config.model_id) or find_variant(config.model_name)
+    if variant is None:
+        return ""
+    return f" To fetch {variant.name}: `{download_command(variant.hf_id, variant.revision, config.model_dir)}`."
+
+
+def _local_dir(config: ServerConfig) -> str:
+    return config.model_id.rsplit("/", 1)[-1]
+
+
+def _cached_snapshot(config: ServerConfig) -> Path | None:
+    from huggingface_hub import snapshot_download  # noqa: PLC0415 - only when a model comes from the Hub
+    from huggingface_hub.errors import LocalEntryNotFoundError  # noqa: PLC0415
+
+    try:
+        return Path(snapshot_download(config.model_id, revision=config.revision, local_files_only=True))
+    except LocalEntryNotFoundError:
+        return None
+
+
+def _listed_shards(index: Path) -> set[str]:
+    try:
+        return set(json.loads(index.read_text()).get("weight_map", {}).values())
+    except (OSError, ValueError, AttributeError):
+        return set()
