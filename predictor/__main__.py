@@ -18,7 +18,8 @@ logger = logging.getLogger("predictor")
 
 
 def main() -> None:
-    config = check_model_source(parse_config())
+    given = parse_config()
+    config = check_model_source(given)
     from kserve import model_server  # noqa: PLC0415 - KServe builds its app on import: after parsing
 
     from .api.model import FalconModel
@@ -28,6 +29,8 @@ def main() -> None:
     install(model_server.app, model, config)
     server = FalconModelServer(model, config.drain_timeout_s, http_port=config.http_port, workers=1)
     _log_like_kserve(config.access_log)
+    if config.model_dir != given.model_dir:
+        logger.info("Serving %s from the Hugging Face cache: %s", config.model_id, config.model_dir)
     if model_server.args.workers != 1:
         # More uvicorn workers would each load a copy of the model and lose the routes added here.
         logger.warning("--workers %d ignored: one process serves; batching uses the accelerator fully",

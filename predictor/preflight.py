@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import re
 from pathlib import Path
 
 from .config import ServerConfig
 from .variants import find_variant
-
-logger = logging.getLogger("predictor")
 
 HUB_TIMEOUT_S = 3.0  # a reachable Hub answers in well under a second; an unreachable one should not cost a minute
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
@@ -39,7 +36,6 @@ def check_model_source(config: ServerConfig) -> ServerConfig:
     # A pinned commit never changes: its cached copy is the checkpoint, and loading it needs no network.
     cached = _cached_snapshot(config) if offline or _COMMIT.match(config.revision or "") else None
     if cached is not None and checkpoint_problem(cached) is None:
-        logger.info("Serving %s from the Hugging Face cache: %s", config.model_id, cached)
         return dataclasses.replace(config, model_dir=str(cached))
     wanted = f"{config.model_id} at revision {config.revision or 'main'}"
     if offline:

@@ -158,8 +158,9 @@ def _json_type(value: Any) -> str:
 
 
 def decode_json_body(raw: bytes) -> Any:
-    """Decode a request body strictly: invalid UTF-8, NaN/Infinity literals, nesting deeper than 1024 levels and
-    a key repeated within one object are client errors, not server faults."""
+    """Decode a request body strictly: invalid UTF-8, NaN/Infinity literals, a key repeated within one object and
+    nesting deeper than about 1000 levels (no field of a request nests more than 3) are client errors, not server
+    faults."""
     import orjson
 
     try:
