@@ -28,7 +28,7 @@ def main() -> None:
     model = FalconModel(config)
     install(model_server.app, model, config)
     server = FalconModelServer(model, config.drain_timeout_s, http_port=config.http_port, workers=1)
-    _log_like_kserve(config.access_log)
+    _log_like_kserve(config.log_requests)
     if config.model_dir != given.model_dir:
         logger.info("Serving %s from the Hugging Face cache: %s", config.model_id, config.model_dir)
     if model_server.args.workers != 1:
@@ -40,16 +40,16 @@ def main() -> None:
     server.start([])  # the model is registered already; start([model]) would insist it be loaded first
 
 
-def _log_like_kserve(access_log: bool) -> None:
+def _log_like_kserve(log_requests: bool) -> None:
     """Send this package's log records through the handlers KServe configured, in its format; per-request lines
-    only with ``--access_log``; no line that says something untrue of this server."""
+    only with ``--log_requests``; no line that says something untrue of this server."""
     kserve_logger = logging.getLogger("kserve")
     logger.setLevel(kserve_logger.getEffectiveLevel())
     for handler in kserve_logger.handlers:
         logger.addHandler(handler)
     logger.propagate = False
     kserve_logger.addFilter(_drop_openai_not_registered)
-    if not access_log:
+    if not log_requests:
         # uvicorn's access line and KServe's two timing lines (wall and CPU time) for every request.
         for name in ("uvicorn.access", "kserve.trace"):
             logging.getLogger(name).setLevel(logging.WARNING)

@@ -36,7 +36,7 @@ class ServerConfig:
     log_prompts: bool
     load_in_8bit: bool
     compile: bool  # static KV cache and a compiled decode step
-    access_log: bool  # a log line per request (uvicorn's access log and KServe's timings)
+    log_requests: bool  # a log line per request (uvicorn's access log and KServe's timings)
 
     @property
     def is_demo(self) -> bool:
@@ -82,8 +82,8 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="decode with a static KV cache (max_batch_size rows x the context length) and a "
                             "torch.compile'd step, replayed as CUDA graphs on a GPU; every batch shape is "
-                            "compiled while loading, before the model reports ready (about 20 s for the tiny "
-                            "demo on 2 CPU cores, longer for real models)")
+                            "compiled while loading, before the model reports ready (8 s more for the tiny demo "
+                            "on 2 CPU cores, measured in benchmarks/README.md; the log says how long it took)")
 
     limits = parser.add_argument_group("limits")
     defaults = Limits()
@@ -117,7 +117,7 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
                           help="log prompts and generated text (off: they may hold personal data)")
 
     logs = parser.add_argument_group("logs")
-    logs.add_argument("--access_log", action=argparse.BooleanOptionalAction, default=False,
+    logs.add_argument("--log_requests", action=argparse.BooleanOptionalAction, default=False,
                       help="log a line per request (uvicorn's access log and KServe's per-request timings); off, "
                            "a probe every few seconds or a burst of bad requests does not flood the log")
 
@@ -152,7 +152,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_queue=args.max_queue, request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
         drain_timeout_s=args.drain_timeout, dead_after_s=args.dead_after,
         api_key=args.api_key or os.environ.get("PREDICTOR_API_KEY") or None, log_prompts=args.log_prompts,
-        load_in_8bit=args.load_in_8bit, compile=args.compile, access_log=args.access_log)
+        load_in_8bit=args.load_in_8bit, compile=args.compile, log_requests=args.log_requests)
 
 
 def unknown_variant_message(model_name: str) -> str:
