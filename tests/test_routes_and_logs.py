@@ -120,3 +120,21 @@ def test_stream_on_kserve_predict_streams_like_chat(quiet_server) -> None:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]" and '"Result"' in events[-2]
+
+
+def test_probes_while_loading_get_503_in_the_error_shape_and_leave_no_traceback(start_server, tiny_dir,
+                                                                                tmp_path) -> None:
+    """Kubernetes probes the readiness routes every few seconds while a large model loads, for minutes."""
+    server = start_server(tiny_dir, module="tests.fault_server", model_name="tiny-falcon-loading", wait=False,
+                          env={"FAULT_SERVER_HOLD_LOAD": str(tmp_path / "never-released")})
+    deadline = time.monotonic() + 60
+    while "Uvicorn running" not in server.log():
+        assert time.monotonic() < deadline and server.process.poll() is None, server.log()[-3000:]
+        time.sleep(0.1)
+    name = server.model_name
+    for method, path in (("GET", f"/v1/models/{name}"), ("GET", f"/v2/models/{name}/ready"),
+                         ("POST", f"/v1/models/{name}:predict")):
+        response = httpx.request(method, server.url + path, json=NORMAL, timeout=10)
+        assert_error_shape(response, 503, "not_ready")
+    log = server.log()
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]

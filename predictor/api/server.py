@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from .. import metrics
 from ..config import ServerConfig
-from ..errors import BodyTooLarge, Draining, ModelNotFound, NotFound, PredictorError, Unauthorized
+from ..errors import BodyTooLarge, Draining, ModelNotFound, NotFound, NotReady, PredictorError, Unauthorized
 from .model import Completion, FalconModel
 from .openai_api import install_openai_routes
 from .schema import decode_json_body, parse_chat_request
@@ -43,8 +43,7 @@ def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
     """Add this server's routes, guards and error handlers to KServe's app (before the server starts)."""
     app.add_exception_handler(PredictorError, predictor_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)  # unknown routes and methods: 404, 405
-    app.add_middleware(RequestGuard, max_body_bytes=config.max_body_bytes, api_key=config.api_key,
-                       model_name=model.name)
+    app.add_middleware(RequestGuard, max_body_bytes=config.max_body_bytes, api_key=config.api_key, model=model)
 
     @app.get("/", tags=["falcon"], summary="Liveness in both shapes: KServe's and the replaced service's")
     async def root() -> dict[str, str]:
@@ -128,12 +127,18 @@ async def http_error_handler(request: Request, exc: HTTPException) -> JSONRespon
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
+def _not_ready(model: FalconModel) -> PredictorError:
+    if model.draining:
+        return Draining(f"model {model.name} is draining: the server is shutting down")
+    return NotReady(f"model {model.name} is not loaded yet")
+
+
 def _unknown_model(requested: str, served: str) -> ModelNotFound:
     return ModelNotFound(f"model {requested} is not served here; this server serves {served}")
 
 
 def error_response(exc: PredictorError) -> JSONResponse:
-    if exc.status >= 500:
+    if exc.status >= 500 and exc.status != 503:  # 503 (loading, draining) is a state to wait out, not a fault
         logger.error("%s: %s", exc.error_type, exc.message)
     body = {"detail": exc.message, "error": exc.message, "error_type": exc.error_type, "param": exc.param}
     return JSONResponse(body, status_code=exc.status, headers=exc.headers)
@@ -143,11 +148,11 @@ class RequestGuard:
     """ASGI middleware: optional bearer-token auth on inference routes, 404 for a model this server does not
     serve, and a body-size limit (413) enforced before the body is parsed, with or without Content-Length."""
 
-    def __init__(self, app, max_body_bytes: int, api_key: str | None, model_name: str) -> None:
+    def __init__(self, app, max_body_bytes: int, api_key: str | None, model: FalconModel) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.api_key = api_key.encode() if api_key else None
-        self.model_name = model_name
+        self.model = model
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -162,10 +167,14 @@ class RequestGuard:
             return await error_response(NotFound("model repository operations are disabled: this server "
                                                  "serves one model, loaded at start-up"))(scope, receive, send)
         named = MODEL_PATH.match(path)
-        if named and named.group(1) != self.model_name:
-            # Answered here because KServe's handler for its ModelNotFound logs an ERROR with a traceback: a
-            # client asking for a model this server does not have is the client's mistake.
-            return await error_response(_unknown_model(named.group(1), self.model_name))(scope, receive, send)
+        if named:
+            # Answered here because KServe's handlers for its ModelNotFound and ModelNotReady log an ERROR with a
+            # traceback: a client asking for a model this server does not have, or a probe while it loads, is not
+            # a server fault.
+            if named.group(1) != self.model.name:
+                return await error_response(_unknown_model(named.group(1), self.model.name))(scope, receive, send)
+            if not self.model.ready and _is_readiness(path):
+                return await error_response(_not_ready(self.model))(scope, receive, send)
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             return await self._too_large(scope, receive, send)
