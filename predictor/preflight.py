@@ -57,20 +57,37 @@ def checkpoint_problem(path: Path) -> str | None:
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")
-    weights = [name for pattern in WEIGHT_PATTERNS for name in path.glob(pattern)]
-    if not weights:
-        missing.append("the weights, *.safetensors or *.bin")
-    for index in path.glob("*.index.json"):
-        shards = _listed_shards(index)
-        absent = sorted(name for name in shards if not (path / name).is_file())
-        if absent:
-            missing.append(f"{len(absent)} of the {len(shards)} weight files {index.name} lists (e.g. {absent[0]})")
+    weights_missing = _weights_missing(path)
+    if weights_missing:
+        missing.append(weights_missing)
     if not (path / TOKENIZER_FILE).is_file():
         missing.append(f"the tokenizer, {TOKENIZER_FILE}")
     if not missing:
         return None
     return (f"is not a complete Falcon checkpoint, missing: {'; '.join(missing)}. A checkpoint directory holds "
             f"config.json, the weights as *.safetensors or *.bin files, and {TOKENIZER_FILE}")
+
+
+def _weights_missing(path: Path) -> str | None:
+    """What is missing of the weights: all of them, or shards of a sharded checkpoint. Checkpoints often carry
+    the weights twice (*.safetensors and *.bin, each with an index); one complete copy is enough."""
+    absent_by_index = {index.name: _absent_shards(path, index) for index in path.glob("*.index.json")}
+    if absent_by_index:
+        if any(not absent for absent in absent_by_index.values()):
+            return None
+        name, absent = min(absent_by_index.items(), key=lambda item: len(item[1]))
+        return f"{len(absent)} of the weight files {name} lists (e.g. {absent[0]})"
+    if not any(name for pattern in WEIGHT_PATTERNS for name in path.glob(pattern)):
+        return "the weights, *.safetensors or *.bin"
+    return None
+
+
+def _absent_shards(path: Path, index: Path) -> list[str]:
+    try:
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+    except (OSError, ValueError, AttributeError):
+        return [index.name]  # an index that cannot be read lists nothing to load
+    return sorted(name for name in shards if not (path / name).is_file())
 
 
 def hub_unreachable(endpoint: str, timeout_s: float = HUB_TIMEOUT_S) -> str | None:
@@ -116,9 +133,3 @@ def _cached_snapshot(config: ServerConfig) -> Path | None:
     except LocalEntryNotFoundError:
         return None
 
-
-def _listed_shards(index: Path) -> set[str]:
-    try:
-        return set(json.loads(index.read_text()).get("weight_map", {}).values())
-    except (OSError, ValueError, AttributeError):
-        return set()

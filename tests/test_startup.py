@@ -7,6 +7,7 @@ accepts them and never answers, so no test depends on this machine's network.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -19,6 +20,7 @@ import httpx
 import pytest
 
 from predictor.api.model import cpu_memory_warning
+from predictor.preflight import checkpoint_problem
 from predictor.config import DEMO_MODEL_NAME, add_predictor_arguments, build_parser, parse_config
 from predictor.variants import VARIANTS, closest_variant
 
@@ -91,6 +93,19 @@ def test_a_checkpoint_without_its_tokenizer_names_only_what_is_missing(tiny_dir,
     (partial / "tokenizer.json").unlink()
     line = refuse("--model_dir", str(partial), hf_cache=hf_cache)
     assert line.split("missing: ")[1].split(". ")[0] == "the tokenizer, tokenizer.json"
+
+
+def test_a_sharded_checkpoint_needs_one_complete_copy_of_its_weights(tmp_path) -> None:
+    """Hub checkpoints often hold the weights twice (safetensors and bin), each sharded with an index."""
+    for name in ("config.json", "tokenizer.json", "model-1.safetensors"):
+        (tmp_path / name).write_text("{}")
+    for index, shards in (("model.safetensors.index.json", ["model-1.safetensors", "model-2.safetensors"]),
+                          ("pytorch_model.bin.index.json", ["pytorch_model-1.bin", "pytorch_model-2.bin"])):
+        (tmp_path / index).write_text(json.dumps({"weight_map": dict(zip("ab", shards))}))
+    problem = checkpoint_problem(tmp_path)
+    assert "missing: 1 of the weight files model.safetensors.index.json lists (e.g. model-2.safetensors)" in problem
+    (tmp_path / "model-2.safetensors").write_text("")
+    assert checkpoint_problem(tmp_path) is None  # the .bin copy may be absent
 
 
 def test_an_unreachable_hub_fails_at_once_with_the_download_command(refused_port, hf_cache) -> None:
