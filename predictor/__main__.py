@@ -1,4 +1,5 @@
-"""``python -m predictor``: parse the flags, open the HTTP port, load the model, serve.
+"""``python -m predictor``: parse the flags, check that the model can be found (``preflight``), open the HTTP port,
+load the model, serve.
 
 The port opens before the model loads so that probes see 503 (not a refused connection) while a large model
 loads; ``/health`` and KServe's readiness routes turn 200 once it is ready.
@@ -12,7 +13,7 @@ import threading
 import warnings
 
 from .config import parse_config
-from .preflight import check_model_source
+from .preflight import check_accelerator, check_model_source
 
 logger = logging.getLogger("predictor")
 
@@ -20,6 +21,7 @@ logger = logging.getLogger("predictor")
 def main() -> None:
     given = parse_config()
     config = check_model_source(given)
+    check_accelerator(config)
     from kserve import model_server  # noqa: PLC0415 - KServe builds its app on import: after parsing
 
     from .api.model import FalconModel

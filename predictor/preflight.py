@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from .config import ServerConfig
-from .variants import find_variant
+from .variants import find_variant, memory_shortfall
 
 HUB_TIMEOUT_S = 3.0  # a reachable Hub answers in well under a second; an unreachable one should not cost a minute
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
@@ -46,6 +46,25 @@ def check_model_source(config: ServerConfig) -> ServerConfig:
         raise SystemExit(f"The Hugging Face Hub ({constants.ENDPOINT}) cannot be reached ({unreachable}) to fetch "
                          f"{wanted}. {_how_to_download(config, _local_dir(config))}")
     return config
+
+
+def check_accelerator(config: ServerConfig) -> None:
+    """Exit with one line when the GPUs asked for are not there, or a variant's weights cannot fit the visible
+    ones (saying what would work)."""
+    variant = find_variant(config.model_id) or find_variant(config.model_name)
+    if config.device == "cpu" or (config.device == "auto" and variant is None):
+        return  # nothing to check: no need to import torch before the port opens
+    import torch  # noqa: PLC0415 - only when there is a GPU to check
+
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but no CUDA GPU is visible (torch.cuda.is_available() is "
+                         "False); use --device auto or --device cpu")
+    if variant is None or not torch.cuda.is_available():
+        return
+    gpu_gib = [torch.cuda.mem_get_info(i)[1] / 2**30 for i in range(torch.cuda.device_count())]
+    problem = memory_shortfall(variant, gpu_gib, config.load_in_8bit)
+    if problem:
+        raise SystemExit(problem)
 
 
 def checkpoint_problem(path: Path) -> str | None:

@@ -1,12 +1,14 @@
 """The four Falcon variants this server knows: the one place that describes them.
 
-CLI defaults, the model loader and the Kubernetes manifests all read this table; a test checks that the
-manifests in ``inferenceservices/`` agree with it.
+CLI defaults, the model loader, the start-up checks and the Kubernetes manifests all read this table (what memory
+each needs on GPUs or the CPU is worked out here); a test checks that the manifests in ``inferenceservices/``
+agree with it.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 
 FALCON_CONTEXT_LENGTH = 2048  # every Falcon was trained with a 2048-token context
@@ -65,3 +67,29 @@ def closest_variant(name: str) -> str | None:
     """The variant name a mistyped ``name`` most likely meant ("falcon-7" -> "falcon-7b"), if any is close."""
     matches = difflib.get_close_matches(name.lower(), VARIANTS, n=1, cutoff=0.5)
     return matches[0] if matches else None
+
+
+def cpu_memory_warning(variant: Variant, dtype: str, memory_gib: float | None = None) -> str:
+    """How much memory ``variant``'s weights take on the CPU (float32 unless another dtype was asked for), and
+    how much this machine has (``memory_gib``, read from the system when None)."""
+    bytes_per_parameter = 4 if dtype in ("auto", "float32") else 2
+    weights_gib = variant.parameters_b * 1e9 * bytes_per_parameter / 2**30
+    if memory_gib is None:
+        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    shown = "float32" if bytes_per_parameter == 4 else dtype
+    return (f"{variant.name} on the CPU: {variant.parameters_b} B parameters in {shown} need about "
+            f"{weights_gib:.0f} GiB of memory for the weights alone; this machine has {memory_gib:.0f} GiB. "
+            f"On GPUs it is served in {variant.dtype} ({variant.gpus} GPU(s), about {variant.gpu_memory_gib} GiB).")
+
+
+def memory_shortfall(variant: Variant, gpu_gib: list[float], load_in_8bit: bool = False) -> str | None:
+    """Why ``variant`` cannot be served on GPUs of these sizes, and what would work; None when it fits."""
+    needed = variant.gpu_memory_gib / (2 if load_in_8bit else 1)
+    total = sum(gpu_gib)
+    if total >= needed:
+        return None
+    dtype = "8-bit" if load_in_8bit else variant.dtype
+    return (f"{variant.name} needs about {needed:.0f} GiB of GPU memory in {dtype}; this machine has "
+            f"{len(gpu_gib)} GPU(s) with {total:.0f} GiB in all. Ways that work: {variant.gpus} GPUs of 80 GB "
+            "(the layers are split across them), one GPU with more memory (e.g. 141 GB), or --load_in_8bit "
+            "(needs bitsandbytes; about half the memory).")

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
-from predictor.api.model import cpu_memory_warning
 from predictor.preflight import checkpoint_problem
 from predictor.config import DEMO_MODEL_NAME, add_predictor_arguments, build_parser, parse_config
-from predictor.variants import VARIANTS, closest_variant
+from predictor.variants import VARIANTS, closest_variant, cpu_memory_warning
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST_S = 10  # the interpreter and KServe's import take about 1 s on an idle machine; the checks themselves, ms
@@ -147,6 +147,12 @@ def test_a_cached_pinned_checkpoint_is_served_without_the_hub(start_server, tiny
     log = server.log()
     assert f"Serving tiiuae/falcon-7b from the Hugging Face cache: {snapshot}" in log
     assert "falcon-7b on the CPU: 6.9 B parameters in float32 need about 26 GiB" in log
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here")
+def test_device_cuda_without_a_gpu_is_refused_before_the_port_opens(tiny_dir, hf_cache) -> None:
+    line = refuse("--model_dir", str(tiny_dir), "--device", "cuda", hf_cache=hf_cache)
+    assert line.startswith("--device cuda was asked for but no CUDA GPU is visible")
 
 
 def test_the_cpu_warning_counts_the_weights_in_the_dtype_in_force() -> None:

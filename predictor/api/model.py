@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import gc
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +24,7 @@ from ..engine.runner import Engine, LoadSpec, load_engine
 from ..engine.tickets import GenerationResult, Ticket
 from ..errors import NotReady
 from ..tiny import build_tiny_falcon, default_cache_dir
-from ..variants import Variant, find_variant
+from ..variants import cpu_memory_warning, find_variant
 from .mapping import to_generation_job
 from .schema import ChatRequest, decode_json_body, parse_chat_request
 
@@ -52,7 +51,7 @@ class FalconModel(kserve.Model):
     # -- loading ---------------------------------------------------------------------------------------------
     def load(self) -> bool:
         spec = self._load_spec()
-        check_fits(self.config)
+        warn_on_cpu(self.config)
         self.engine = load_engine(spec)
         self.limits = dataclasses.replace(
             self.config.limits, context_length=min(self.config.limits.context_length, self.engine.context_length))
@@ -160,46 +159,10 @@ class FalconModel(kserve.Model):
             self.batcher.close()
 
 
-def check_fits(config: ServerConfig) -> None:
-    """Refuse early, with the ways that work, when the weights cannot fit the visible GPUs."""
+def warn_on_cpu(config: ServerConfig) -> None:
+    """A real Falcon on the CPU: say what its weights need (the GPUs were checked before start-up, in preflight)."""
     import torch
 
     variant = find_variant(config.model_id) or find_variant(config.model_name)
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but no CUDA GPU is visible (torch.cuda.is_available() is "
-                         "False); use --device auto or --device cpu")
-    if variant is None:
-        return
-    if config.device == "cpu" or not torch.cuda.is_available():
+    if variant is not None and (config.device == "cpu" or not torch.cuda.is_available()):
         logger.warning(cpu_memory_warning(variant, config.dtype))
-        return
-    gpu_gib = [torch.cuda.mem_get_info(i)[1] / 2**30 for i in range(torch.cuda.device_count())]
-    problem = memory_shortfall(variant, gpu_gib, config.load_in_8bit)
-    if problem:
-        raise SystemExit(problem)
-
-
-def cpu_memory_warning(variant: Variant, dtype: str, memory_gib: float | None = None) -> str:
-    """How much memory ``variant``'s weights take on the CPU (float32 unless another dtype was asked for), and
-    how much this machine has (``memory_gib``, read from the system when None)."""
-    bytes_per_parameter = 4 if dtype in ("auto", "float32") else 2
-    weights_gib = variant.parameters_b * 1e9 * bytes_per_parameter / 2**30
-    if memory_gib is None:
-        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    shown = "float32" if bytes_per_parameter == 4 else dtype
-    return (f"{variant.name} on the CPU: {variant.parameters_b} B parameters in {shown} need about "
-            f"{weights_gib:.0f} GiB of memory for the weights alone; this machine has {memory_gib:.0f} GiB. "
-            f"On GPUs it is served in {variant.dtype} ({variant.gpus} GPU(s), about {variant.gpu_memory_gib} GiB).")
-
-
-def memory_shortfall(variant: Variant, gpu_gib: list[float], load_in_8bit: bool = False) -> str | None:
-    """Why ``variant`` cannot be served on GPUs of these sizes, and what would work; None when it fits."""
-    needed = variant.gpu_memory_gib / (2 if load_in_8bit else 1)
-    total = sum(gpu_gib)
-    if total >= needed:
-        return None
-    dtype = "8-bit" if load_in_8bit else variant.dtype
-    return (f"{variant.name} needs about {needed:.0f} GiB of GPU memory in {dtype}; this machine has "
-            f"{len(gpu_gib)} GPU(s) with {total:.0f} GiB in all. Ways that work: {variant.gpus} GPUs of 80 GB "
-            "(the layers are split across them), one GPU with more memory (e.g. 141 GB), or --load_in_8bit "
-            "(needs bitsandbytes; about half the memory).")
