@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     # KServe's flag, whose meaning this server extends. The action is shared with KServe's parser (argparse
     # parents share actions); only its help changes.
     parser._option_string_actions["--model_name"].help = (
-        "the name the model is served under (URL paths, OpenAI 'model'). Alone it selects a Falcon variant to "
-        f"download: {', '.join(VARIANTS)}; with --model_dir or --model_id it is only the served name. Not given "
+        "the name the model is served under (URL paths, OpenAI 'model'). Alone it selects the Falcon variant to "
+        f"serve from the Hugging Face Hub at its pinned revision: {', '.join(VARIANTS)}; with --model_dir or --model_id it is only the served name. Not given "
         f"(KServe's default '{KSERVE_DEFAULT_MODEL_NAME}'): the tiny random-weight demo, served as {DEMO_MODEL_NAME}")
     return parser
 
