@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     # parents share actions); only its help changes.
     parser._option_string_actions["--model_name"].help = (
         "the name the model is served under (URL paths, OpenAI 'model'). Alone it selects the Falcon variant to "
-        f"serve from the Hugging Face Hub at its pinned revision: {', '.join(VARIANTS)}; with --model_dir or --model_id it is only the served name. Not given "
-        f"(KServe's default '{KSERVE_DEFAULT_MODEL_NAME}'): the tiny random-weight demo, served as {DEMO_MODEL_NAME}")
+        f"serve from the Hugging Face Hub at its pinned revision: {', '.join(VARIANTS)}; with --model_dir or "
+        f"--model_id it is only the served name. Not given (KServe's default '{KSERVE_DEFAULT_MODEL_NAME}'): the "
+        f"tiny random-weight demo, served as {DEMO_MODEL_NAME}")
     return parser
 
 

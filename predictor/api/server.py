@@ -146,7 +146,8 @@ def error_response(exc: PredictorError) -> JSONResponse:
 
 class RequestGuard:
     """ASGI middleware: optional bearer-token auth on inference routes, 404 for a model this server does not
-    serve, and a body-size limit (413) enforced before the body is parsed, with or without Content-Length."""
+    serve, 503 for a readiness probe while the model loads or drains, and a body-size limit (413) enforced before
+    the body is parsed, with or without Content-Length."""
 
     def __init__(self, app, max_body_bytes: int, api_key: str | None, model: FalconModel) -> None:
         self.app = app
