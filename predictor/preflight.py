@@ -35,9 +35,13 @@ def check_model_source(config: ServerConfig) -> ServerConfig:
     offline = constants.HF_HUB_OFFLINE
     # A pinned commit never changes: its cached copy is the checkpoint, and loading it needs no network.
     cached = _cached_snapshot(config) if offline or _COMMIT.match(config.revision or "") else None
-    if cached is not None and checkpoint_problem(cached) is None:
+    problem = checkpoint_problem(cached) if cached is not None else None
+    if cached is not None and problem is None:
         return dataclasses.replace(config, model_dir=str(cached))
     wanted = f"{config.model_id} at revision {config.revision or 'main'}"
+    if offline and cached is not None:  # an interrupted download
+        raise SystemExit(f"HF_HUB_OFFLINE is set and the cached copy of {wanted} ({cached}) {problem}. "
+                         f"{_how_to_download(config, _local_dir(config))}")
     if offline:
         raise SystemExit(f"HF_HUB_OFFLINE is set and {wanted} is not in the Hugging Face cache "
                          f"({constants.HF_HUB_CACHE}). {_how_to_download(config, _local_dir(config))}")

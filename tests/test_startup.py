@@ -132,6 +132,14 @@ def test_hf_hub_offline_is_honoured_without_touching_the_network(hf_cache) -> No
     assert f"({hf_cache})" in line and "hf download tiiuae/falcon-7b-instruct --revision" in line
 
 
+def test_an_incomplete_cached_copy_offline_says_what_it_lacks(tiny_dir, hf_cache) -> None:
+    snapshot = shutil.copytree(tiny_dir, hf_cache / "models--tiiuae--falcon-7b" / "snapshots" / FALCON_7B.revision)
+    (snapshot / "model.safetensors").unlink()  # a download cut short
+    line = refuse("--model_name", "falcon-7b", hf_cache=hf_cache, env={"HF_HUB_OFFLINE": "1"})
+    assert f"the cached copy of tiiuae/falcon-7b at revision {FALCON_7B.revision} ({snapshot})" in line
+    assert "missing: the weights, *.safetensors or *.bin." in line
+
+
 def test_a_cached_pinned_checkpoint_is_served_without_the_hub(start_server, tiny_dir, tmp_path,
                                                               refused_port) -> None:
     """The pinned commit in the Hugging Face cache is served although the Hub is unreachable; as a falcon-7b on
