@@ -7,6 +7,7 @@ once with one line saying what to do, rather than with a traceback from deep ins
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -56,13 +57,18 @@ def check_accelerator(config: ServerConfig) -> None:
     """Exit with one line when the GPUs asked for are not there, or a variant's weights cannot fit the visible
     ones (saying what would work)."""
     variant = find_variant(config.model_id) or find_variant(config.model_name)
-    if config.device == "cpu" or (config.device == "auto" and variant is None):
+    eight_bit = "--load_in_8bit needs a CUDA GPU and the bitsandbytes package (pip install bitsandbytes)"
+    if config.load_in_8bit and (config.device == "cpu" or importlib.util.find_spec("bitsandbytes") is None):
+        raise SystemExit(eight_bit)
+    if config.device == "cpu" or (config.device == "auto" and variant is None and not config.load_in_8bit):
         return  # nothing to check: no need to import torch before the port opens
     import torch  # noqa: PLC0415 - only when there is a GPU to check
 
     if config.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for but no CUDA GPU is visible (torch.cuda.is_available() is "
                          "False); use --device auto or --device cpu")
+    if config.load_in_8bit and not torch.cuda.is_available():
+        raise SystemExit(eight_bit)
     if variant is None or not torch.cuda.is_available():
         return
     gpu_gib = [torch.cuda.mem_get_info(i)[1] / 2**30 for i in range(torch.cuda.device_count())]

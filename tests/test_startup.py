@@ -164,6 +164,11 @@ def test_device_cuda_without_a_gpu_is_refused_before_the_port_opens(tiny_dir, hf
     assert line.startswith("--device cuda was asked for but no CUDA GPU is visible")
 
 
+def test_load_in_8bit_without_what_it_needs_is_refused_before_the_port_opens(tiny_dir, hf_cache) -> None:
+    line = refuse("--model_dir", str(tiny_dir), "--load_in_8bit", "--device", "cpu", hf_cache=hf_cache)
+    assert line == "--load_in_8bit needs a CUDA GPU and the bitsandbytes package (pip install bitsandbytes)"
+
+
 def test_the_cpu_warning_counts_the_weights_in_the_dtype_in_force() -> None:
     falcon_40b = VARIANTS["falcon-40b"]
     assert "in float32 need about 154 GiB" in cpu_memory_warning(falcon_40b, "auto", memory_gib=128)
