@@ -54,8 +54,8 @@ def check_model_source(config: ServerConfig) -> ServerConfig:
 
 
 def check_accelerator(config: ServerConfig) -> None:
-    """Exit with one line when the GPUs asked for are not there, or a variant's weights cannot fit the visible
-    ones (saying what would work)."""
+    """Exit with one line when the GPUs (or bitsandbytes) asked for are not there, or a variant's weights cannot
+    fit the visible GPUs (saying what would work)."""
     variant = find_variant(config.model_id) or find_variant(config.model_name)
     eight_bit = "--load_in_8bit needs a CUDA GPU and the bitsandbytes package (pip install bitsandbytes)"
     if config.load_in_8bit and (config.device == "cpu" or importlib.util.find_spec("bitsandbytes") is None):
