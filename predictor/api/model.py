@@ -1,8 +1,9 @@
 """The KServe model: loads a Falcon, turns /chat payloads into generation jobs and results into responses.
 
-``preprocess`` validates and tokenizes, ``predict`` queues the job with the batcher and awaits it, ``postprocess``
-shapes the Falcon /chat response. The same three steps serve ``POST /chat`` and KServe's
-``POST /v1/models/<name>:predict``.
+``prepare`` validates and tokenizes, ``submit`` queues the job with the batcher, ``to_response`` shapes the Falcon
+/chat response: ``POST /chat`` and ``POST /v1/models/<name>:predict`` (both routes in ``server``) use them.
+``preprocess``, ``predict`` and ``postprocess`` are the same steps behind KServe's ``kserve.Model`` interface, for
+the routes KServe itself serves (v2 ``/infer``, gRPC).
 """
 
 from __future__ import annotations
