@@ -9,9 +9,10 @@ from typing import Sequence
 
 from .engine.options import Limits
 from .logs import LOG_FORMATS
-from .variants import find_variant
+from .variants import VARIANTS, closest_variant, find_variant
 
 DEMO_MODEL_NAME = "falcon-tiny-demo"
+KSERVE_DEFAULT_MODEL_NAME = "model"  # KServe's default --model_name: no model was named
 SHUTDOWN_AFTER_DRAIN_S = 10  # the most the process takes to exit once --drain_timeout is over
 
 
@@ -43,6 +44,7 @@ class ServerConfig:
     max_prefill_tokens: int  # prompt tokens one step computes
     prefix_caching: bool  # reuse the KV cache of a prompt's cached prefix
     log_format: str  # "text" or "json" (one object per line); either way each line names its request
+    log_requests: bool  # a log line per request (uvicorn's access log and KServe's timings)
 
     @property
     def is_demo(self) -> bool:
@@ -60,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a Falcon model with KServe: POST /chat, KServe's v1/v2 routes and OpenAI-compatible "
                     "routes. With no model chosen it serves a tiny random Falcon built locally, as a demo.")
     add_predictor_arguments(parser)
+    # KServe's flag, whose meaning this server extends. The action is shared with KServe's parser (argparse
+    # parents share actions); only its help changes.
+    parser._option_string_actions["--model_name"].help = (
+        "the name the model is served under (URL paths, OpenAI 'model'). Alone it selects the Falcon variant to "
+        f"serve from the Hugging Face Hub at its pinned revision: {', '.join(VARIANTS)}; with --model_dir or "
+        f"--model_id it is only the served name. Not given (KServe's default '{KSERVE_DEFAULT_MODEL_NAME}'): the "
+        f"tiny random-weight demo, served as {DEMO_MODEL_NAME}")
     return parser
 
 
@@ -82,14 +91,16 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="decode with a torch.compile'd step over a few static shapes of the KV cache, "
                             "replayed as CUDA graphs on a GPU; every shape is compiled while loading, before the "
-                            "model reports ready")
+                            "model reports ready (the log counts the shapes and says how long it took)")
 
     limits = parser.add_argument_group("limits")
     defaults = Limits()
     limits.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens,
                         help="most tokens one sequence may generate")
-    limits.add_argument("--max_num_beams", type=int, default=defaults.max_num_beams)
-    limits.add_argument("--max_num_return_sequences", type=int, default=defaults.max_num_return_sequences)
+    limits.add_argument("--max_num_beams", type=int, default=defaults.max_num_beams,
+                        help="most beams (num_beams) one request may ask for")
+    limits.add_argument("--max_num_return_sequences", type=int, default=defaults.max_num_return_sequences,
+                        help="most sequences (num_return_sequences) one request may ask for")
     limits.add_argument("--max_sequences_per_request", type=int, default=defaults.max_sequences,
                         help="cap on num_beams * num_return_sequences")
     limits.add_argument("--max_batch_size", type=int, default=32, help="sequences decoded together")
@@ -135,11 +146,14 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     security.add_argument("--log_prompts", action=argparse.BooleanOptionalAction, default=False,
                           help="log prompts and generated text (off: they may hold personal data)")
 
-    logging_group = parser.add_argument_group("logging")
-    logging_group.add_argument("--log_format", default="text", choices=LOG_FORMATS,
-                               help="text lines, or one JSON object per line (time, level, logger, request_id, "
-                                    "message) for a log collector; every line about a request names its id "
-                                    "(the client's X-Request-ID, else a new one)")
+    logs = parser.add_argument_group("logs")
+    logs.add_argument("--log_format", default="text", choices=LOG_FORMATS,
+                      help="text lines, or one JSON object per line (time, level, logger, request_id, message) for a "
+                           "log collector; every line about a request names its id (the client's X-Request-ID, "
+                           "else a new one)")
+    logs.add_argument("--log_requests", action=argparse.BooleanOptionalAction, default=False,
+                      help="log a line per request (uvicorn's access log and KServe's per-request timings); off, "
+                           "a probe every few seconds or a burst of bad requests does not flood the log")
 
 
 def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
@@ -149,11 +163,14 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """Apply defaults and the variants table; a flag that cannot be served exits with one line saying why."""
     variant = find_variant(args.model_id) or find_variant(args.model_name)
     model_id = args.model_id or (variant.hf_id if variant else None)
     revision = args.revision or (variant.revision if variant and model_id == variant.hf_id else None)
     model_name = args.model_name
-    if args.model_dir is None and model_id is None and model_name == "model":
+    if args.model_dir is None and model_id is None:
+        if model_name not in (KSERVE_DEFAULT_MODEL_NAME, DEMO_MODEL_NAME):
+            raise SystemExit(unknown_variant_message(model_name))
         model_name = DEMO_MODEL_NAME
     limits = Limits(
         context_length=variant.context_length if variant else Limits.context_length,
@@ -174,5 +191,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         api_key=args.api_key or os.environ.get("PREDICTOR_API_KEY") or None, log_prompts=args.log_prompts,
         load_in_8bit=args.load_in_8bit, compile=args.compile, kv_cache_memory_gib=args.kv_cache_memory,
         max_prefill_tokens=args.max_prefill_tokens, prefix_caching=args.prefix_caching,
-        log_format=args.log_format)
+        log_format=args.log_format, log_requests=args.log_requests)
+
+
+def unknown_variant_message(model_name: str) -> str:
+    """Why ``--model_name`` alone cannot be served, and the two ways that work."""
+    closest = closest_variant(model_name)
+    guess = f" Did you mean {closest}?" if closest else ""
+    return (f"--model_name {model_name} names no Falcon variant ({', '.join(VARIANTS)}).{guess} To serve a "
+            f"checkpoint directory under this name, add --model_dir DIR (a Hugging Face-format Falcon checkpoint); "
+            f"with no --model_name the server runs its demo, {DEMO_MODEL_NAME}.")
 

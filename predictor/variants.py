@@ -1,11 +1,14 @@
 """The four Falcon variants this server knows: the one place that describes them.
 
-CLI defaults, the model loader and the Kubernetes manifests all read this table; a test checks that the
-manifests in ``inferenceservices/`` agree with it.
+CLI defaults, the model loader, the start-up checks and the Kubernetes manifests all read this table (what memory
+each needs on GPUs or the CPU is worked out here); a test checks that the manifests in ``inferenceservices/``
+agree with it.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 from dataclasses import dataclass
 
 FALCON_CONTEXT_LENGTH = 2048  # every Falcon was trained with a 2048-token context
@@ -23,6 +26,7 @@ class Variant:
     gpus: int  # GPUs one replica needs
     gpu_memory_gib: int  # GPU memory one replica needs in all, weights plus room for the KV cache
     instruct: bool  # tuned to follow the User:/Assistant: conversation format
+    parameters_b: float  # parameters, in billions: what the weights weigh on the CPU (4 bytes each in float32)
 
     @property
     def hf_uri(self) -> str:
@@ -34,13 +38,17 @@ VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
         Variant("falcon-7b", "tiiuae/falcon-7b", "898df1396f35e447d5fe44e0a3ccaaaa69f30d36",
-                "bfloat16", FALCON_CONTEXT_LENGTH, gpus=1, gpu_memory_gib=14, instruct=False),
+                "bfloat16", FALCON_CONTEXT_LENGTH, gpus=1, gpu_memory_gib=14, instruct=False,
+                parameters_b=6.9),
         Variant("falcon-7b-instruct", "tiiuae/falcon-7b-instruct", "cf4b3c42ce2fdfe24f753f0f0d179202fea59c99",
-                "bfloat16", FALCON_CONTEXT_LENGTH, gpus=1, gpu_memory_gib=14, instruct=True),
+                "bfloat16", FALCON_CONTEXT_LENGTH, gpus=1, gpu_memory_gib=14, instruct=True,
+                parameters_b=6.9),
         Variant("falcon-40b", "tiiuae/falcon-40b", "4a70170c215b36a3cce4b4253f6d0612bb7d4146",
-                "bfloat16", FALCON_CONTEXT_LENGTH, gpus=2, gpu_memory_gib=90, instruct=False),
+                "bfloat16", FALCON_CONTEXT_LENGTH, gpus=2, gpu_memory_gib=90, instruct=False,
+                parameters_b=41.3),
         Variant("falcon-40b-instruct", "tiiuae/falcon-40b-instruct", "ecb78d97ac356d098e79f0db222c9ce7c5d9ee5f",
-                "bfloat16", FALCON_CONTEXT_LENGTH, gpus=2, gpu_memory_gib=90, instruct=True),
+                "bfloat16", FALCON_CONTEXT_LENGTH, gpus=2, gpu_memory_gib=90, instruct=True,
+                parameters_b=41.3),
     )
 }
 
@@ -53,3 +61,35 @@ def find_variant(name_or_id: str | None) -> Variant | None:
         if name_or_id in (variant.name, variant.hf_id):
             return variant
     return None
+
+
+def closest_variant(name: str) -> str | None:
+    """The variant name a mistyped ``name`` most likely meant ("falcon-7" -> "falcon-7b"), if any is close."""
+    matches = difflib.get_close_matches(name.lower(), VARIANTS, n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def cpu_memory_warning(variant: Variant, dtype: str, memory_gib: float | None = None) -> str:
+    """How much memory ``variant``'s weights take on the CPU (float32 unless another dtype was asked for), and
+    how much this machine has (``memory_gib``, read from the system when None)."""
+    bytes_per_parameter = 4 if dtype in ("auto", "float32") else 2
+    weights_gib = variant.parameters_b * 1e9 * bytes_per_parameter / 2**30
+    if memory_gib is None:
+        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    shown = "float32" if bytes_per_parameter == 4 else dtype
+    return (f"{variant.name} on the CPU: {variant.parameters_b} B parameters in {shown} need about "
+            f"{weights_gib:.0f} GiB of memory for the weights alone; this machine has {memory_gib:.0f} GiB. "
+            f"On GPUs it is served in {variant.dtype} ({variant.gpus} GPU(s), about {variant.gpu_memory_gib} GiB).")
+
+
+def memory_shortfall(variant: Variant, gpu_gib: list[float], load_in_8bit: bool = False) -> str | None:
+    """Why ``variant`` cannot be served on GPUs of these sizes, and what would work; None when it fits."""
+    needed = variant.gpu_memory_gib / (2 if load_in_8bit else 1)
+    total = sum(gpu_gib)
+    if total >= needed:
+        return None
+    dtype = "8-bit" if load_in_8bit else variant.dtype
+    return (f"{variant.name} needs about {needed:.0f} GiB of GPU memory in {dtype}; this machine has "
+            f"{len(gpu_gib)} GPU(s) with {total:.0f} GiB in all. Ways that work: {variant.gpus} GPUs of 80 GB "
+            "(the layers are split across them), one GPU with more memory (e.g. 141 GB), or --load_in_8bit "
+            "(needs bitsandbytes; about half the memory).")

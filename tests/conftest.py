@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import httpx
 import pytest
 
+from predictor.config import DEMO_MODEL_NAME
 from predictor.tiny import build_tiny_falcon
 
 STARTUP_DEADLINE_S = 120
@@ -79,9 +80,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_server(model_dir: Path | None, log_dir: Path, *extra: str, model_name: str = "tiny-falcon",
+def launch_server(model_dir: Path | None, log_dir: Path, *extra: str, model_name: str | None = None,
                   module: str = "predictor", env: dict[str, str] | None = None) -> ServerProcess:
-    """Start a server process (not waiting for readiness). ``module`` may name a wrapper that runs it."""
+    """Start a server process (not waiting for readiness). ``module`` may name a wrapper that runs it. Served as
+    "tiny-falcon" by default; with neither ``model_dir`` nor ``model_name``, the demo (any other name alone is
+    refused: it would name no Falcon variant)."""
+    if model_name is None:
+        model_name = "tiny-falcon" if model_dir is not None else DEMO_MODEL_NAME
     port = free_port()
     args = [sys.executable, "-m", module, "--model_name", model_name, "--http_port", str(port),
             "--enable_grpc", "false", *extra]

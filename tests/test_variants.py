@@ -2,9 +2,8 @@
 
 import pytest
 
-from predictor.api.model import memory_shortfall
 from predictor.config import DEMO_MODEL_NAME, parse_config
-from predictor.variants import VARIANTS, find_variant
+from predictor.variants import VARIANTS, find_variant, memory_shortfall
 
 
 def test_the_four_falcons_with_their_needs():

@@ -1,8 +1,9 @@
 """The KServe model: loads a Falcon, turns /chat payloads into generation jobs and results into responses.
 
 ``prepare`` validates and tokenizes, ``submit`` queues the job with the batcher, ``to_response`` shapes the Falcon
-/chat response: the routes (``server``) use them, so that each can cancel on a client's disconnect. KServe's own
-``preprocess``/``predict``/``postprocess`` are the same three steps, for KServe's data plane.
+/chat response: ``POST /chat`` and ``POST /v1/models/<name>:predict`` (both routes in ``server``) use them, so
+that each can cancel on a client's disconnect. ``preprocess``, ``predict`` and ``postprocess`` are the same steps
+behind KServe's ``kserve.Model`` interface, for the routes KServe itself serves (gRPC).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..engine.runner import Engine, LoadSpec, load_engine
 from ..engine.tickets import GenerationResult, Ticket
 from ..errors import NotReady
 from ..tiny import build_tiny_falcon, default_cache_dir
-from ..variants import Variant, find_variant
+from ..variants import cpu_memory_warning, find_variant
 from .chat_format import CHAT_STOP, render_chat
 from .mapping import to_generation_job
 from .schema import ChatRequest, decode_json_body, parse_chat_request
@@ -54,7 +55,7 @@ class FalconModel(kserve.Model):
     # -- loading ---------------------------------------------------------------------------------------------
     def load(self) -> bool:
         spec = self._load_spec()
-        check_fits(self.config)
+        warn_on_cpu(self.config)
         self.engine = load_engine(spec)
         self.limits = dataclasses.replace(
             self.config.limits, context_length=min(self.config.limits.context_length, self.engine.context_length))
@@ -208,27 +209,10 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
     return text[:min((text.find(stop) for stop in stops if stop in text), default=len(text))]
 
 
-def check_fits(config: ServerConfig) -> None:
-    """Refuse early, with the ways that work, when the weights cannot fit the visible GPUs."""
+def warn_on_cpu(config: ServerConfig) -> None:
+    """A real Falcon on the CPU: say what its weights need (the GPUs were checked before start-up, in preflight)."""
     import torch
 
     variant = find_variant(config.model_id) or find_variant(config.model_name)
-    if variant is None or config.device == "cpu" or not torch.cuda.is_available():
-        return
-    gpu_gib = [torch.cuda.mem_get_info(i)[1] / 2**30 for i in range(torch.cuda.device_count())]
-    problem = memory_shortfall(variant, gpu_gib, config.load_in_8bit)
-    if problem:
-        raise SystemExit(problem)
-
-
-def memory_shortfall(variant: Variant, gpu_gib: list[float], load_in_8bit: bool = False) -> str | None:
-    """Why ``variant`` cannot be served on GPUs of these sizes, and what would work; None when it fits."""
-    needed = variant.gpu_memory_gib / (2 if load_in_8bit else 1)
-    total = sum(gpu_gib)
-    if total >= needed:
-        return None
-    dtype = "8-bit" if load_in_8bit else variant.dtype
-    return (f"{variant.name} needs about {needed:.0f} GiB of GPU memory in {dtype}; this machine has "
-            f"{len(gpu_gib)} GPU(s) with {total:.0f} GiB in all. Ways that work: {variant.gpus} GPUs of 80 GB "
-            "(the layers are split across them), one GPU with more memory (e.g. 141 GB), or --load_in_8bit "
-            "(needs bitsandbytes; about half the memory).")
+    if variant is not None and (config.device == "cpu" or not torch.cuda.is_available()):
+        logger.warning(cpu_memory_warning(variant, config.dtype))

@@ -15,19 +15,22 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import signal
 import time
+from http import HTTPStatus
 from typing import Any, Callable
 from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from kserve import ModelServer
+from starlette.exceptions import HTTPException
 
 from .. import metrics
 from ..config import ServerConfig
-from ..errors import (BodyTooLarge, Draining, HeadersTooLarge, ModelNotFound, NotFound, PredictorError, Unauthorized,
-                      error_body)
+from ..errors import (BodyTooLarge, Draining, HeadersTooLarge, ModelNotFound, NotFound, NotReady, PredictorError,
+                      Unauthorized, error_body)
 from .connections import ConnectionLimits, configure_connections
 from .model import Completion, FalconModel
 from .open_inference import install_open_inference_route
@@ -46,24 +49,34 @@ STOP_WORKERS_S, SEND_GRACE_S = 5.0, 3
 PREDICT_ROUTE = "/v1/models/{name}:predict"  # the route label in falcon_requests_total
 GENERATION_ROUTES = ("POST /chat, POST /v1/models/<name>:predict, POST /v2/models/<name>/infer (Open Inference "
                      "Protocol) and the OpenAI routes under /openai/v1/")
+# The model name in KServe's model routes: /v1/models/<name>[:verb], /v2/models/<name>[/...].
+MODEL_PATH = re.compile(r"^/v[12]/models/([^/:]+)")
 
 
 def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
     """Add this server's routes, guards and error handlers to KServe's app (before the server starts)."""
     app.add_exception_handler(PredictorError, predictor_error_handler)
+    app.add_exception_handler(HTTPException, http_error_handler)  # unknown routes and methods: 404, 405
     app.add_middleware(RequestGuard, max_body_bytes=config.max_body_bytes, max_header_bytes=config.max_header_bytes,
-                       api_key=config.api_key,
+                       api_key=config.api_key, model=model,
                        openai_paths=(openai_base() + "/", "/v1/completions", "/v1/chat/completions"))
     app.add_middleware(RequestIdMiddleware)  # added last, so outermost: the guard's refusals carry the id too
+
+    @app.get("/", tags=["falcon"], summary="Liveness in both shapes: KServe's and the replaced service's")
+    async def root() -> dict[str, str]:
+        return {"status": "alive", "message": "Server is running"}
 
     @app.post("/chat", tags=["falcon"], summary="Generate text for a prompt (the Falcon /chat API)")
     async def chat(request: Request) -> Any:
         return await _chat(request, model, "/chat")
 
-    # Ahead of KServe's own :predict route (added when the server starts), which cannot see a client leave.
-    @app.post("/v1/models/{model_name}:predict", tags=["falcon"], summary="KServe v1 predict: the /chat payload")
+    # Ahead of KServe's own :predict route (added when the server starts), which cannot see a client leave, decodes
+    # the body itself (losing duplicate keys) and cannot stream: the same strict decoding, errors and streaming as /chat.
+    @app.post("/v1/models/{model_name}:predict", tags=["falcon"], summary="The /chat API on KServe's v1 route")
     async def predict(model_name: str, request: Request) -> Any:
-        return await _chat(request, model, PREDICT_ROUTE, model_name)
+        if model_name != model.name:
+            raise _unknown_model(model_name, model.name)
+        return await _chat(request, model, PREDICT_ROUTE)
 
     async def health() -> JSONResponse:
         state = health_state(model)
@@ -96,10 +109,8 @@ def health_state(model: FalconModel) -> str:
     return "Healthy"
 
 
-async def _chat(request: Request, model: FalconModel, route: str, model_name: str | None = None) -> Any:
+async def _chat(request: Request, model: FalconModel, route: str) -> Any:
     try:
-        if model_name is not None and model_name != model.name:
-            raise ModelNotFound(f"the model {model_name!r} is not served here; this server serves {model.name!r}")
         if model.draining:
             raise Draining("the server is shutting down and takes no new requests")
         chat_request = parse_chat_request(decode_json_body(await request.body()))
@@ -123,25 +134,49 @@ async def predictor_error_handler(_: Request, exc: PredictorError) -> JSONRespon
     return error_response(exc)
 
 
+async def http_error_handler(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own 404 (no such route) and 405 (method not allowed), in this server's error shape."""
+    error_type = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    message = exc.detail
+    if message == HTTPStatus(exc.status_code).phrase:  # Starlette's default: say which route and method
+        allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow")
+        message = (f"{request.url.path} does not accept {request.method}; it accepts {allowed}" if allowed else
+                   f"{request.method} {request.url.path} is not a route of this server")
+    body = {"detail": message, "error": message, "error_type": error_type, "param": None}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+def _not_ready(model: FalconModel) -> PredictorError:
+    if model.draining:
+        return Draining(f"model {model.name} is draining: the server is shutting down")
+    return NotReady(f"model {model.name} is not loaded yet")
+
+
+def _unknown_model(requested: str, served: str) -> ModelNotFound:
+    return ModelNotFound(f"model {requested} is not served here; this server serves {served}")
+
+
 def error_response(exc: PredictorError) -> JSONResponse:
-    if exc.status >= 500:
+    if exc.status >= 500 and exc.status != 503:  # 503 (loading, draining) is a state to wait out, not a fault
         logger.error("%s: %s", exc.error_type, exc.message)
     body = {**error_body(exc), "request_id": current_request_id()}
     return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
 
 class RequestGuard:
-    """ASGI middleware: a header-size limit (431), optional bearer-token auth on inference routes, KServe routes
-    that are not served (404), and a body-size limit (413) enforced before the body is parsed, whether or not the
-    client sent Content-Length."""
+    """ASGI middleware: a header-size limit (431), optional bearer-token auth on inference routes, 404 for a model
+    this server does not serve and for KServe routes it does not serve, 503 for a readiness probe while the model
+    loads or drains, and a body-size limit (413) enforced before the body is parsed, with or without
+    Content-Length."""
 
-    def __init__(self, app, max_body_bytes: int, max_header_bytes: int, api_key: str | None,
+    def __init__(self, app, max_body_bytes: int, max_header_bytes: int, api_key: str | None, model: FalconModel,
                  openai_paths: tuple[str, ...]) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.max_header_bytes = max_header_bytes
         self.api_key = api_key.encode() if api_key else None
         self.openai_paths = openai_paths  # where clients read OpenAI's error shape
+        self.model = model
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -159,6 +194,15 @@ class RequestGuard:
             return await error_response(refusal)(scope, receive, send)
         if (unserved := unserved_kserve_route(path, scope["query_string"])) is not None:
             return await error_response(unserved)(scope, receive, send)
+        named = MODEL_PATH.match(path)
+        if named:
+            # Answered here because KServe's handlers for its ModelNotFound and ModelNotReady log an ERROR with a
+            # traceback: a client asking for a model this server does not have, or a probe while it loads, is not
+            # a server fault.
+            if named.group(1) != self.model.name:
+                return await error_response(_unknown_model(named.group(1), self.model.name))(scope, receive, send)
+            if not self.model.ready and _is_readiness(path):
+                return await error_response(_not_ready(self.model))(scope, receive, send)
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             return await self._too_large(scope, receive, send)
