@@ -137,7 +137,7 @@ def server(plan, model_plan, model_dir: Path, record, deadline: float, compile: 
                            threads=None, log_dir=plan.workdir, cwd=bench.REPO, extra_args=flags)
     try:
         record["ready_seconds"] = time.monotonic() - started
-        compiled = re.search(r"Compiled the decode step for (\d+) shapes .* in ([\d.]+) s", process.log_tail(20000))
+        compiled = re.search(r"Compiled the decode step for (\d+) shapes.* in ([\d.]+) s", process.log_tail(20000))
         if compiled:
             record["compile"] = dict(shapes=int(compiled[1]), seconds=float(compiled[2]))
         record["memory_after_ready"] = memory_delta(plan.device, before, process.process.pid)

@@ -46,7 +46,7 @@ TYPES = {
 
 @pytest.fixture(scope="module")
 def server(start_server, tiny_dir):
-    return start_server(tiny_dir, "--log_format", "json", "--log_prompts", model_name=MODEL)
+    return start_server(tiny_dir, "--log_format", "json", "--log_prompts", "--log_requests", model_name=MODEL)
 
 
 def scrape(server) -> dict[str, float]:

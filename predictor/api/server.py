@@ -51,6 +51,7 @@ GENERATION_ROUTES = ("POST /chat, POST /v1/models/<name>:predict, POST /v2/model
                      "Protocol) and the OpenAI routes under /openai/v1/")
 # The model name in KServe's model routes: /v1/models/<name>[:verb], /v2/models/<name>[/...].
 MODEL_PATH = re.compile(r"^/v[12]/models/([^/:]+)")
+GENERATION_VERBS = (":predict", "/infer")
 
 
 def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
@@ -74,9 +75,7 @@ def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
     # the body itself (losing duplicate keys) and cannot stream: the same strict decoding, errors and streaming as /chat.
     @app.post("/v1/models/{model_name}:predict", tags=["falcon"], summary="The /chat API on KServe's v1 route")
     async def predict(model_name: str, request: Request) -> Any:
-        if model_name != model.name:
-            raise _unknown_model(model_name, model.name)
-        return await _chat(request, model, PREDICT_ROUTE)
+        return await _chat(request, model, PREDICT_ROUTE, model_name)
 
     async def health() -> JSONResponse:
         state = health_state(model)
@@ -109,8 +108,10 @@ def health_state(model: FalconModel) -> str:
     return "Healthy"
 
 
-async def _chat(request: Request, model: FalconModel, route: str) -> Any:
+async def _chat(request: Request, model: FalconModel, route: str, model_name: str | None = None) -> Any:
     try:
+        if model_name is not None and model_name != model.name:
+            raise _unknown_model(model_name, model.name)
         if model.draining:
             raise Draining("the server is shutting down and takes no new requests")
         chat_request = parse_chat_request(decode_json_body(await request.body()))
@@ -195,7 +196,7 @@ class RequestGuard:
         if (unserved := unserved_kserve_route(path, scope["query_string"])) is not None:
             return await error_response(unserved)(scope, receive, send)
         named = MODEL_PATH.match(path)
-        if named:
+        if named and not path.endswith(GENERATION_VERBS):  # generation routes answer (and count) these themselves
             # Answered here because KServe's handlers for its ModelNotFound and ModelNotReady log an ERROR with a
             # traceback: a client asking for a model this server does not have, or a probe while it loads, is not
             # a server fault.
