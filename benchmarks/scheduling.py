@@ -8,6 +8,9 @@
 3. **A flood of beam-search requests**: 150 clients send ``num_beams: 2`` requests in closed loops while one client
    sends ordinary sampling requests; the share of that client's requests answered with 200.
 
+Scenarios 1 and 2 are also measured in this process, on the engine without HTTP (``engine_level``): on a model this
+small, HTTP, JSON and tokenizing a 1,900-token prompt take longer than computing it, and show in the figures above.
+
 ``--before DIR`` also runs the scenarios against another checkout's server (flags it lacks are left out), so both
 figures come from one run. Every loop is bounded in time and runs on loopback only.
 
@@ -138,6 +141,69 @@ async def beam_flood(url: str, seconds: float, clients: int = 150) -> dict[str, 
                 share_200=statuses.get(200, 0) / total if total else 0.0)
 
 
+def engine_level(model_dir: Path, budgets: list[int]) -> dict[str, Any]:
+    """Scenarios 1 and 2 on the engine in this process: the decode steps' worst gap while the long prompt is
+    computed, against their median before it; and a repeated prompt's time to first token, warm against cold."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from generation import make_job, reserved_engine
+
+    from predictor.engine.batcher import Batcher
+
+    engine = reserved_engine(model_dir, rows=16)
+    tokenizer = engine.tokenizer
+    long_job = make_job(engine, prompt_of_tokens(tokenizer, 1900, "engine"), do_sample=False, max_new_tokens=4)
+    stream_jobs = [make_job(engine, "Once upon a time", do_sample=False, max_new_tokens=600, min_new_tokens=600)
+                   for _ in range(STREAMS)]
+    steps: list[float] = []
+    real_step = engine.step
+
+    def timed_step(decode, chunks=()):
+        logits = real_step(decode, chunks)
+        steps.append(time.monotonic())
+        return logits
+
+    engine.step = timed_step
+
+    async def long_prompt(budget: int) -> dict[str, float]:
+        batcher = Batcher(engine, max_prefill_tokens=budget, prefix_caching=False)
+        batcher.start()
+        steps.clear()
+        streams = [batcher.submit(job) for job in stream_jobs]
+        await asyncio.sleep(0.5)
+        sent = time.monotonic()
+        ticket = batcher.submit(long_job)
+        await ticket.result()
+        first = ticket.first_token_at
+        for stream_ticket in streams:
+            stream_ticket.cancel()
+        await asyncio.gather(*(t.result() for t in streams))
+        batcher.close()
+        gaps_before = [b - a for a, b in zip(steps, steps[1:]) if b < sent]
+        gaps_during = [b - a for a, b in zip(steps, steps[1:]) if b >= sent and a <= first]
+        median = statistics.median(gaps_before)
+        return dict(median_step_ms=median * 1000, worst_step_ms=max(gaps_during) * 1000,
+                    ratio=max(gaps_during) / median, long_ttft_ms=(first - sent) * 1000)
+
+    async def ttft(batcher: Batcher, prompt: str) -> float:
+        ticket = batcher.submit(make_job(engine, prompt, do_sample=False, max_new_tokens=2))
+        await ticket.result()
+        return (ticket.first_token_at - ticket.submitted_at) * 1000
+
+    async def repeated() -> dict[str, float]:
+        batcher = Batcher(engine, max_prefill_tokens=2048)
+        batcher.start()
+        first = prompt_of_tokens(tokenizer, 1700, "enginea")
+        await ttft(batcher, first)
+        follow_up = first + " " + words(60, "more")
+        cold_ms = await ttft(batcher, prompt_of_tokens(tokenizer, len(tokenizer(follow_up)["input_ids"]), "engb"))
+        warm_ms = await ttft(batcher, follow_up)
+        batcher.close()
+        return dict(cold_ttft_ms=cold_ms, warm_ttft_ms=warm_ms, ratio=warm_ms / cold_ms)
+
+    return dict(long_prompt={str(b): asyncio.run(long_prompt(b)) for b in budgets},
+                repeated_prompt=asyncio.run(repeated()))
+
+
 def run_scenarios(repo: Path, model_dir: Path, workdir: Path, budgets: list[int], flood_s: float,
                   supports_new_flags: bool) -> dict[str, Any]:
     from transformers import AutoTokenizer
@@ -190,11 +256,20 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="scheduling-"))
     model_dir = build_tiny_falcon(workdir / "tiny-7b", "7b")
+    engine = engine_level(model_dir, args.budgets)
     runs = [run_scenarios(REPO, model_dir, workdir, args.budgets, args.flood_seconds, True)]
     if args.before is not None:
         runs.append(run_scenarios(args.before.resolve(), model_dir, workdir, args.budgets, args.flood_seconds,
                                   False))
-    args.out.write_text(json.dumps(dict(load_average=os.getloadavg(), runs=runs), indent=2))
+    args.out.write_text(json.dumps(dict(load_average=os.getloadavg(), engine=engine, runs=runs), indent=2))
+    print("== the engine in this process, no HTTP")
+    for budget, row in engine["long_prompt"].items():
+        print(f"  max_prefill_tokens {budget:>5}: decode step median {row['median_step_ms']:.2f} ms, worst while the "
+              f"long prompt is computed {row['worst_step_ms']:.1f} ms ({row['ratio']:.1f}x); its first token "
+              f"{row['long_ttft_ms']:.0f} ms")
+    row = engine["repeated_prompt"]
+    print(f"  repeated prompt: first token {row['warm_ttft_ms']:.1f} ms vs cold {row['cold_ttft_ms']:.1f} ms "
+          f"({row['ratio']:.2f})")
     for run in runs:
         print(f"== {run['repo']} (long prompt: {run['long_prompt_tokens']} tokens)")
         for budget, row in run["long_prompt"].items():

@@ -76,7 +76,7 @@ def test_rows_go_low_first_and_a_freed_row_keeps_its_prefix():
     assert cache.find_prefix(prompt[:5]) is None
 
 
-def test_taking_a_row_forgets_what_it_held_and_a_copy_shares_a_prefix():
+def test_a_copy_shares_a_prefix_and_a_taken_row_moves_its_prefix_up():
     cache = cache_of()
     row = cache.allocate(0)
     prompt = list(range(2 * BLOCK_SIZE + 1))
@@ -88,9 +88,16 @@ def test_taking_a_row_forgets_what_it_held_and_a_copy_shares_a_prefix():
     assert cache.length(other) == 2 * BLOCK_SIZE
     cache.release(row)
     cache.release(other)
-    again = cache.allocate(0)  # the emptiest or least recently used among the low rows: ``row``, freed first
-    assert again == row and cache.length(again) == 0
-    assert cache.find_prefix(prompt).row == other  # its copy still holds the prefix
+
+    again = cache.allocate(0)  # the lowest row, for a compact batch; what it held moves to an empty row above
+    assert again == row and cache.length(row) == 0
+    assert cache.length(2) == len(prompt) and torch.equal(cache.keys[0][2, :, : len(prompt)],
+                                                           torch.ones(1, len(prompt), 4))
+    assert cache.allocate(1) == other and cache.length(3) == 2 * BLOCK_SIZE  # moved up too
+    assert cache.find_prefix(prompt + [1]).tokens == 2 * BLOCK_SIZE
+
+    assert cache.allocate(2) == 2  # no free row above the four a step computes: its prefix is evicted
+    assert cache.find_prefix(prompt + [1]).row == 3
 
 
 def test_buckets_and_tiers_cover_every_size():

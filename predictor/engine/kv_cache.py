@@ -11,8 +11,9 @@ A step attends over the first rows only (every running row and the free ones bet
 low first. A free row keeps what it held: its tokens are indexed by a hash chain over blocks of ``BLOCK_SIZE``
 tokens, and a new sequence whose prompt begins with a cached prefix copies those columns instead of computing them
 (the copy is of that prefix only). Prefixes live in free rows and in running ones (concurrent requests with one
-system prompt, or ``num_return_sequences`` > 1, share it); a row taken for a new sequence loses its old contents,
-least recently used first among the low rows, so cached prefixes never take a row from a running request.
+system prompt, or ``num_return_sequences`` > 1, share it). A new sequence takes the lowest free row, whose cached
+tokens move up to the least recently used free row (one copy of that row), so running rows stay packed low while
+prefixes are evicted least recently used first; cached prefixes never take a row from a running request.
 """
 
 from __future__ import annotations
@@ -84,23 +85,54 @@ class KVCache:
         return self.used_tokens / (self.rows * self.capacity)
 
     def allocate(self, running: int, prefix: PrefixHit | None = None) -> int:
-        """A free row for a new sequence, holding ``prefix`` already when one is given. Low rows go first, since a
-        step computes every row below the highest running one: among the rows a step of ``running + 1`` sequences
-        computes anyway, the prefix's own row (nothing to copy), else an empty one or the least recently used."""
+        """A free row for a new sequence, holding ``prefix`` already when one is given.
+
+        Rows are handed out low first, since a step computes every row below the highest running one: the row is
+        the prefix's own when that is among the rows a step of ``running + 1`` sequences computes (nothing to copy),
+        else the lowest free one. What that row held moves to a row above, unless every free row holds something
+        used more recently: prefixes are evicted least recently used first, wherever they lie."""
         if not self._free:
             raise RuntimeError("no free KV cache row")  # the scheduler admits only what fits
         window = _bucket(running + 1)
-        near = [row for row in self._free if row < window] or [min(self._free)]
-        if prefix is not None and prefix.row in near:
+        if prefix is not None and prefix.row < window and prefix.row in self._free:
             row, keep = prefix.row, prefix.tokens
         else:
-            row, keep = min(near, key=lambda r: (self._lengths[r] > 0, self._last_used[r], r)), 0
+            row, keep = min(self._free), 0
+            moved = self._keep_elsewhere(row, window)
+            if prefix is not None and prefix.row == row:
+                prefix = PrefixHit(moved, prefix.tokens) if moved is not None else None
         self._free.discard(row)
         self._forget(row, keep=keep)
         self.used_tokens += keep
         if prefix is not None and row != prefix.row:
             self.copy_prefix(prefix.row, row, prefix.tokens)
         return row
+
+    def _keep_elsewhere(self, row: int, window: int) -> int | None:
+        """Move free ``row``'s cached tokens to the least recently used free row above ``window`` when that one
+        was used longer ago (an empty row, first); the row they went to, or None."""
+        if not self._lengths[row]:
+            return None
+        above = [r for r in self._free if r >= window]
+        if not above:
+            return None
+        target = min(above, key=lambda r: (self._lengths[r] > 0, self._last_used[r], r))
+        if self._lengths[target] and self._last_used[target] > self._last_used[row]:
+            return None
+        self._forget(target, keep=0)
+        length = self._lengths[row]
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[target, :, :length] = buffer[row, :, :length]
+        self._tokens[target], self._tokens[row] = self._tokens[row], []
+        self._row_blocks[target], self._row_blocks[row] = self._row_blocks[row], []
+        for key in self._row_blocks[target]:
+            holders = self._blocks[key]
+            holders.discard(row)
+            holders.add(target)
+        self._lengths[target], self._lengths[row] = length, 0
+        self._last_used[target] = self._last_used[row]
+        return target
 
     def release(self, row: int) -> None:
         """The sequence in ``row`` ended; its contents stay, indexed, until the row is needed again."""
