@@ -1,6 +1,6 @@
 """The manifests in inferenceservices/ are what a KServe cluster accepts and what the predictor expects.
 
-There is no cluster here. Each resource is validated against its CRD schema from ../shared/schemas, made strict so
+There is no cluster here. Each resource is validated against its CRD schema (inferenceservices/schemas/), made strict so
 that an unknown key fails (the API server would prune it silently), plus what KServe's webhook checks and a schema
 cannot. Each pod is built the way KServe builds it (inferenceservices/expand.py) and checked against the predictor's
 own argument parser, the variants table in predictor/variants.py and, with the tiny server, its real routes.

@@ -9,6 +9,7 @@ reason. vLLM's ``/tokenize`` and ``/detokenize`` bodies are here too.
 from __future__ import annotations
 
 import os
+from abc import abstractmethod
 from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -118,9 +119,9 @@ class GenerationFields(BaseModel):
     def echo_prompt(self) -> bool:
         return False
 
+    @abstractmethod
     def logprobs_asked(self) -> tuple[bool, int]:
         """Whether each token's log-probability is wanted, and how many top alternatives with it."""
-        raise NotImplementedError
 
 
 class CompletionRequest(GenerationFields):
