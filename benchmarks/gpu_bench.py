@@ -94,10 +94,11 @@ DRY_TOTAL_S = 240
 
 def build_plan(dry_run: bool, workdir: Path, out: Path | None) -> Plan:
     if dry_run:
-        # One return sequence per request keeps the compiled server's cache to max_batch_size rows (else 8)
-        models = {"falcon-7b": ModelPlan("falcon-7b", TINY_7B, 4, (1, 2, 4), (16, 32, 64), compile_max_batch_size=1,
+        # One return sequence per request keeps the compiled server's cache to max_batch_size rows (else 8).
+        # 16 new tokens: decode alone is t(16) - t(1) over 15, which a noisy shared machine cannot make negative.
+        models = {"falcon-7b": ModelPlan("falcon-7b", TINY_7B, 16, (1, 2, 4), (16, 32, 64), compile_max_batch_size=1,
                                          server_flags=("--max_num_return_sequences", "1")),
-                  "falcon-40b": ModelPlan("falcon-40b", TINY_40B, 4, (2,))}
+                  "falcon-40b": ModelPlan("falcon-40b", TINY_40B, 16, (2,))}
         return Plan(True, "cpu", "float32", models, repeats=2, requests_per_worker=1, budgets_s=DRY_BUDGETS_S,
                     total_s=DRY_TOTAL_S, workdir=workdir, out=out or workdir / "gpu-dry-run.json")
     models = {"falcon-7b": ModelPlan("falcon-7b", FALCON_7B, 128, (1, 8, 32, 64), (128, 512, 2000)),
