@@ -92,7 +92,6 @@ def test_unsupported_options_are_refused_by_name_and_neutral_values_accepted():
     (lambda: completion_request(presence_penalty=2.5), "presence_penalty"),
     (lambda: completion_request(frequency_penalty=-3), "frequency_penalty"),
     (lambda: completion_request(logprobs=6), "logprobs"),
-    (lambda: completion_request(logprobs=1, echo=True), "echo"),
     (lambda: chat_request(top_logprobs=21, logprobs=True), "top_logprobs"),
     (lambda: chat_request(top_logprobs=2), "top_logprobs"),
     (lambda: completion_request(stop_token_ids=[-1]), "stop_token_ids"),

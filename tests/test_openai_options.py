@@ -165,6 +165,32 @@ def test_echo_puts_the_prompt_in_front(client, tiny_server):
     assert streamed == PROMPT + plain
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(client, tiny_server, tokenizer, reference, stream):
+    model = tiny_server.model_name
+    prompt = PROMPT + " jumps over the lazy dog, and then the fox jumps again"
+    ids = encode(tokenizer, prompt)
+    with torch.inference_mode():
+        expected = reference(torch.tensor([ids])).logits[0].log_softmax(-1)  # [tokens, vocab]
+    kwargs = dict(model=model, prompt=prompt, max_tokens=6, temperature=0, echo=True, logprobs=2,
+                  extra_body={"return_tokens_as_token_ids": True})
+    if stream:
+        chunks = [c for c in client.completions.create(stream=True, **kwargs) if c.choices and c.choices[0].logprobs]
+        logprobs = {key: [v for c in chunks for v in getattr(c.choices[0].logprobs, key)]
+                    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    else:
+        logprobs = vars(client.completions.create(**kwargs).choices[0].logprobs)
+    tokens = [int(t.removeprefix("token_id:")) for t in logprobs["tokens"]]
+    assert tokens[:len(ids)] == ids and len(tokens) == len(ids) + 6
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    scored = [expected[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    assert logprobs["token_logprobs"][1:len(ids)] == pytest.approx(scored, abs=1e-4)
+    best = expected[0].topk(2)
+    assert {int(k.removeprefix("token_id:")): v for k, v in logprobs["top_logprobs"][1].items()} == pytest.approx(
+        dict(zip(best.indices.tolist(), best.values.tolist())), abs=1e-4)
+    assert logprobs["text_offset"][0] == 0 and logprobs["text_offset"] == sorted(logprobs["text_offset"])
+
+
 # -- usage, paths, models --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("stream", [False, True])
 def test_usage_counts_every_choice_up_to_its_stop(client, tiny_server, tokenizer, stream):
@@ -196,13 +222,16 @@ def test_v1_paths_serve_what_openai_v1_serves(client, tiny_server):
         assert create(client) == create(kserve_path)
 
 
-def test_v1_models_is_kserves_and_openais_list_at_once(client, tiny_server):
+def test_v1_models_is_kserves_and_openais_at_once(client, tiny_server):
     body = httpx.get(f"{tiny_server.url}/v1/models", timeout=10).json()
     assert body["models"] == [tiny_server.model_name]  # KServe's v1 protocol
     assert body["object"] == "list" and [m["id"] for m in body["data"]] == [tiny_server.model_name]
     assert [m.id for m in client.models.list().data] == [tiny_server.model_name]
     ready = httpx.get(f"{tiny_server.url}/v1/models/{tiny_server.model_name}", timeout=10).json()
-    assert ready["ready"] is True  # KServe's readiness route is untouched
+    assert ready["ready"] is True and ready["name"] == tiny_server.model_name  # KServe's readiness route
+    v1_client = openai.OpenAI(base_url=f"{tiny_server.url}/v1", api_key="-")
+    card = v1_client.models.retrieve(tiny_server.model_name)  # and OpenAI's model card, in one body
+    assert card.id == tiny_server.model_name and card.object == "model"
 
 
 @pytest.mark.parametrize("kwargs, param", [

@@ -37,7 +37,7 @@ from ..errors import Draining, ModelNotFound, NotReady, PredictorError
 from .chat_format import CHAT_STOP, render_chat
 from .model import FalconModel
 from .openai_mapping import to_generation_job
-from .openai_reply import ChatCompletionsApi, CompletionsApi, Reply
+from .openai_reply import ChatCompletionsApi, CompletionsApi, Reply, echoed_tokens
 from .openai_schema import ChatCompletionRequest, CompletionRequest, GenerationFields, parse_openai_request
 from .schema import decode_json_body
 from .streaming import sse_response, stream_text, unless_disconnected
@@ -54,8 +54,9 @@ def install_openai_routes(app: FastAPI, model: FalconModel, prefix: str | None =
     bases = dict.fromkeys([openai_base(prefix), "/v1"])
     for base in bases:
         _install_under(app, model, base, started)
-    # KServe added its own GET /v1/models when it built the app; ours must be matched first.
-    ours = [route for route in app.router.routes if getattr(route, "path", None) == "/v1/models"
+    # KServe added its own GET /v1/models and /v1/models/{name} when it built the app; ours must be matched first.
+    ours = [route for route in app.router.routes if getattr(route, "path", None) in ("/v1/models",
+                                                                                     "/v1/models/{model_id}")
             and getattr(route, "endpoint", None) is not None and route.endpoint.__module__ == __name__]
     app.router.routes[:] = ours + [route for route in app.router.routes if route not in ours]
 
@@ -79,14 +80,14 @@ def _install_under(app: FastAPI, model: FalconModel, base: str, started: int) ->
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [card()], "models": [model.name]}
 
-    if base != "/v1":  # GET /v1/models/<name> stays KServe's readiness route
-        @router.get("/models/{model_id}", summary="The served model: 200 once it is loaded, 503 before")
-        async def retrieve_model(model_id: str) -> Response:
-            if model_id != model.name:
-                return openai_error_response(ModelNotFound(f"the model {model_id!r} does not exist", param="model"))
-            if not model.ready:
-                return openai_error_response(NotReady(f"model {model.name} is not loaded yet"))
-            return JSONResponse(card())
+    @router.get("/models/{model_id}", summary="The served model: 200 once it is loaded, 503 before")
+    async def retrieve_model(model_id: str) -> Response:
+        if model_id != model.name:
+            return openai_error_response(ModelNotFound(f"the model {model_id!r} does not exist", param="model"))
+        if not model.ready:
+            return openai_error_response(NotReady(f"model {model.name} is not loaded yet"))
+        # On /v1 this is also KServe's v1 readiness route: one body with both kinds of keys.
+        return JSONResponse({**card(), "name": model.name, "ready": True})
 
     app.include_router(router)
 
@@ -120,7 +121,11 @@ async def create(request: Request, model: FalconModel, api: CompletionsApi,
         return _failed(api, exc)
     prefixes = [prompt if job.return_full_text else ""] * body.n
     token_text = _token_id_text if body.return_tokens_as_token_ids else lambda token_id: engine.decode([token_id])
-    reply = Reply(api, model.name, len(job.prompt_ids), prefixes, token_text, job.options.logprobs)
+    echoed = None  # an echoed prompt with log-probabilities: its tokens, scored by the engine before it generates
+    if job.options.prompt_logprobs is not None:
+        echoed = lambda: echoed_tokens(job.prompt_ids, ticket.prompt_logprobs,  # noqa: E731
+                                       lambda token_id: engine.decode([token_id]))
+    reply = Reply(api, model.name, len(job.prompt_ids), prefixes, token_text, job.options.logprobs, echoed)
     deltas = stream_text(model, job, ticket)
     if body.stream:
         return sse_response(reply.chunks(deltas, body.include_usage), api.route, openai_error_body)

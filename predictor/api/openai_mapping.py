@@ -18,7 +18,8 @@ helpers), so an error names the OpenAI parameter and a new parameter touches thi
   token that would leave it; a schema it cannot compile is a 400 saying why.
 - ``logprobs`` (chat: with ``top_logprobs`` up to 20; completions: an integer up to 5) reports each generated
   token's log-probability under the distribution it was chosen from. ``echo`` puts the prompt in front of a
-  completion; the prompt's own log-probabilities are not computed, so ``echo`` with ``logprobs`` is refused.
+  completion; with ``logprobs`` too, the prompt's own tokens come first in ``logprobs`` (the first with ``null``),
+  each scored by the model's distribution before it (computed, never taken from the prefix cache).
 """
 
 from __future__ import annotations
@@ -46,9 +47,6 @@ def to_generation_job(request: GenerationFields, prompt: str, prompt_ids: list[i
         raise InvalidRequest(f"min_tokens: {request.min_tokens} is more than the {max_new} tokens that may be "
                              "generated (max_tokens)", param="min_tokens")
     logprobs, top_logprobs = request.logprobs_asked()
-    if logprobs and request.echo_prompt:
-        raise InvalidRequest("echo with logprobs would need the prompt's log-probabilities, which this server does "
-                             "not compute: ask for one or the other", param="echo")
     options = GenerationOptions(
         max_new_tokens=max_new, min_new_tokens=request.min_tokens, do_sample=do_sample,
         temperature=request.temperature if do_sample else 1.0,
@@ -60,6 +58,7 @@ def to_generation_job(request: GenerationFields, prompt: str, prompt_ids: list[i
         sequence_bias=logit_bias(request.logit_bias, model),
         eos_token_ids=ends, pad_token_id=pad_token_id(None, eos, model), num_return_sequences=request.n,
         logprobs=logprobs, top_logprobs=top_logprobs, stop_strings=tuple(stops), seed=request.seed,
+        prompt_logprobs=top_logprobs if logprobs and request.echo_prompt else None,
         grammar=grammar(request.response_format),
     )
     return GenerationJob(prompt_ids=tuple(prompt_ids), options=options, prompt=prompt,

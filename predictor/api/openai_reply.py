@@ -26,7 +26,7 @@ class LoggedToken:
     before it, counting each token's own text (as vLLM does; a part of a character counts as one U+FFFD)."""
 
     token_id: int
-    logprob: TokenLogprob
+    logprob: TokenLogprob | None  # None: the prompt's first token, which nothing predicts
     text_offset: int
 
 
@@ -43,15 +43,16 @@ class CompletionsApi:
 
     chunk_choice = choice
 
-    def first_chunks(self, prefixes: list[str]) -> list[dict[str, Any]]:
-        """What a stream starts with: an echoed prompt per choice."""
-        return [self.choice(i, prefix, None, None) for i, prefix in enumerate(prefixes) if prefix]
+    def first_chunks(self, prefixes: list[str], logprobs: Any = None) -> list[dict[str, Any]]:
+        """What a stream starts with: an echoed prompt per choice (with its tokens' log-probabilities if asked)."""
+        return [self.choice(i, prefix, None, logprobs) for i, prefix in enumerate(prefixes) if prefix]
 
     def logprobs(self, tokens: list[LoggedToken], token_text: TokenText) -> dict[str, Any]:
-        """The legacy completions shape: parallel lists."""
+        """The legacy completions shape: parallel lists (``null`` for an echoed prompt's first token)."""
         return {"tokens": [token_text(t.token_id) for t in tokens],
-                "token_logprobs": [t.logprob.logprob for t in tokens],
-                "top_logprobs": [{token_text(i): value for i, value in t.logprob.top} for t in tokens],
+                "token_logprobs": [t.logprob.logprob if t.logprob else None for t in tokens],
+                "top_logprobs": [{token_text(i): value for i, value in t.logprob.top} if t.logprob else None
+                                 for t in tokens],
                 "text_offset": [t.text_offset for t in tokens]}
 
 
@@ -66,7 +67,7 @@ class ChatCompletionsApi(CompletionsApi):
         return {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
                 "finish_reason": finish_reason}
 
-    def first_chunks(self, prefixes: list[str]) -> list[dict[str, Any]]:
+    def first_chunks(self, prefixes: list[str], logprobs: Any = None) -> list[dict[str, Any]]:
         return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 for i in range(len(prefixes))]
 
@@ -94,7 +95,10 @@ class Reply:
     asked) log-probabilities."""
 
     def __init__(self, api: CompletionsApi, model_name: str, prompt_tokens: int, prefixes: list[str],
-                 token_text: TokenText, logprobs: bool) -> None:
+                 token_text: TokenText, logprobs: bool,
+                 echoed: Callable[[], list[LoggedToken]] | None = None) -> None:
+        """``echoed``, for an echoed prompt with log-probabilities: its logged tokens, once the engine has them
+        (the ticket's, set before its first token event)."""
         self.api = api
         self.id = f"{api.id_prefix}{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -104,6 +108,7 @@ class Reply:
         self.choices = [_Choice(prefix) for prefix in prefixes]
         self.token_text = token_text
         self.wants_logprobs = logprobs
+        self.echoed = echoed
 
     def add(self, delta: TextDelta) -> tuple[str | None, LoggedToken | None]:
         """Record a delta; return its OpenAI finish reason if it ends its choice, and its logged token."""
@@ -132,7 +137,8 @@ class Reply:
         return self.api.logprobs(tokens, self.token_text) if self.wants_logprobs else None
 
     def body(self) -> dict[str, Any]:
-        choices = [self.api.choice(i, c.text, c.finish_reason, self._logprobs(c.logged))
+        echoed = self.echoed() if self.echoed is not None else []
+        choices = [self.api.choice(i, c.text, c.finish_reason, self._logprobs(echoed + c.logged))
                    for i, c in enumerate(self.choices)]
         return {**self.head(self.api.object_name), "choices": choices, "usage": self.usage()}
 
@@ -146,13 +152,28 @@ class Reply:
         return self.body()
 
     async def chunks(self, deltas: AsyncIterator[TextDelta], include_usage: bool) -> AsyncIterator[dict[str, Any]]:
-        if first := self.api.first_chunks(self.prefixes):
+        # An echoed prompt with log-probabilities waits for the first token: the engine scores the prompt first.
+        if self.echoed is None and (first := self.api.first_chunks(self.prefixes)):
             yield self.chunk(first)
         async with aclosing(deltas):
             async for delta in deltas:
+                if self.echoed is not None:
+                    yield self.chunk(self.api.first_chunks(self.prefixes, self._logprobs(self.echoed())))
+                    self.echoed = None
                 finish_reason, logged = self.add(delta)
                 if delta.text or delta.finish_reason is not None or logged is not None:
                     logprobs = self._logprobs([logged]) if logged is not None else None
                     yield self.chunk([self.api.chunk_choice(delta.index, delta.text, finish_reason, logprobs)])
         if include_usage:
             yield {**self.chunk([]), "usage": self.usage()}
+
+
+def echoed_tokens(prompt_ids: tuple[int, ...], logprobs: tuple[TokenLogprob | None, ...] | None,
+                  token_text: TokenText) -> list[LoggedToken]:
+    """An echoed prompt's tokens with their log-probabilities and text offsets (the lengths of the tokens' own
+    texts, ``token_text``, as the generated tokens' offsets count them from the end of the echoed prompt)."""
+    logged, offset = [], 0
+    for token_id, logprob in zip(prompt_ids, logprobs or ()):
+        logged.append(LoggedToken(token_id, logprob, offset))
+        offset += len(token_text(token_id))
+    return logged

@@ -72,7 +72,7 @@ def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
         return await _chat(request, model, "/chat")
 
     # Ahead of KServe's own :predict route (added when the server starts), which cannot see a client leave, decodes
-    # the body itself (losing duplicate keys) and cannot stream: the same strict decoding, errors and streaming as /chat.
+    # the body itself (losing duplicate keys) and cannot stream: here it has /chat's decoding, errors and streaming.
     @app.post("/v1/models/{model_name}:predict", tags=["falcon"], summary="The /chat API on KServe's v1 route")
     async def predict(model_name: str, request: Request) -> Any:
         return await _chat(request, model, PREDICT_ROUTE, model_name)

@@ -27,7 +27,7 @@ from .. import metrics
 from ..errors import Draining, GenerationFailed, Overloaded
 from .options import GenerationJob
 from .runner import Engine
-from .sampling import SequenceSampler, TokenLogprob, choose_next_tokens, make_sampler
+from .sampling import SequenceSampler, TokenLogprob, choose_next_tokens, make_sampler, prompt_token_logprobs
 from .tickets import SequenceOutput, Ticket, TokenEvent
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class _Request:
 
     ticket: Ticket
     sequences: list[_Sequence]
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # of prompt tokens 1.., when asked
 
     @property
     def leader(self) -> _Sequence:
@@ -239,7 +240,8 @@ class Batcher:
         ticket.started_at = time.monotonic()
         cache, prompt = self.engine.cache, list(ticket.job.prompt_ids)
         hit = None
-        if self.prefix_caching:
+        # A prompt's log-probabilities come from computing it: a request that asks for them reuses no prefix.
+        if self.prefix_caching and ticket.job.options.prompt_logprobs is None:
             hit = cache.find_prefix(prompt)
             metrics.PREFIX_CACHE_QUERIES.inc(len(prompt))
             metrics.PREFIX_CACHE_HITS.inc(hit.tokens if hit else 0)
@@ -258,46 +260,65 @@ class Batcher:
                     if seq.finish_reason is None]
         prefilling = self._plan_prefill()
         decode = [(seq.row, seq.tokens[-1]) for seq in decoding]
-        chunks = [(r.leader.row, r.leader.tokens[r.leader.computed:r.leader.computed + take],
-                   r.leader.computed + take == r.leader.prompt_len) for r, take in prefilling]
+        chunks = [(r.leader.row, r.leader.tokens[r.leader.computed:r.leader.computed + take], wanted)
+                  for r, take, wanted in prefilling]
         if decode or chunks:
             try:
                 logits = self.engine.step(decode, chunks)
             except Exception as exc:  # noqa: BLE001 - the prompts may be at fault: fail them, keep the others
                 if not chunks:
                     raise
-                self._fail_requests([request for request, _ in prefilling], exc)
+                self._fail_requests([request for request, _, _ in prefilling], exc)
                 if not decode:
                     return
                 prefilling, chunks = [], []
                 logits = self.engine.step(decode)
-            finishing = []
-            for request, take in prefilling:
+            finishing, row = [], len(decode)
+            for request, take, wanted in prefilling:
+                self._note_prompt_logprobs(request, take, logits[row:row + wanted])
                 request.leader.computed += take
+                row += wanted
                 if not request.leader.prefilling:
-                    finishing.append(request)
-            self._choose_first_and_next(decoding, finishing, logits if decode or finishing else None)
+                    finishing.append((request, row - 1))  # its first token comes from its last row of logits
+            self._choose_first_and_next(decoding, finishing, logits)
         self._retire()
         self._note_success()
 
-    def _choose_first_and_next(self, decoding: list[_Sequence], finishing: list[_Request],
-                               logits: torch.Tensor | None) -> None:
+    @staticmethod
+    def _note_prompt_logprobs(request: _Request, take: int, logits: torch.Tensor) -> None:
+        """A chunk's share of a prompt's log-probabilities, for a request that asked for them: row ``i`` of
+        ``logits`` predicts the prompt token after the chunk's ``i``-th; the last row of the last chunk predicts
+        the first generated token. Handed to the ticket once the prompt is complete, before its first token."""
+        top = request.ticket.job.options.prompt_logprobs
+        if top is None:
+            return
+        leader = request.leader
+        following = leader.tokens[leader.computed + 1:min(leader.computed + take, leader.prompt_len - 1) + 1]
+        if following:
+            request.prompt_logprobs += prompt_token_logprobs(logits[:len(following)], following, top)
+        if leader.computed + take == leader.prompt_len:
+            request.ticket.prompt_logprobs = (None, *request.prompt_logprobs)
+
+    def _choose_first_and_next(self, decoding: list[_Sequence], finishing: list[tuple[_Request, int]],
+                               logits: torch.Tensor) -> None:
         """Pick the decoding sequences' next tokens, and the first tokens of the requests whose prompts are now
-        complete: every sequence of such a request picks from its leader's logits, after copying its prompt."""
+        complete: every sequence of such a request picks from its leader's row of logits, after copying its
+        prompt."""
         choosers, rows = list(decoding), list(range(len(decoding)))
-        for position, request in enumerate(finishing):
+        for request, row in finishing:
             for seq in request.sequences[1:]:
                 self.engine.cache.copy_prefix(request.leader.row, seq.row, seq.prompt_len)
                 seq.computed = seq.prompt_len
             choosers += request.sequences
-            rows += [len(decoding) + position] * len(request.sequences)
+            rows += [row] * len(request.sequences)
         if choosers:
             if rows != list(range(logits.shape[0])):
                 logits = logits[torch.tensor(rows, device=logits.device)]
             self._choose(choosers, logits)
 
-    def _plan_prefill(self) -> list[tuple[_Request, int]]:
-        """This step's prompt chunks, oldest request first, within ``max_prefill_tokens``: (request, tokens)."""
+    def _plan_prefill(self) -> list[tuple[_Request, int, int]]:
+        """This step's prompt chunks, oldest request first, within ``max_prefill_tokens``: (request, tokens, logits
+        wanted: every token's for prompt log-probabilities, else the last token's when the chunk ends the prompt)."""
         budget, planned = self.max_prefill_tokens, []
         for request in self._requests:
             leader = request.leader
@@ -305,7 +326,9 @@ class Batcher:
                 break
             if leader.prefilling and leader.finish_reason is None:
                 take = min(budget, leader.prompt_len - leader.computed)
-                planned.append((request, take))
+                done = leader.computed + take == leader.prompt_len
+                every = request.ticket.job.options.prompt_logprobs is not None
+                planned.append((request, take, take if every else int(done)))
                 budget -= take
         return planned
 

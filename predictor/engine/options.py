@@ -69,6 +69,7 @@ class GenerationOptions:
     num_return_sequences: int = 1
     logprobs: bool = False  # report each generated token's log-probability
     top_logprobs: int = 0  # and that many most likely tokens' at each step
+    prompt_logprobs: int | None = None  # the prompt tokens' log-probabilities too, with that many top ones
     stop_strings: tuple[str, ...] = ()  # transformers' meaning: end after the token that completes one
     grammar: str | None = None  # an llguidance grammar the text must follow (structured output)
     seed: int | None = None

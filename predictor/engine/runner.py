@@ -157,11 +157,12 @@ class Engine:
 
     # -- batched steps ---------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, decode: Sequence[tuple[int, int]], chunks: Sequence[tuple[int, Sequence[int], bool]] = ()
+    def step(self, decode: Sequence[tuple[int, int]], chunks: Sequence[tuple[int, Sequence[int], int]] = ()
              ) -> torch.Tensor:
         """One forward pass: each ``(row, token)`` of ``decode`` feeds a running row its last token; each
-        ``(row, tokens, logits)`` of ``chunks`` writes the next prompt tokens of a row. Returns next-token logits
-        [decode rows, then chunks with ``logits`` set, vocab]."""
+        ``(row, tokens, logits)`` of ``chunks`` writes the next prompt tokens of a row and wants the next-token
+        logits of its last ``logits`` tokens (0, 1 at the end of a prompt, or all for prompt log-probabilities).
+        Returns those logits [decode rows, then each chunk's, vocab]."""
         cache = self.cache
         needed = max((row for row, _ in decode), default=-1) + 1
         columns = max((cache.length(row) for row, _ in decode), default=-1) + 1
@@ -184,7 +185,7 @@ class Engine:
         return logits
 
     def _decode_tensors(self, decode: Sequence[tuple[int, int]], rows: int, columns: int,
-                        chunks: Sequence[tuple[int, Sequence[int], bool]] = (), every_row: bool = False
+                        chunks: Sequence[tuple[int, Sequence[int], int]] = (), every_row: bool = False
                         ) -> StepTensors:
         """Host-built inputs of a step: ``rows`` decode rows (those not in ``decode`` are padding that writes the
         scratch row), then the chunks' tokens. Logits are kept for the rows in ``decode`` (``every_row``: all
@@ -208,8 +209,7 @@ class Engine:
             positions += range(start, start + len(tokens))
             write_rows += [row] * len(tokens)
             offset += len(tokens)
-            if wants_logits:
-                keep.append(offset - 1)
+            keep.extend(range(offset - int(wants_logits), offset))  # the chunk's last ``wants_logits`` tokens
         device = self.device
         positions_t = torch.tensor(positions, device=device)
         mask = None

@@ -279,3 +279,13 @@ def _logprobs(scores: torch.Tensor, tokens: torch.Tensor,
         top = tuple(zip(best_ids[i, :k].tolist(), best_values[i, :k].tolist()))
         values[row] = TokenLogprob(picked[i], top)
     return values
+
+
+def prompt_token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Each of ``tokens``' log-probability under the model's own distribution at the position before it (``logits``
+    [len(tokens), vocab]: raw next-token logits, no processor applied), and the ``top`` most likely tokens'."""
+    logprobs = logits.float().log_softmax(dim=-1).clamp(min=LOWEST_LOGPROB)  # [tokens, vocab]
+    picked = logprobs.gather(1, torch.tensor(tokens, device=logits.device).unsqueeze(1)).squeeze(1).tolist()
+    best_values, best_ids = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], logprobs[:, :0])
+    return [TokenLogprob(value, tuple(zip(ids, values)))
+            for value, ids, values in zip(picked, best_ids.tolist(), best_values.tolist())]

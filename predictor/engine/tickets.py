@@ -30,6 +30,7 @@ class GenerationResult:
     prompt_tokens: int
     queue_seconds: float
     generation_seconds: float
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # when asked: None for the first token
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class Ticket:
         self.submitted_at = time.monotonic()
         self._started_at: float | None = None
         self.first_token_at: float | None = None
+        # Set by the worker before the request's first token event, when the options ask for it.
+        self.prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
         self._running = False  # counted in falcon_running_requests
         self._loop = loop
         self._future: asyncio.Future[GenerationResult] = loop.create_future()
@@ -137,7 +140,7 @@ class Ticket:
         now = time.monotonic()
         started = self.started_at or now
         result = GenerationResult(tuple(sequences), len(self.job.prompt_ids), started - self.submitted_at,
-                                  now - started)
+                                  now - started, self.prompt_logprobs)
         self._record(result, now)
         self._loop.call_soon_threadsafe(_settle, self._future, result, None)
 
