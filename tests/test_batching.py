@@ -8,7 +8,7 @@ import pytest
 import torch
 from generation import generated, hf_greedy, make_job, reserved_engine, run
 
-from predictor.engine import batcher as batcher_module
+from predictor.engine import health
 from predictor.engine.batcher import Batcher
 from predictor.errors import Draining, GenerationFailed, Overloaded
 
@@ -128,7 +128,7 @@ def test_a_failed_step_fails_its_requests_and_the_worker_goes_on(engine, monkeyp
 
     monkeypatch.setattr(engine, "step", step)
     monkeypatch.setattr(engine, "probe", probe)
-    monkeypatch.setattr(batcher_module, "SELF_CHECK_INTERVAL_S", 0.05)
+    monkeypatch.setattr(health, "SELF_CHECK_INTERVAL_S", 0.05)
 
     async def main():
         nonlocal device_lost

@@ -18,58 +18,21 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from .. import metrics
 from ..errors import Draining, GenerationFailed, Overloaded
+from .health import EngineHealth
 from .options import GenerationJob
 from .runner import Engine
-from .sampling import SequenceSampler, TokenLogprob, choose_next_tokens, make_sampler, prompt_token_logprobs
+from .running import RunningRequest, RunningSequence
+from .sampling import TokenLogprob, choose_next_tokens, make_sampler
 from .tickets import SequenceOutput, Ticket, TokenEvent
 
 logger = logging.getLogger(__name__)
 
-FAILURES_BEFORE_UNHEALTHY = 3  # consecutive failed steps that mark the engine broken (a lost GPU, say)
-SELF_CHECK_INTERVAL_S = 5.0  # how often a broken engine tries a one-token generation to see if it recovered
-
-
-@dataclass
-class _Sequence:
-    """One sequence of a request, in its own row of the KV cache."""
-
-    ticket: Ticket
-    index: int
-    row: int
-    tokens: list[int]  # prompt + generated
-    sampler: SequenceSampler
-    prompt_len: int
-    computed: int = 0  # prompt tokens whose keys and values are in the row
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-
-    @property
-    def generated(self) -> list[int]:
-        return self.tokens[self.prompt_len:]
-
-    @property
-    def prefilling(self) -> bool:
-        return self.computed < self.prompt_len
-
-
-@dataclass
-class _Request:
-    """A running request: its sequences, the first of which computes the prompt for all of them."""
-
-    ticket: Ticket
-    sequences: list[_Sequence]
-    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # of prompt tokens 1.., when asked
-
-    @property
-    def leader(self) -> _Sequence:
-        return self.sequences[0]
 
 
 class Batcher:
@@ -95,11 +58,9 @@ class Batcher:
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._beam_waiting: collections.deque[Ticket] = collections.deque()
         self._closed = False
-        self._requests: list[_Request] = []  # admitted, in admission order
+        self._requests: list[RunningRequest] = []  # admitted, in admission order
         self._in_flight = 0  # submitted and not yet settled
-        self._consecutive_failures = 0
-        self._next_self_check = 0.0
-        self._unhealthy_since: float | None = None
+        self.health = EngineHealth()
         self._rng = torch.Generator(device=engine.device)
         self._rng.seed()  # unseeded requests sample from this, randomly seeded at start-up
         self._threads = [threading.Thread(target=self._decode_loop, name="batcher-decode", daemon=True),
@@ -162,24 +123,11 @@ class Batcher:
 
     @property
     def healthy(self) -> bool:
-        """False after repeated consecutive failures, until a step or a self-check succeeds again."""
-        return self._consecutive_failures < FAILURES_BEFORE_UNHEALTHY
+        return self.health.healthy
 
     @property
     def unhealthy_for(self) -> float:
-        """Seconds the engine has been unhealthy without recovering (0 while healthy): a lost device shows as a
-        figure that only grows."""
-        return 0.0 if self._unhealthy_since is None else time.monotonic() - self._unhealthy_since
-
-    def _note_success(self) -> None:
-        self._consecutive_failures = 0
-        self._unhealthy_since = None
-
-    def _note_failure(self) -> None:
-        self._consecutive_failures += 1
-        self._next_self_check = time.monotonic() + SELF_CHECK_INTERVAL_S
-        if self._consecutive_failures == FAILURES_BEFORE_UNHEALTHY:
-            self._unhealthy_since = time.monotonic()
+        return self.health.unhealthy_for
 
     def _settled(self) -> None:
         with self._lock:
@@ -216,7 +164,7 @@ class Batcher:
             while not self._requests and not self._waiting:
                 if self._closed and not self._beam_waiting and self._in_flight == 0:
                     return None
-                if not self.healthy and time.monotonic() >= self._next_self_check:
+                if self.health.check_due:
                     return False
                 self._lock.wait(timeout=0.5)
             cache = self.engine.cache
@@ -235,7 +183,7 @@ class Batcher:
                 rows += need
             return True
 
-    def _start(self, ticket: Ticket, running: int) -> _Request:
+    def _start(self, ticket: Ticket, running: int) -> RunningRequest:
         """Give a request's sequences their rows; the leader's starts from the longest cached prefix."""
         ticket.started_at = time.monotonic()
         cache, prompt = self.engine.cache, list(ticket.job.prompt_ids)
@@ -249,9 +197,9 @@ class Batcher:
         for index in range(ticket.job.options.num_return_sequences):
             sampler = make_sampler(ticket.job.options, prompt, index, self.engine.device, self.engine.tokenizer)
             row = cache.allocate(running + index, hit if index == 0 else None)
-            sequences.append(_Sequence(ticket, index, row, list(prompt), sampler, len(prompt),
+            sequences.append(RunningSequence(ticket, index, row, list(prompt), sampler, len(prompt),
                                        computed=cache.length(row)))
-        return _Request(ticket, sequences)
+        return RunningRequest(ticket, sequences)
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -275,31 +223,16 @@ class Batcher:
                 logits = self.engine.step(decode)
             finishing, row = [], len(decode)
             for request, take, wanted in prefilling:
-                self._note_prompt_logprobs(request, take, logits[row:row + wanted])
+                request.note_prompt_logprobs(take, logits[row:row + wanted])
                 request.leader.computed += take
                 row += wanted
                 if not request.leader.prefilling:
                     finishing.append((request, row - 1))  # its first token comes from its last row of logits
             self._choose_first_and_next(decoding, finishing, logits)
         self._retire()
-        self._note_success()
+        self.health.succeeded()
 
-    @staticmethod
-    def _note_prompt_logprobs(request: _Request, take: int, logits: torch.Tensor) -> None:
-        """A chunk's share of a prompt's log-probabilities, for a request that asked for them: row ``i`` of
-        ``logits`` predicts the prompt token after the chunk's ``i``-th; the last row of the last chunk predicts
-        the first generated token. Handed to the ticket once the prompt is complete, before its first token."""
-        top = request.ticket.job.options.prompt_logprobs
-        if top is None:
-            return
-        leader = request.leader
-        following = leader.tokens[leader.computed + 1:min(leader.computed + take, leader.prompt_len - 1) + 1]
-        if following:
-            request.prompt_logprobs += prompt_token_logprobs(logits[:len(following)], following, top)
-        if leader.computed + take == leader.prompt_len:
-            request.ticket.prompt_logprobs = (None, *request.prompt_logprobs)
-
-    def _choose_first_and_next(self, decoding: list[_Sequence], finishing: list[tuple[_Request, int]],
+    def _choose_first_and_next(self, decoding: list[RunningSequence], finishing: list[tuple[RunningRequest, int]],
                                logits: torch.Tensor) -> None:
         """Pick the decoding sequences' next tokens, and the first tokens of the requests whose prompts are now
         complete: every sequence of such a request picks from its leader's row of logits, after copying its
@@ -316,20 +249,16 @@ class Batcher:
                 logits = logits[torch.tensor(rows, device=logits.device)]
             self._choose(choosers, logits)
 
-    def _plan_prefill(self) -> list[tuple[_Request, int, int]]:
+    def _plan_prefill(self) -> list[tuple[RunningRequest, int, int]]:
         """This step's prompt chunks, oldest request first, within ``max_prefill_tokens``: (request, tokens, logits
-        wanted: every token's for prompt log-probabilities, else the last token's when the chunk ends the prompt)."""
+        wanted)."""
         budget, planned = self.max_prefill_tokens, []
         for request in self._requests:
-            leader = request.leader
             if budget <= 0:
                 break
-            if leader.prefilling and leader.finish_reason is None:
-                take = min(budget, leader.prompt_len - leader.computed)
-                done = leader.computed + take == leader.prompt_len
-                every = request.ticket.job.options.prompt_logprobs is not None
-                planned.append((request, take, take if every else int(done)))
-                budget -= take
+            if (chunk := request.next_chunk(budget)) is not None:
+                planned.append((request, *chunk))
+                budget -= chunk[0]
         return planned
 
     def _drop_unstarted(self) -> None:
@@ -344,37 +273,24 @@ class Batcher:
     def _self_check(self) -> None:
         """After repeated failures, try a one-token forward pass now and then: success makes the engine healthy
         again (a transient fault), failure keeps readiness at 503 (a lost device)."""
-        self._next_self_check = time.monotonic() + SELF_CHECK_INTERVAL_S
+        self.health.checking()
         try:
             self.engine.probe()
         except Exception as exc:  # noqa: BLE001
             logger.error("Self-check failed; the engine stays unhealthy: %s", exc)
             return
-        logger.warning("Self-check passed after %d failed steps; serving again", self._consecutive_failures)
-        self._note_success()
+        logger.warning("Self-check passed after %d failed steps; serving again", self.health.failures)
+        self.health.succeeded()
 
-    def _choose(self, sequences: list[_Sequence], logits: torch.Tensor) -> None:
+    def _choose(self, sequences: list[RunningSequence], logits: torch.Tensor) -> None:
         tokens, logprobs = choose_next_tokens(logits, [s.sampler for s in sequences], [s.tokens for s in sequences],
                                               self._rng)
         for seq, token, logprob in zip(sequences, tokens, logprobs):
             seq.tokens.append(token)
             if logprob is not None:
                 seq.logprobs.append(logprob)
-            seq.finish_reason = self._finish_reason(seq, token)
+            seq.finish_reason = seq.finish_reason_after(token)
             seq.ticket.emit(TokenEvent(seq.index, token, seq.finish_reason, logprob))
-
-    @staticmethod
-    def _finish_reason(seq: _Sequence, token: int) -> str | None:
-        options = seq.ticket.job.options
-        if token in options.eos_token_ids or seq.sampler.stopped(seq.tokens):
-            return "stop"
-        if len(seq.generated) >= options.max_new_tokens:
-            return "length"
-        if seq.ticket.cancelled:
-            return seq.ticket.cancel_reason
-        if seq.ticket.out_of_time():
-            return "time_limit"
-        return None
 
     def _retire(self) -> None:
         """Free the rows of finished sequences; answer a request once all of its sequences are done."""
@@ -385,18 +301,11 @@ class Batcher:
                 if seq.finish_reason is not None and seq.row >= 0:
                     cache.release(seq.row)
                     seq.row = -1
-            if all(seq.finish_reason is not None for seq in request.sequences):
-                self._resolve(request.ticket, request.sequences)
+            if request.finished:
+                request.ticket.resolve(request.outputs())
             else:
                 remaining.append(request)
         self._requests = remaining
-
-    @staticmethod
-    def _resolve(ticket: Ticket, sequences: list[_Sequence]) -> None:
-        outputs = [SequenceOutput(tuple(seq.generated), seq.finish_reason or "length",
-                                  tuple(seq.logprobs) if seq.sampler.logprobs else None)
-                   for seq in sorted(sequences, key=lambda s: s.index)]
-        ticket.resolve(outputs)
 
     def _fail_step(self, exc: Exception) -> None:
         """Fail every running request, forget what the broken step may have half-written, and keep serving."""
@@ -405,7 +314,7 @@ class Batcher:
         self.engine.cache.clear()
         self._fail_tickets(tickets, exc)
 
-    def _fail_requests(self, requests: list[_Request], exc: Exception) -> None:
+    def _fail_requests(self, requests: list[RunningRequest], exc: Exception) -> None:
         """Fail ``requests`` (whose prompts a failed step was computing); the others go on."""
         for request in requests:
             for seq in request.sequences:
@@ -414,7 +323,7 @@ class Batcher:
         self._fail_tickets([request.ticket for request in requests], exc)
 
     def _fail_tickets(self, tickets: list[Ticket], exc: Exception) -> None:
-        self._note_failure()
+        self.health.failed()
         logger.error("Generation failed for %d request(s): %s", len(tickets), exc, exc_info=exc)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -440,7 +349,7 @@ class Batcher:
         ticket.started_at = time.monotonic()
         try:
             out = self.engine.generate_beams(list(ticket.job.prompt_ids), options, ticket.should_stop)
-            self._note_success()
+            self.health.succeeded()
         except Exception as exc:  # noqa: BLE001 - fail this request, keep the worker
             self._fail_tickets([ticket], exc)
             return
