@@ -198,7 +198,7 @@ class Batcher:
             sampler = make_sampler(ticket.job.options, prompt, index, self.engine.device, self.engine.tokenizer)
             row = cache.allocate(running + index, hit if index == 0 else None)
             sequences.append(RunningSequence(ticket, index, row, list(prompt), sampler, len(prompt),
-                                       computed=cache.length(row)))
+                                             computed=cache.length(row)))
         return RunningRequest(ticket, sequences)
 
     @torch.inference_mode()
