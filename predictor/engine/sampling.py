@@ -94,7 +94,7 @@ class SequenceSampler:
         """Whether the sequence now ends with one of its stop strings."""
         if self.stop_strings is None or len(tokens) <= self.prompt_len:
             return False
-        ids = torch.tensor([tokens])  # [1, seq]
+        ids = torch.tensor([tokens[-self.stop_strings.maximum_token_len:]])  # [1, tail]: all the matcher reads
         return bool(self.stop_strings(ids, None)[0])
 
 
