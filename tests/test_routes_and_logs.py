@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-ERROR_KEYS = {"detail", "error", "error_type"}
+ERROR_KEYS = {"detail", "error", "error_type", "request_id"}
 NORMAL = {"prompt": "Hello", "generate_kwargs": {"max_new_tokens": 2}}
 
 

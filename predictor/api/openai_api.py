@@ -100,6 +100,11 @@ def openai_base(prefix: str | None = None) -> str:
     return f"/{prefix.strip('/')}/v1" if prefix.strip("/") else "/v1"
 
 
+def openai_paths() -> tuple[str, ...]:
+    """The path prefixes of the OpenAI generation routes, whose clients read OpenAI's error shape."""
+    return (openai_base() + "/", "/v1/completions", "/v1/chat/completions")
+
+
 async def create(request: Request, model: FalconModel, api: CompletionsApi,
                  request_type: type[GenerationFields]) -> Response:
     """Validate, map, queue, and answer with a JSON body or a stream of chunks."""

@@ -34,7 +34,7 @@ from ..errors import (BodyTooLarge, Draining, HeadersTooLarge, ModelNotFound, No
 from .connections import ConnectionLimits, configure_connections
 from .model import Completion, FalconModel
 from .open_inference import install_open_inference_route
-from .openai_api import install_openai_routes, openai_base, openai_error_response
+from .openai_api import install_openai_routes, openai_error_response, openai_paths
 from .schema import decode_json_body, parse_chat_request
 from .streaming import stream_chat, unless_disconnected
 from .tokenizer_api import install_tokenizer_routes
@@ -59,8 +59,7 @@ def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
     app.add_exception_handler(PredictorError, predictor_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)  # unknown routes and methods: 404, 405
     app.add_middleware(RequestGuard, max_body_bytes=config.max_body_bytes, max_header_bytes=config.max_header_bytes,
-                       api_key=config.api_key, model=model,
-                       openai_paths=(openai_base() + "/", "/v1/completions", "/v1/chat/completions"))
+                       api_key=config.api_key, model=model, openai_paths=openai_paths())
     app.add_middleware(RequestIdMiddleware)  # added last, so outermost: the guard's refusals carry the id too
 
     @app.get("/", tags=["falcon"], summary="Liveness in both shapes: KServe's and the replaced service's")
@@ -143,7 +142,8 @@ async def http_error_handler(request: Request, exc: HTTPException) -> JSONRespon
         allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow")
         message = (f"{request.url.path} does not accept {request.method}; it accepts {allowed}" if allowed else
                    f"{request.method} {request.url.path} is not a route of this server")
-    body = {"detail": message, "error": message, "error_type": error_type, "param": None}
+    body = {"detail": message, "error": message, "error_type": error_type, "param": None,
+            "request_id": current_request_id()}
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
