@@ -63,7 +63,7 @@ def _log_like_kserve(log_requests: bool) -> None:
 
 def _drop_openai_not_registered(record: logging.LogRecord) -> bool:
     """KServe logs "OpenAI endpoints not registered" when its own OpenAI module cannot be imported (it needs
-    vLLM). This server serves the OpenAI routes itself (``api/openai_api.py``), so that line would mislead."""
+    vLLM). This server serves the OpenAI routes itself (``api/openai/``), so that line would mislead."""
     return record.getMessage() != "OpenAI endpoints not registered"
 
 

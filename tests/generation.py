@@ -7,8 +7,8 @@ import asyncio
 
 import torch
 
-from predictor.api.mapping import to_generation_job
-from predictor.api.schema import parse_chat_request
+from predictor.api.chat.mapping import to_generation_job
+from predictor.api.chat.schema import parse_chat_request
 from predictor.engine.batcher import Batcher
 from predictor.engine.options import Limits
 from predictor.engine.runner import Engine, LoadSpec, load_engine

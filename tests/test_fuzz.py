@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, event, example, given, settings
 from hypothesis import strategies as st
 
-from predictor.api.schema import CODE_LOADING_OPTIONS, GenerateKwargs
+from predictor.api.chat.schema import CODE_LOADING_OPTIONS, GenerateKwargs
 
 MAX_NEW_TOKENS = 16
 NORMAL = {"prompt": "Hello", "generate_kwargs": {"max_new_tokens": 2}}

@@ -37,10 +37,34 @@ def project_imports(path: Path) -> set[str]:
 @pytest.mark.parametrize("layer", sorted(ALLOWED))
 def test_each_layer_imports_only_what_lies_below_it(layer: str) -> None:
     problems = []
-    for path in sorted((PACKAGE / layer).glob("*.py")):
+    for path in sorted((PACKAGE / layer).rglob("*.py")):
         for name in project_imports(path):
             if not any(name == allowed or name.startswith(allowed + ".") for allowed in ALLOWED[layer]):
-                problems.append(f"{path.name} imports {name}")
+                problems.append(f"{path.relative_to(PACKAGE)} imports {name}")
+    assert not problems, problems
+
+
+# Each wire protocol is a package of the API; none reaches into another's, except that the v2 protocol's parameters
+# are /chat's options (it validates them with /chat's schema). The shared modules beside them (the kserve.Model,
+# streaming, tracing, connections) import no protocol; server.py wires them all.
+PROTOCOLS = {"chat": set(), "openai": set(), "v2": {"chat"}}
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_protocols_import_no_other_protocol(protocol: str) -> None:
+    others = set(PROTOCOLS) - {protocol} - PROTOCOLS[protocol]
+    problems = [f"{path.relative_to(PACKAGE)} imports {name}"
+                for path in sorted((PACKAGE / "api" / protocol).glob("*.py")) for name in project_imports(path)
+                if any(name.startswith(f"predictor.api.{other}.") or name == f"predictor.api.{other}"
+                       for other in others)]
+    assert (PACKAGE / "api" / protocol / "routes.py").exists()
+    assert not problems, problems
+
+
+def test_shared_api_modules_import_no_protocol_routes() -> None:
+    problems = [f"{path.name} imports {name}" for path in sorted((PACKAGE / "api").glob("*.py"))
+                if path.name != "server.py" for name in project_imports(path)
+                if any(name.startswith(f"predictor.api.{protocol}.routes") for protocol in PROTOCOLS)]
     assert not problems, problems
 
 

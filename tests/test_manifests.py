@@ -33,7 +33,7 @@ from manifest_checks import (
     schema_problems,
 )
 
-from predictor.api.schema import parse_chat_request
+from predictor.api.chat.schema import parse_chat_request
 from predictor.variants import VARIANTS
 
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")

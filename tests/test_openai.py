@@ -8,8 +8,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from predictor.api.chat_format import render_chat
-from predictor.api.openai_mapping import resolve_max_tokens, to_generation_job
-from predictor.api.openai_schema import ChatCompletionRequest, CompletionRequest, parse_openai_request
+from predictor.api.openai.mapping import resolve_max_tokens, to_generation_job
+from predictor.api.openai.schema import ChatCompletionRequest, CompletionRequest, parse_openai_request
 from predictor.engine.options import Limits, ModelInfo
 from predictor.errors import ContextLengthExceeded, InvalidRequest, UnknownParameter
 

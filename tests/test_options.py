@@ -2,8 +2,8 @@
 
 import pytest
 
-from predictor.api.mapping import to_generation_job
-from predictor.api.schema import parse_chat_request
+from predictor.api.chat.mapping import to_generation_job
+from predictor.api.chat.schema import parse_chat_request
 from predictor.engine.options import Limits, ModelInfo
 from predictor.errors import ContextLengthExceeded, InvalidRequest
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from predictor.api.schema import CODE_LOADING_OPTIONS, GenerateKwargs, decode_json_body, parse_chat_request
+from predictor.api.chat.schema import CODE_LOADING_OPTIONS, GenerateKwargs, parse_chat_request
+from predictor.api.json_body import decode_json_body
 from predictor.errors import InvalidRequest, MissingPrompt, UnknownParameter
 
 KAITO_DEFAULTS = dict(max_length=200, min_length=0, do_sample=True, early_stopping=False, num_beams=1,
@@ -113,7 +114,7 @@ def test_every_generation_config_option_is_decided_and_in_the_readme():
 
     from transformers import GenerationConfig
 
-    from predictor.api.schema import REFUSED_OPTIONS
+    from predictor.api.chat.schema import REFUSED_OPTIONS
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     table = readme[readme.index("### transformers' generation options"):]

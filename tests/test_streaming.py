@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from predictor.api.streaming import IncrementalDecoder, StopMatcher, stream_chat, stream_text
+from predictor.api.chat.routes import stream_chat
+from predictor.api.streaming import IncrementalDecoder, StopMatcher, stream_text
 from predictor.engine.options import GenerationJob, GenerationOptions
 from predictor.engine.tickets import SequenceOutput, Ticket, TokenEvent
 from predictor.errors import GenerationFailed

@@ -24,12 +24,13 @@ from ..engine.kv_cache import BLOCK_SIZE
 from ..engine.options import GenerationJob, Limits
 from ..engine.runner import Engine, LoadSpec, load_engine
 from ..engine.tickets import GenerationResult, Ticket
-from ..errors import NotReady
+from ..errors import ModelNotFound, NotReady
 from ..tiny import build_tiny_falcon, default_cache_dir
 from ..variants import cpu_memory_warning, find_variant
+from .chat.mapping import to_generation_job
+from .chat.schema import ChatRequest, parse_chat_request
 from .chat_format import CHAT_STOP, render_chat
-from .mapping import to_generation_job
-from .schema import ChatRequest, decode_json_body, parse_chat_request
+from .json_body import decode_json_body
 
 logger = logging.getLogger(__name__)
 
@@ -216,3 +217,7 @@ def warn_on_cpu(config: ServerConfig) -> None:
     variant = find_variant(config.model_id) or find_variant(config.model_name)
     if variant is not None and (config.device == "cpu" or not torch.cuda.is_available()):
         logger.warning(cpu_memory_warning(variant, config.dtype))
+
+
+def unknown_model(requested: str, served: str) -> ModelNotFound:
+    return ModelNotFound(f"model {requested} is not served here; this server serves {served}")

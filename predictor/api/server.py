@@ -1,4 +1,5 @@
-"""HTTP: the /chat, :predict and health routes on KServe's app, request guards, error responses, and the drain.
+"""HTTP wiring: every protocol's routes and the health routes on KServe's app, request guards, error responses,
+and the drain.
 
 Every ``PredictorError`` becomes a JSON response here and nowhere else::
 
@@ -7,7 +8,7 @@ Every ``PredictorError`` becomes a JSON response here and nowhere else::
 
 ``detail`` is what the Falcon /chat clients read; ``error``/``error_type`` follow text-generation-inference;
 ``request_id`` is the request's id, also in the ``X-Request-ID`` response header and in its log lines (``tracing``).
-The OpenAI-compatible routes (``openai_api``) answer the same errors in OpenAI's shape.
+The OpenAI-compatible routes (``openai.routes``) answer the same errors in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -27,18 +28,24 @@ from fastapi.responses import JSONResponse
 from kserve import ModelServer
 from starlette.exceptions import HTTPException
 
-from .. import metrics
 from ..config import ServerConfig
-from ..errors import (BodyTooLarge, Draining, HeadersTooLarge, ModelNotFound, NotFound, NotReady, PredictorError,
-                      Unauthorized, error_body)
+from ..errors import (
+    BodyTooLarge,
+    Draining,
+    HeadersTooLarge,
+    NotFound,
+    NotReady,
+    PredictorError,
+    Unauthorized,
+    error_body,
+)
+from .chat.routes import install_chat_routes
 from .connections import ConnectionLimits, configure_connections
-from .model import Completion, FalconModel
-from .open_inference import install_open_inference_route
-from .openai_api import install_openai_routes, openai_error_response, openai_paths
-from .schema import decode_json_body, parse_chat_request
-from .streaming import stream_chat, unless_disconnected
-from .tokenizer_api import install_tokenizer_routes
+from .model import FalconModel, unknown_model
+from .openai.routes import install_openai_routes, openai_error_response, openai_paths
+from .openai.tokenize import install_tokenizer_routes
 from .tracing import RequestIdMiddleware, current_request_id
+from .v2.routes import install_open_inference_route
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +53,6 @@ OPEN_PATHS = ("/health", "/healthz", "/livez", "/metrics", "/v2/health/", "/docs
 # After the drain: time for the cut requests to settle and the generation threads to end, then (uvicorn's graceful
 # shutdown) for the answers' last bytes. Both fit in SHUTDOWN_AFTER_DRAIN_S, which the manifests count on.
 STOP_WORKERS_S, SEND_GRACE_S = 5.0, 3
-PREDICT_ROUTE = "/v1/models/{name}:predict"  # the route label in falcon_requests_total
 GENERATION_ROUTES = ("POST /chat, POST /v1/models/<name>:predict, POST /v2/models/<name>/infer (Open Inference "
                      "Protocol) and the OpenAI routes under /openai/v1/")
 # The model name in KServe's model routes: /v1/models/<name>[:verb], /v2/models/<name>[/...].
@@ -66,16 +72,6 @@ def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
     async def root() -> dict[str, str]:
         return {"status": "alive", "message": "Server is running"}
 
-    @app.post("/chat", tags=["falcon"], summary="Generate text for a prompt (the Falcon /chat API)")
-    async def chat(request: Request) -> Any:
-        return await _chat(request, model, "/chat")
-
-    # Ahead of KServe's own :predict route (added when the server starts), which cannot see a client leave, decodes
-    # the body itself (losing duplicate keys) and cannot stream: here it has /chat's decoding, errors and streaming.
-    @app.post("/v1/models/{model_name}:predict", tags=["falcon"], summary="The /chat API on KServe's v1 route")
-    async def predict(model_name: str, request: Request) -> Any:
-        return await _chat(request, model, PREDICT_ROUTE, model_name)
-
     async def health() -> JSONResponse:
         state = health_state(model)
         return JSONResponse({"status": state}, status_code=200 if state == "Healthy" else 503)
@@ -92,6 +88,7 @@ def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
             return JSONResponse({"status": "Dead", "unhealthy_seconds": round(broken_for)}, status_code=503)
         return JSONResponse({"status": "Alive"})
 
+    install_chat_routes(app, model)
     install_open_inference_route(app, model)
     install_openai_routes(app, model)
     install_tokenizer_routes(app, model)
@@ -105,29 +102,6 @@ def health_state(model: FalconModel) -> str:
     if model.batcher is not None and not model.batcher.healthy:
         return "Unhealthy"
     return "Healthy"
-
-
-async def _chat(request: Request, model: FalconModel, route: str, model_name: str | None = None) -> Any:
-    try:
-        if model_name is not None and model_name != model.name:
-            raise _unknown_model(model_name, model.name)
-        if model.draining:
-            raise Draining("the server is shutting down and takes no new requests")
-        chat_request = parse_chat_request(decode_json_body(await request.body()))
-        job = await model.prepare(chat_request)
-        ticket = model.submit(job, stream=chat_request.stream)
-        if chat_request.stream:
-            return stream_chat(model, job, ticket, route)
-        finished, result = await unless_disconnected(request, ticket.result())
-    except PredictorError as exc:
-        metrics.REQUESTS.labels(route, exc.error_type).inc()
-        raise
-    if not finished:
-        ticket.cancel()
-        metrics.REQUESTS.labels(route, "cancelled").inc()
-        return JSONResponse({"detail": "client disconnected"}, status_code=499)
-    metrics.REQUESTS.labels(route, "success").inc()
-    return model.to_response(Completion(job, result))
 
 
 async def predictor_error_handler(_: Request, exc: PredictorError) -> JSONResponse:
@@ -151,10 +125,6 @@ def _not_ready(model: FalconModel) -> PredictorError:
     if model.draining:
         return Draining(f"model {model.name} is draining: the server is shutting down")
     return NotReady(f"model {model.name} is not loaded yet")
-
-
-def _unknown_model(requested: str, served: str) -> ModelNotFound:
-    return ModelNotFound(f"model {requested} is not served here; this server serves {served}")
 
 
 def error_response(exc: PredictorError) -> JSONResponse:
@@ -201,7 +171,7 @@ class RequestGuard:
             # traceback: a client asking for a model this server does not have, or a probe while it loads, is not
             # a server fault.
             if named.group(1) != self.model.name:
-                return await error_response(_unknown_model(named.group(1), self.model.name))(scope, receive, send)
+                return await error_response(unknown_model(named.group(1), self.model.name))(scope, receive, send)
             if not self.model.ready and _is_readiness(path):
                 return await error_response(_not_ready(self.model))(scope, receive, send)
         declared = headers.get(b"content-length")
@@ -245,7 +215,7 @@ def _header_bytes(scope: dict[str, Any]) -> int:
 def unserved_kserve_route(path: str, query: bytes) -> NotFound | None:
     """KServe routes this server refuses with a 404 naming what to use instead: they would fail (a text generator
     has no model versions or explanations: KServe answers 501) or harm (the model repository's routes would let any
-    client unload the one model served). Unversioned v2 infer is served (``open_inference``)."""
+    client unload the one model served). Unversioned v2 infer is served (``v2.routes``)."""
     if path.startswith("/v2/repository/"):
         return NotFound("model repository operations are disabled: this server serves one model, loaded at start-up")
     if path.endswith(":explain"):

@@ -1,4 +1,4 @@
-"""Streaming: a request's token events become text as it is generated, and /chat sends them as server-sent events.
+"""Streaming: a request's token events become text as it is generated, sent as server-sent events.
 
 ``stream_text`` turns a ticket's ``TokenEvent``s into ``TextDelta``s per sequence, with two text-side jobs the engine
 does not do:
@@ -7,15 +7,6 @@ does not do:
   tokens is held back until it is whole, so the pieces add up to exactly the text the non-streaming answer decodes;
 - stop strings (``StopMatcher``): the text is cut before the first stop string, and once every sequence has ended
   the ticket is cancelled so the batcher stops spending steps on it.
-
-``stream_chat`` is the ``"stream": true`` answer of ``POST /chat``: an event per generated token with the text it
-completes (``""`` while a character is still partial; the prompt is not repeated), then the non-streaming response
-body, then ``[DONE]``::
-
-    data: {"index": 0, "token_id": 1013, "text": " upon"}
-    data: {"index": 0, "token_id": 11, "text": "", "finish_reason": "stop"}
-    data: {"Result": "Once upon", "details": {"prompt_tokens": 1, "generated_tokens": [2], ...}}
-    data: [DONE]
 
 Beam search has its sequences only at the end, so their events come together. An error after the stream has begun
 is sent as an event (``{"error": ..., "error_type": ...}``) followed by ``[DONE]``; a client that disconnects cancels
@@ -40,8 +31,7 @@ from ..engine.runner import PROMPT_CONTEXT_TOKENS
 from ..engine.sampling import TokenLogprob
 from ..engine.tickets import Ticket, TokenEvent
 from ..errors import PredictorError
-from .model import Completion, FalconModel
-from .tracing import current_request_id
+from .model import FalconModel
 
 logger = logging.getLogger(__name__)
 
@@ -169,25 +159,6 @@ async def stream_text(model: FalconModel, job: GenerationJob, ticket: Ticket) ->
                     break
     finally:
         ticket.cancel()  # a no-op once every sequence has finished in the engine
-
-
-def stream_chat(model: FalconModel, job: GenerationJob, ticket: Ticket, route: str = "/chat") -> StreamingResponse:
-    """The streaming answer of ``POST /chat`` (see the module docstring for its events)."""
-    return sse_response(_chat_payloads(model, job, ticket), route, _chat_error)
-
-
-async def _chat_payloads(model: FalconModel, job: GenerationJob, ticket: Ticket) -> AsyncIterator[dict[str, Any]]:
-    async with aclosing(stream_text(model, job, ticket)) as deltas:
-        async for delta in deltas:
-            event: dict[str, Any] = {"index": delta.index, "token_id": delta.token_id, "text": delta.text}
-            if delta.finish_reason is not None:
-                event["finish_reason"] = delta.finish_reason
-            yield event
-    yield model.to_response(Completion(job, await ticket.result()))
-
-
-def _chat_error(exc: PredictorError) -> dict[str, Any]:
-    return {"error": exc.message, "error_type": exc.error_type, "request_id": current_request_id()}
 
 
 def sse_response(payloads: AsyncIterator[Any], route: str,

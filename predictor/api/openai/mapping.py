@@ -26,11 +26,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..engine.grammar import json_schema_grammar
-from ..engine.options import GenerationJob, GenerationOptions, Limits, ModelInfo
-from ..errors import ContextLengthExceeded, InvalidRequest
-from .mapping import pad_token_id, samples, token_ids
-from .openai_schema import GenerationFields, ResponseFormat
+from ...engine.grammar import json_schema_grammar
+from ...engine.options import GenerationJob, GenerationOptions, Limits, ModelInfo
+from ...errors import ContextLengthExceeded, InvalidRequest
+from ..generation import pad_token_id, samples, token_ids
+from .schema import GenerationFields, ResponseFormat
 
 
 def to_generation_job(request: GenerationFields, prompt: str, prompt_ids: list[int], stops: Sequence[str],

@@ -1,6 +1,6 @@
 """The OpenAI wire format: completions and chat-completions requests as this server accepts them.
 
-Pydantic lives here for the OpenAI routes as ``schema`` holds it for /chat. ``parse_openai_request`` turns a
+Pydantic lives here for the OpenAI routes as ``chat.schema`` holds it for /chat. ``parse_openai_request`` turns a
 decoded JSON body into a request or raises an ``InvalidRequest`` naming the field at fault as OpenAI does
 (``messages[0].content``); a field this server refuses (``REFUSED``: tools, ``best_of``...) is named with the
 reason. vLLM's ``/tokenize`` and ``/detokenize`` bodies are here too.
@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..errors import InvalidRequest, UnknownParameter
+from ...errors import InvalidRequest, UnknownParameter
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, 100 all but forces it

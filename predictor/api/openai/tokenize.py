@@ -12,13 +12,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..errors import InvalidRequest, ModelNotFound, PredictorError
-from .chat_format import render_chat
-from .mapping import token_ids
-from .model import FalconModel
-from .openai_api import openai_error_response
-from .openai_schema import DetokenizeRequest, TokenizeRequest, parse_openai_request
-from .schema import decode_json_body
+from ...errors import InvalidRequest, ModelNotFound, PredictorError
+from ..chat_format import render_chat
+from ..generation import token_ids
+from ..json_body import decode_json_body
+from ..model import FalconModel
+from .routes import openai_error_response
+from .schema import DetokenizeRequest, TokenizeRequest, parse_openai_request
 
 
 def install_tokenizer_routes(app: FastAPI, model: FalconModel) -> None:

@@ -6,8 +6,8 @@ not KServe's: KServe 0.21's ``kserve.protocol.rest.openai`` takes its wire types
 (the ``kserve[llm]`` extra: vllm 0.24, which pins torch 2.11 and CUDA wheels against this project's torch), and it
 adds its routes only for a model that is an ``OpenAIModel``, which counts as ready from construction while ours
 must answer 503 until its weights are loaded. So the same routes are served here, for the same ``FalconModel``,
-with small pydantic wire models of their own (``openai_schema``), mapped straight onto the engine's options
-(``openai_mapping``) and answered by ``openai_reply``.
+with small pydantic wire models of their own (``schema``), mapped straight onto the engine's options
+(``mapping``) and answered by ``reply``.
 
 ``GET /v1/models`` answers KServe's ``{"models": [...]}`` and OpenAI's ``{"object": "list", "data": [...]}`` in one
 body, so both kinds of client read it.
@@ -32,16 +32,16 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from transformers import PreTrainedTokenizerBase
 
-from .. import metrics
-from ..errors import Draining, ModelNotFound, NotReady, PredictorError
-from .chat_format import CHAT_STOP, render_chat
-from .model import FalconModel
-from .openai_mapping import to_generation_job
-from .openai_reply import ChatCompletionsApi, CompletionsApi, Reply, echoed_tokens
-from .openai_schema import ChatCompletionRequest, CompletionRequest, GenerationFields, parse_openai_request
-from .schema import decode_json_body
-from .streaming import sse_response, stream_text, unless_disconnected
-from .tracing import current_request_id
+from ... import metrics
+from ...errors import Draining, ModelNotFound, NotReady, PredictorError
+from ..chat_format import CHAT_STOP, render_chat
+from ..json_body import decode_json_body
+from ..model import FalconModel
+from ..streaming import sse_response, stream_text, unless_disconnected
+from ..tracing import current_request_id
+from .mapping import to_generation_job
+from .reply import ChatCompletionsApi, CompletionsApi, Reply, echoed_tokens
+from .schema import ChatCompletionRequest, CompletionRequest, GenerationFields, parse_openai_request
 
 logger = logging.getLogger(__name__)
 

@@ -31,12 +31,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .. import metrics
-from ..engine.tickets import Ticket
-from ..errors import Draining, InvalidRequest, ModelNotFound, PredictorError
-from .model import Completion, FalconModel
-from .schema import ChatRequest, decode_json_body, parse_chat_request
-from .streaming import unless_disconnected
+from ... import metrics
+from ...engine.tickets import Ticket
+from ...errors import Draining, InvalidRequest, ModelNotFound, PredictorError
+from ..chat.schema import ChatRequest, parse_chat_request
+from ..json_body import decode_json_body
+from ..model import Completion, FalconModel
+from ..streaming import unless_disconnected
 
 ROUTE = "/v2/models/{name}/infer"  # the route label in falcon_requests_total
 OUTPUT_NAME = "text_output"

@@ -12,8 +12,8 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
-from ..engine.sampling import TokenLogprob
-from .streaming import TextDelta
+from ...engine.sampling import TokenLogprob
+from ..streaming import TextDelta
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "shutdown": "shutdown"}  # others (time_limit,
 # cancelled) were cut short: "length"

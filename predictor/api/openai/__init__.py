@@ -1,0 +1,1 @@
+"""The OpenAI protocol: completions, chat completions, models, and vLLM's tokenizer routes."""

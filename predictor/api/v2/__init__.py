@@ -1,0 +1,1 @@
+"""KServe's Open Inference Protocol (v2): text generation on /v2/models/<name>/infer."""
