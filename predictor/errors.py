@@ -101,6 +101,14 @@ class Draining(PredictorError):
     error_type = "draining"
 
 
+class EngineLost(PredictorError):
+    """A rank of a tensor-parallel engine died or stopped answering: nothing more can be generated, and the server
+    ends so that Kubernetes restarts it."""
+
+    status = 503
+    error_type = "engine_lost"
+
+
 class GenerationFailed(PredictorError):
     """Generation raised (out of memory, a device fault): this request failed, the server goes on."""
 

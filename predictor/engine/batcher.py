@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from .. import metrics
-from ..errors import Draining, GenerationFailed, Overloaded
+from ..errors import Draining, GenerationFailed, Overloaded, PredictorError
 from .health import EngineHealth
 from .options import GenerationJob
 from .runner import Engine
@@ -365,7 +365,9 @@ class Batcher:
         ticket.resolve(outputs)
 
 
-def _as_generation_failure(exc: BaseException) -> GenerationFailed:
+def _as_generation_failure(exc: BaseException) -> PredictorError:
+    if isinstance(exc, PredictorError):  # the engine said what the client should hear (a lost rank: 503)
+        return exc
     if isinstance(exc, torch.OutOfMemoryError):
         return GenerationFailed("the accelerator ran out of memory for this batch; retry, or ask for fewer or "
                                 "shorter sequences")

@@ -126,7 +126,7 @@ class Engine:
         for done, (rows, columns) in enumerate(shapes, 1):
             tensors = self._decode_tensors([], rows, columns, every_row=True)
             for _ in range(3):  # CUDA graphs are recorded on a later call than the first
-                self._compiled(self.model, self.shape, self.cache, tensors)
+                self._forward(tensors, compiled=True)
             progress(done, len(shapes))
         return time.monotonic() - started
 
@@ -174,15 +174,20 @@ class Engine:
         if compiled:
             # Logits of every row of the bucket, so that one graph serves any number of running rows in it; the
             # running rows are picked after the graph (its output is overwritten by the next replay anyway).
-            logits = self._compiled(self.model, self.shape, cache, tensors)
+            logits = self._forward(tensors, compiled=True)
             logits = logits[torch.tensor([row for row, _ in decode], device=logits.device)]
         else:
-            logits = forward(self.model, self.shape, cache, tensors)
+            logits = self._forward(tensors, compiled=False)
         for row, token in decode:
             cache.extend(row, (token,))
         for row, tokens, _ in chunks:
             cache.extend(row, tokens)
         return logits
+
+    def _forward(self, tensors: StepTensors, compiled: bool) -> torch.Tensor:
+        """Run one step's forward pass, compiled or eager (tensor parallelism sends it to the other ranks first)."""
+        run = self._compiled if compiled else forward
+        return run(self.model, self.shape, self.cache, tensors)
 
     def _decode_tensors(self, decode: Sequence[tuple[int, int]], rows: int, columns: int,
                         chunks: Sequence[tuple[int, Sequence[int], int]] = (), every_row: bool = False
@@ -229,7 +234,7 @@ class Engine:
                               write_rows=torch.tensor([scratch], device=self.device), decode_mask=None,
                               chunks=(Chunk(scratch, 0, 1, 0),), keep=torch.zeros(1, dtype=torch.long,
                                                                                    device=self.device))
-        return forward(self.model, self.shape, self.cache, tensors)
+        return self._forward(tensors, compiled=False)
 
     # -- beam search -----------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -1,0 +1,306 @@
+"""Tensor parallelism over processes: one rank per GPU (or CPU process), driven from rank 0.
+
+Rank 0 is the serving process: its batcher, scheduler, prefix index and sampling are the single engine's. It spawns
+the other ranks itself (no ``torchrun``), each a process that loads the checkpoint, keeps its shard of every layer
+(``sharding``) and then follows: before every forward pass rank 0 sends each follower the step's input tensors
+(and the KV-cache row copies made since the last step, so that every rank's cache holds the same rows), over a pipe
+of its own; all ranks then run the same forward, meeting once per decoder layer in an all-reduce (NCCL on GPUs,
+gloo on the CPU). The followers' logits are dropped: rank 0 samples.
+
+Failure is loud and bounded. A follower that exits is seen at once by a watchdog on its process; one that hangs
+makes rank 0's next collective time out (``collective_timeout_s``). Either way the engine is lost: ``on_lost`` is
+called once with the reason, every later step raises ``EngineLost`` (503), and the serving layer ends the process.
+Followers end with rank 0: on its "stop", or when its pipe closes (rank 0 exited, however it ended).
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from ..errors import EngineLost
+from .falcon import FalconShape, StepTensors
+from .kv_cache import KVCache
+from .runner import Engine, LoadSpec, load_engine, resolve_device_and_dtype
+from .sharding import shard_model, tensor_parallel_refusal
+
+logger = logging.getLogger(__name__)
+
+COLLECTIVE_TIMEOUT_S = 60.0  # longest a rank may keep the others waiting in a collective before the engine is lost
+STOP_TIMEOUT_S = 10.0  # how long a follower gets to end after "stop" before it is killed
+
+
+@dataclass(frozen=True)
+class ParallelSpec:
+    """How many ranks, and how long a collective may wait."""
+
+    world: int
+    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S
+    threads: int | None = None  # CPU threads per rank; None: the machine's cores shared out between the ranks
+
+
+@dataclass
+class _Follower:
+    rank: int
+    process: multiprocessing.process.BaseProcess
+    conn: multiprocessing.connection.Connection
+
+
+def load_sharded_engine(spec: LoadSpec, parallel: ParallelSpec) -> ShardedEngine:
+    """Spawn ranks 1..N-1, load and shard rank 0's part here, connect the group; the engine rank 0 serves with.
+    Raises ``SystemExit`` with one line when the checkpoint or the machine cannot be split ``parallel.world`` ways,
+    and ``RuntimeError`` when a follower dies while loading."""
+    device, dtype = resolve_device_and_dtype(spec.device, spec.dtype)
+    if spec.load_in_8bit:
+        raise SystemExit("--load_in_8bit cannot be combined with --tensor_parallel_size above 1")
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    refusal = tensor_parallel_refusal(AutoConfig.from_pretrained(spec.source, revision=spec.revision), parallel.world,
+                                      device, gpus)
+    if refusal:
+        raise SystemExit(refusal)
+    shard_spec = dataclasses.replace(spec, device=device, dtype=str(dtype).removeprefix("torch."))
+    port = _free_port()
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+    followers = []
+    for rank in range(1, parallel.world):
+        ours, theirs = context.Pipe()
+        process = context.Process(target=follow, args=(shard_spec, parallel, rank, port, theirs),
+                                  name=f"tensor-parallel-rank-{rank}")
+        process.start()
+        theirs.close()
+        followers.append(_Follower(rank, process, ours))
+    try:
+        _set_threads(device, parallel)
+        model, tokenizer, shape = _load_shard(shard_spec, 0, parallel.world)
+        _await_loaded(followers)
+        for follower in followers:
+            follower.conn.send_bytes(pickle.dumps(("connect",)))
+        _connect(device, 0, parallel, port)
+    except BaseException:
+        for follower in followers:
+            follower.process.kill()
+        raise
+    logger.info("Tensor parallelism: %d ranks, each with %d of %d K/V groups per layer (%s)", parallel.world,
+                shape.kv_heads, shape.kv_heads * parallel.world, dist.get_backend())
+    return ShardedEngine(model, tokenizer, shape, followers)
+
+
+class ShardedEngine(Engine):
+    """Rank 0's engine: the single engine's scheduling and sampling over a shard of the model, sending each step
+    to the followers before running it."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, shape: FalconShape, followers: list[_Follower]) -> None:
+        super().__init__(model, tokenizer)
+        self.shape = _reducing(shape)
+        self.world = len(followers) + 1
+        self.lost: str | None = None  # why the engine can no longer run
+        self.on_lost: Callable[[str], None] = lambda reason: None  # called once, from the thread that found it
+        self._followers = followers
+        self._lock = threading.Lock()
+        self._closing = False
+        threading.Thread(target=self._watch, name="tensor-parallel-watchdog", daemon=True).start()
+        atexit.register(self.close)
+
+    def reserve(self, rows: int, compile: bool = False, smallest_tier: int = 128) -> KVCache:
+        self._send("reserve", rows, compile, smallest_tier)
+        cache = super().reserve(rows, compile, smallest_tier)
+        cache.copies = []
+        return cache
+
+    def _forward(self, tensors: StepTensors, compiled: bool) -> torch.Tensor:
+        if self.lost is not None:
+            raise EngineLost(f"the tensor-parallel engine is lost ({self.lost}); the server is restarting")
+        copies, self.cache.copies = self.cache.copies, []
+        self._send("step", _to(tensors, torch.device("cpu")), compiled, copies)
+        try:
+            return super()._forward(tensors, compiled)
+        except Exception as exc:  # noqa: BLE001 - the ranks ran this step apart: none can go on
+            self._lose(f"rank 0's step failed: {exc}")
+            raise EngineLost(f"the tensor-parallel engine is lost ({self.lost}); the server is restarting") from exc
+
+    def generate_beams(self, *args, **kwargs):
+        # transformers' generate would run the shard without its all-reduces: the API refuses beams under TP.
+        raise EngineLost("beam search is not available with --tensor_parallel_size above 1")
+
+    def _send(self, *message) -> None:
+        data = pickle.dumps(message)
+        try:
+            for follower in self._followers:
+                follower.conn.send_bytes(data)
+        except OSError as exc:  # its pipe closed: the follower is gone
+            self._lose(f"a follower stopped listening: {exc}")
+            raise EngineLost(f"the tensor-parallel engine is lost ({self.lost}); the server is restarting") from exc
+
+    def _watch(self) -> None:
+        """Wait for any follower to exit; unless rank 0 is stopping them, the engine is lost."""
+        sentinels = {follower.process.sentinel: follower for follower in self._followers}
+        ended = multiprocessing.connection.wait(list(sentinels))
+        if self._closing:
+            return
+        follower = sentinels[ended[0]]
+        follower.process.join(1)
+        self._lose(f"rank {follower.rank} exited with code {follower.process.exitcode}")
+
+    def _lose(self, reason: str) -> None:
+        with self._lock:
+            if self.lost is not None:
+                return
+            self.lost = reason
+        logger.critical("Tensor-parallel engine lost: %s", reason)
+        self.on_lost(reason)
+
+    def kill_followers(self) -> None:
+        """End every follower now (the engine is lost, or rank 0 is exiting in a hurry)."""
+        self._closing = True
+        for follower in self._followers:
+            if follower.process.is_alive():
+                follower.process.kill()
+
+    def close(self) -> None:
+        """Stop the followers (killing any that do not end within ``STOP_TIMEOUT_S``) and leave the group."""
+        if self._closing and not any(f.process.is_alive() for f in self._followers):
+            return
+        self._closing = True
+        for follower in self._followers:
+            try:
+                follower.conn.send_bytes(pickle.dumps(("stop",)))
+            except OSError:
+                pass
+        for follower in self._followers:
+            follower.process.join(STOP_TIMEOUT_S)
+            if follower.process.is_alive():
+                logger.error("Rank %d did not stop within %g s: killed", follower.rank, STOP_TIMEOUT_S)
+                follower.process.kill()
+                follower.process.join()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    @property
+    def follower_pids(self) -> list[int]:
+        return [follower.process.pid for follower in self._followers]
+
+
+def follow(spec: LoadSpec, parallel: ParallelSpec, rank: int, port: int,
+           conn: multiprocessing.connection.Connection) -> None:
+    """A follower rank's life: load its shard, connect, then run every step rank 0 sends until told to stop or
+    rank 0 is gone. Any failure ends the process non-zero, which rank 0's watchdog sees."""
+    for sig in (signal.SIGINT, signal.SIGTERM):  # rank 0 decides when ranks end (drain first)
+        signal.signal(sig, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {rank} %(levelname)s %(message)s")
+    try:
+        _set_threads(spec.device, parallel)
+        model, tokenizer, shape = _load_shard(spec, rank, parallel.world)
+        conn.send_bytes(pickle.dumps(("loaded",)))
+        if pickle.loads(conn.recv_bytes()) != ("connect",):
+            raise RuntimeError("rank 0 sent something other than 'connect' after loading")
+        _connect(spec.device, rank, parallel, port)
+        engine = Engine(model, tokenizer)
+        engine.shape = _reducing(shape)
+        _follow_steps(engine, conn)
+    except EOFError:
+        logger.error("Rank 0 is gone: rank %d stops", rank)
+        os._exit(1)
+    except BaseException:  # noqa: BLE001 - logged, then the exit code tells rank 0
+        logger.exception("Rank %d failed", rank)
+        os._exit(1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@torch.inference_mode()
+def _follow_steps(engine: Engine, conn: multiprocessing.connection.Connection) -> None:
+    while True:
+        kind, *args = pickle.loads(conn.recv_bytes())
+        if kind == "stop":
+            return
+        if kind == "reserve":
+            engine.reserve(*args)
+        elif kind == "step":
+            tensors, compiled, copies = args
+            for source, target, tokens in copies:
+                engine.cache.copy_columns(source, target, tokens)
+            engine._forward(_to(tensors, engine.device), compiled)
+        else:
+            raise RuntimeError(f"unknown message from rank 0: {kind!r}")
+
+
+def _load_shard(spec: LoadSpec, rank: int, world: int) -> tuple[torch.nn.Module, object, FalconShape]:
+    """Load the whole checkpoint on the CPU, keep this rank's shard and move it to the rank's device.
+
+    Every rank reads the whole checkpoint once (the page cache shares the file between ranks on one machine);
+    only its shard stays."""
+    engine = load_engine(dataclasses.replace(spec, device="cpu"))
+    shape = shard_model(engine.model, engine.shape, rank, world)
+    device = torch.device("cuda", rank) if spec.device == "cuda" else torch.device("cpu")
+    return engine.model.to(device), engine.tokenizer, shape
+
+
+def _await_loaded(followers: list[_Follower]) -> None:
+    """Wait for each follower's "loaded"; a follower that exits first fails the start."""
+    pending = {follower.conn: follower for follower in followers}
+    sentinels = {follower.process.sentinel: follower for follower in followers}
+    while pending:
+        for ready in multiprocessing.connection.wait(list(pending) + list(sentinels)):
+            if ready in sentinels and sentinels[ready].conn in pending:
+                follower = sentinels[ready]
+                follower.process.join(1)
+                raise RuntimeError(f"tensor-parallel rank {follower.rank} exited with code "
+                                   f"{follower.process.exitcode} while loading (its log says why)")
+            if ready in pending:
+                pending.pop(ready)
+                ready.recv_bytes()
+
+
+def _connect(device: str, rank: int, parallel: ParallelSpec, port: int) -> None:
+    timeout = timedelta(seconds=parallel.collective_timeout_s)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=parallel.world, timeout=timeout, device_id=torch.device("cuda", rank))
+    else:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=parallel.world, timeout=timeout)
+
+
+def _all_reduce(partial: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(partial)
+    return partial
+
+
+def _reducing(shape: FalconShape) -> FalconShape:
+    shape.reduce = _all_reduce
+    return shape
+
+
+def _to(step: StepTensors, device: torch.device) -> StepTensors:
+    """``step`` with every tensor on ``device`` (the CPU to be sent, the follower's device to be run)."""
+    moved = {field.name: value.to(device) for field in dataclasses.fields(step)
+             if isinstance(value := getattr(step, field.name), torch.Tensor)}
+    return dataclasses.replace(step, **moved)
+
+
+def _set_threads(device: str, parallel: ParallelSpec) -> None:
+    if device == "cpu":
+        torch.set_num_threads(parallel.threads or max(1, (os.cpu_count() or 1) // parallel.world))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
