@@ -45,6 +45,8 @@ class ServerConfig:
     prefix_caching: bool  # reuse the KV cache of a prompt's cached prefix
     log_format: str  # "text" or "json" (one object per line); either way each line names its request
     log_requests: bool  # a log line per request (uvicorn's access log and KServe's timings)
+    tensor_parallel_size: int = 1  # ranks (processes, one per GPU) every layer is split over
+    collective_timeout_s: float = 60.0  # how long a rank may keep the others waiting before the server ends
 
     @property
     def is_demo(self) -> bool:
@@ -134,6 +136,16 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt tokens computed in one step beside the running sequences' next tokens: a "
                              "longer prompt is computed in chunks over several steps, so running streams never "
                              "wait long for it; larger values reach a long prompt's first token sooner")
+    engine.add_argument("--tensor_parallel_size", type=int, default=1, metavar="N",
+                        help="split every layer over N processes, one per GPU, started by this server (rank 0 "
+                             "serves, the others follow each step; NCCL on GPUs, gloo on the CPU): the K/V groups "
+                             "of attention and the MLP are divided, so each GPU holds 1/N of the weights and of the "
+                             "KV cache. N must divide the model's K/V groups (falcon-40b: 1, 2, 4, 8); falcon-7b "
+                             "(one K/V head) scales by replicas instead. Beam search is refused when N > 1")
+    engine.add_argument("--collective_timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="with --tensor_parallel_size above 1: how long a rank may keep the others waiting in a "
+                             "step; a rank that dies or hangs fails the running requests with 503 and ends the "
+                             "server non-zero")
     engine.add_argument("--prefix_caching", action=argparse.BooleanOptionalAction, default=True,
                         help="a prompt that begins with a prefix the KV cache still holds (an earlier turn of a "
                              "conversation, a shared system prompt) copies its keys and values instead of "
@@ -175,13 +187,19 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     limits = Limits(
         context_length=variant.context_length if variant else Limits.context_length,
         max_new_tokens=args.max_new_tokens, max_num_beams=args.max_num_beams,
-        max_num_return_sequences=args.max_num_return_sequences, max_sequences=args.max_sequences_per_request)
+        max_num_return_sequences=args.max_num_return_sequences, max_sequences=args.max_sequences_per_request,
+        beams_refused=(f"beam search is not served with --tensor_parallel_size {args.tensor_parallel_size}: use "
+                       "num_beams 1 (greedy or sampling)" if args.tensor_parallel_size > 1 else None))
     for flag in ("max_new_tokens", "max_num_beams", "max_num_return_sequences", "max_sequences_per_request",
                  "max_batch_size", "max_queue", "max_body_bytes", "max_header_bytes", "max_prefill_tokens"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag} must be at least 1")
     if args.header_timeout <= 0:
         raise SystemExit("--header_timeout must be above 0 seconds")
+    if args.tensor_parallel_size < 1:
+        raise SystemExit(f"--tensor_parallel_size must be at least 1, not {args.tensor_parallel_size}")
+    if args.collective_timeout <= 0:
+        raise SystemExit("--collective_timeout must be above 0 seconds")
     return ServerConfig(
         model_name=model_name, model_id=model_id, model_dir=args.model_dir, revision=revision, dtype=args.dtype,
         device=args.device, http_port=args.http_port, limits=limits, max_batch_size=args.max_batch_size,
@@ -191,7 +209,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         api_key=args.api_key or os.environ.get("PREDICTOR_API_KEY") or None, log_prompts=args.log_prompts,
         load_in_8bit=args.load_in_8bit, compile=args.compile, kv_cache_memory_gib=args.kv_cache_memory,
         max_prefill_tokens=args.max_prefill_tokens, prefix_caching=args.prefix_caching,
-        log_format=args.log_format, log_requests=args.log_requests)
+        log_format=args.log_format, log_requests=args.log_requests,
+        tensor_parallel_size=args.tensor_parallel_size, collective_timeout_s=args.collective_timeout)
 
 
 def unknown_variant_message(model_name: str) -> str:

@@ -12,6 +12,8 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +24,10 @@ from ..config import ServerConfig
 from ..engine.batcher import Batcher
 from ..engine.kv_cache import BLOCK_SIZE
 from ..engine.options import GenerationJob, Limits
+from ..engine.parallel import ParallelSpec, ShardedEngine, load_sharded_engine
 from ..engine.runner import Engine, LoadSpec, load_engine
 from ..engine.tickets import GenerationResult, Ticket
-from ..errors import ModelNotFound, NotReady
+from ..errors import EngineLost, ModelNotFound, NotReady
 from ..tiny import build_tiny_falcon, default_cache_dir
 from ..variants import cpu_memory_warning, find_variant
 from .chat.mapping import to_generation_job
@@ -33,6 +36,10 @@ from .chat_format import CHAT_STOP, render_chat
 from .json_body import decode_json_body
 
 logger = logging.getLogger(__name__)
+
+# A lost tensor-parallel rank ends the process this long after its requests were failed: their 503s and the
+# probes' get out first, then Kubernetes restarts the pod.
+LOST_EXIT_AFTER_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -51,13 +58,19 @@ class FalconModel(kserve.Model):
         self.batcher: Batcher | None = None
         self.limits: Limits = config.limits
         self.draining = False
+        self.lost: str | None = None  # why the engine can never run again (a tensor-parallel rank died)
         self._live: set[Ticket] = set()  # submitted and not yet answered
 
     # -- loading ---------------------------------------------------------------------------------------------
     def load(self) -> bool:
         spec = self._load_spec()
         warn_on_cpu(self.config)
-        self.engine = load_engine(spec)
+        if self.config.tensor_parallel_size > 1:
+            self.engine = load_sharded_engine(spec, ParallelSpec(self.config.tensor_parallel_size,
+                                                                 self.config.collective_timeout_s))
+            self.engine.on_lost = self._engine_lost
+        else:
+            self.engine = load_engine(spec)
         self.limits = dataclasses.replace(
             self.config.limits, context_length=min(self.config.limits.context_length, self.engine.context_length))
         self._reserve_cache()
@@ -77,6 +90,21 @@ class FalconModel(kserve.Model):
         self.ready = True
         logger.info("Model %s is ready", self.name)
         return self.ready
+
+    def _engine_lost(self, reason: str) -> None:
+        """A rank died or hung: fail every request not yet answered with 503, turn every probe 503, and end the
+        process non-zero (the other ranks with it) ``LOST_EXIT_AFTER_S`` later."""
+        self.lost = reason
+        self.ready = False
+        for ticket in list(self._live):
+            ticket.fail(EngineLost(f"the tensor-parallel engine is lost ({reason}); the server is restarting"))
+        threading.Timer(LOST_EXIT_AFTER_S, self._exit_lost).start()
+
+    def _exit_lost(self) -> None:
+        logger.critical("Exiting: the tensor-parallel engine is lost (%s)", self.lost)
+        self.engine.kill_followers()
+        logging.shutdown()
+        os._exit(1)
 
     def _reserve_cache(self) -> None:
         """Reserve the KV cache: a row per sequence that may run at once, as many as the memory budget holds."""
@@ -195,6 +223,8 @@ class FalconModel(kserve.Model):
         return {"Result": texts[0] if len(texts) == 1 else texts, "details": details}
 
     def require_ready(self) -> Engine:
+        if self.lost is not None:
+            raise EngineLost(f"the tensor-parallel engine is lost ({self.lost}); the server is restarting")
         if not self.ready or self.engine is None or self.batcher is None:
             raise NotReady(f"model {self.name} is not loaded yet")
         return self.engine
@@ -203,6 +233,8 @@ class FalconModel(kserve.Model):
         self.ready = False
         if self.batcher is not None:
             self.batcher.close()
+        if isinstance(self.engine, ShardedEngine):
+            self.engine.close()
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:

@@ -32,6 +32,7 @@ from ..config import ServerConfig
 from ..errors import (
     BodyTooLarge,
     Draining,
+    EngineLost,
     HeadersTooLarge,
     NotFound,
     NotReady,
@@ -84,6 +85,8 @@ def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
              summary="200 unless the engine has been broken for --dead_after seconds (then restart the pod)")
     async def livez() -> JSONResponse:
         broken_for = model.batcher.unhealthy_for if model.batcher is not None else 0.0
+        if model.lost is not None:
+            return JSONResponse({"status": "Dead", "reason": model.lost}, status_code=503)
         if broken_for > config.dead_after_s:
             return JSONResponse({"status": "Dead", "unhealthy_seconds": round(broken_for)}, status_code=503)
         return JSONResponse({"status": "Alive"})
@@ -95,6 +98,8 @@ def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
 
 
 def health_state(model: FalconModel) -> str:
+    if model.lost is not None:
+        return "Unhealthy"
     if model.draining:
         return "Draining"
     if not model.ready:
@@ -122,6 +127,8 @@ async def http_error_handler(request: Request, exc: HTTPException) -> JSONRespon
 
 
 def _not_ready(model: FalconModel) -> PredictorError:
+    if model.lost is not None:
+        return EngineLost(f"model {model.name} is lost ({model.lost}): the server is restarting")
     if model.draining:
         return Draining(f"model {model.name} is draining: the server is shutting down")
     return NotReady(f"model {model.name} is not loaded yet")
@@ -292,6 +299,7 @@ async def drain(model: FalconModel, timeout_s: float, then: Callable[[], None]) 
         await _until(lambda: batcher.in_flight == 0, STOP_WORKERS_S)
         if not await asyncio.to_thread(batcher.join, max(0.0, stop_by - time.monotonic())):
             logger.error("The generation threads did not stop within %g s of the drain", STOP_WORKERS_S)
+    await asyncio.to_thread(model.stop)  # tensor-parallel ranks end with the drain
     logger.info("Drained; stopping the server")
     then()
 
