@@ -112,3 +112,17 @@ def test_a_size_that_cannot_split_is_refused_at_start_up_in_one_line(tiny_dirs, 
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert words in last and last.startswith("--tensor_parallel_size"), done.stderr
+
+
+def test_compiled_steps_under_two_ranks_answer_as_one_process(start_server, tiny_dirs, tiny_server_40b):
+    server = start_server(tiny_dirs["40b"], *TP_FLAGS, "--compile", "--max_batch_size", "1",
+                          "--max_num_return_sequences", "1", model_name="tiny-falcon-40b", wait=False)
+    try:
+        server.wait_ready(deadline_s=400)  # both ranks compile every shape on a shared CPU
+        assert "Compiled the decode step" in server.log()
+        for prompt in PROMPTS[:2]:
+            one, two = chat(tiny_server_40b, prompt).json(), chat(server, prompt).json()
+            assert two["Result"] == one["Result"]
+            assert two["details"]["logprobs"][0] == pytest.approx(one["details"]["logprobs"][0], abs=1e-4)
+    finally:
+        assert server.stop() == 0

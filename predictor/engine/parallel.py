@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 COLLECTIVE_TIMEOUT_S = 60.0  # longest a rank may keep the others waiting in a collective before the engine is lost
 STOP_TIMEOUT_S = 10.0  # how long a follower gets to end after "stop" before it is killed
+# While --compile warms up, each rank compiles a shape at its own pace and the first there waits in the graph's
+# all-reduce for the others' compiler: minutes, not the step's collective timeout.
+COMPILE_TIMEOUT_S = 1800.0
 
 
 @dataclass(frozen=True)
@@ -98,15 +101,17 @@ def load_sharded_engine(spec: LoadSpec, parallel: ParallelSpec) -> ShardedEngine
         raise
     logger.info("Tensor parallelism: %d ranks, each with %d of %d K/V groups per layer (%s)", parallel.world,
                 shape.kv_heads, shape.kv_heads * parallel.world, dist.get_backend())
-    return ShardedEngine(model, tokenizer, shape, followers)
+    return ShardedEngine(model, tokenizer, shape, followers, parallel.collective_timeout_s)
 
 
 class ShardedEngine(Engine):
     """Rank 0's engine: the single engine's scheduling and sampling over a shard of the model, sending each step
     to the followers before running it."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, shape: FalconShape, followers: list[_Follower]) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer, shape: FalconShape, followers: list[_Follower],
+                 collective_timeout_s: float) -> None:
         super().__init__(model, tokenizer)
+        self.collective_timeout_s = collective_timeout_s
         self.shape = _reducing(shape)
         self.world = len(followers) + 1
         self.lost: str | None = None  # why the engine can no longer run
@@ -122,6 +127,15 @@ class ShardedEngine(Engine):
         cache = super().reserve(rows, compile, smallest_tier)
         cache.copies = []
         return cache
+
+    def warm_up(self, progress: Callable[[int, int], None] = lambda done, total: None) -> float:
+        self._send("timeout", COMPILE_TIMEOUT_S)
+        _set_timeout(COMPILE_TIMEOUT_S)
+        try:
+            return super().warm_up(progress)
+        finally:
+            self._send("timeout", self.collective_timeout_s)
+            _set_timeout(self.collective_timeout_s)
 
     def _forward(self, tensors: StepTensors, compiled: bool) -> torch.Tensor:
         if self.lost is not None:
@@ -231,6 +245,8 @@ def _follow_steps(engine: Engine, conn: multiprocessing.connection.Connection) -
             return
         if kind == "reserve":
             engine.reserve(*args)
+        elif kind == "timeout":
+            _set_timeout(*args)
         elif kind == "step":
             tensors, compiled, copies = args
             for source, target, tokens in copies:
@@ -276,6 +292,10 @@ def _connect(device: str, rank: int, parallel: ParallelSpec, port: int) -> None:
     else:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=parallel.world, timeout=timeout)
+
+
+def _set_timeout(seconds: float) -> None:
+    dist.distributed_c10d._set_pg_timeout(timedelta(seconds=seconds))  # no public setter (torch 2.13)
 
 
 def _all_reduce(partial: torch.Tensor) -> torch.Tensor:
