@@ -91,7 +91,9 @@ def load_sharded_engine(spec: LoadSpec, parallel: ParallelSpec) -> ShardedEngine
     try:
         _set_threads(device, parallel)
         model, tokenizer, shape = _load_shard(shard_spec, 0, parallel.world)
-        _await_loaded(followers)
+        for follower in followers:  # one at a time: each holds the whole checkpoint in host memory while it loads
+            follower.conn.send_bytes(pickle.dumps(("load",)))
+            _await_loaded(follower)
         for follower in followers:
             follower.conn.send_bytes(pickle.dumps(("connect",)))
         _connect(device, 0, parallel, port)
@@ -219,10 +221,10 @@ def follow(spec: LoadSpec, parallel: ParallelSpec, rank: int, port: int,
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {rank} %(levelname)s %(message)s")
     try:
         _set_threads(spec.device, parallel)
+        _expect(conn, "load")
         model, tokenizer, shape = _load_shard(spec, rank, parallel.world)
         conn.send_bytes(pickle.dumps(("loaded",)))
-        if pickle.loads(conn.recv_bytes()) != ("connect",):
-            raise RuntimeError("rank 0 sent something other than 'connect' after loading")
+        _expect(conn, "connect")
         _connect(spec.device, rank, parallel, port)
         engine = Engine(model, tokenizer)
         engine.shape = _reducing(shape)
@@ -259,28 +261,27 @@ def _follow_steps(engine: Engine, conn: multiprocessing.connection.Connection) -
 def _load_shard(spec: LoadSpec, rank: int, world: int) -> tuple[torch.nn.Module, object, FalconShape]:
     """Load the whole checkpoint on the CPU, keep this rank's shard and move it to the rank's device.
 
-    Every rank reads the whole checkpoint once (the page cache shares the file between ranks on one machine);
-    only its shard stays."""
+    Every rank reads the whole checkpoint once, the ranks one after another so that host memory holds one whole
+    copy at a time (falcon-40b: 83 GB in bfloat16), and the page cache serves the file to the later ranks; only
+    the shard stays."""
     engine = load_engine(dataclasses.replace(spec, device="cpu"))
     shape = shard_model(engine.model, engine.shape, rank, world)
     device = torch.device("cuda", rank) if spec.device == "cuda" else torch.device("cpu")
     return engine.model.to(device), engine.tokenizer, shape
 
 
-def _await_loaded(followers: list[_Follower]) -> None:
-    """Wait for each follower's "loaded"; a follower that exits first fails the start."""
-    pending = {follower.conn: follower for follower in followers}
-    sentinels = {follower.process.sentinel: follower for follower in followers}
-    while pending:
-        for ready in multiprocessing.connection.wait(list(pending) + list(sentinels)):
-            if ready in sentinels and sentinels[ready].conn in pending:
-                follower = sentinels[ready]
-                follower.process.join(1)
-                raise RuntimeError(f"tensor-parallel rank {follower.rank} exited with code "
-                                   f"{follower.process.exitcode} while loading (its log says why)")
-            if ready in pending:
-                pending.pop(ready)
-                ready.recv_bytes()
+def _await_loaded(follower: _Follower) -> None:
+    """Wait for the follower's "loaded"; a follower that exits first fails the start."""
+    if follower.conn not in multiprocessing.connection.wait([follower.conn, follower.process.sentinel]):
+        follower.process.join(1)
+        raise RuntimeError(f"tensor-parallel rank {follower.rank} exited with code {follower.process.exitcode} "
+                           "while loading (its log says why)")
+    follower.conn.recv_bytes()
+
+
+def _expect(conn: multiprocessing.connection.Connection, kind: str) -> None:
+    if (message := pickle.loads(conn.recv_bytes())) != (kind,):
+        raise RuntimeError(f"rank 0 sent {message!r} where {kind!r} was due")
 
 
 def _connect(device: str, rank: int, parallel: ParallelSpec, port: int) -> None:
