@@ -191,6 +191,9 @@ def variant_problems(isvc: Doc, pod: Doc) -> list[str]:
         problems.append(f"nvidia.com/gpu limit {limits.get('nvidia.com/gpu')} but {variant.name} needs {variant.gpus}")
     if int(requests.get("nvidia.com/gpu", variant.gpus)) != variant.gpus:
         problems.append("nvidia.com/gpu request differs from the limit")
+    if config.tensor_parallel_size != variant.gpus:
+        problems.append(f"--tensor_parallel_size {config.tensor_parallel_size} but {variant.name} runs on "
+                        f"{variant.gpus} GPU(s): one rank per GPU")
     return problems + memory_problems(variant, pod, container)
 
 
