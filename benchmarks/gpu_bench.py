@@ -190,7 +190,7 @@ def run_tensor_parallel_server(name: str) -> Callable[[Plan, StageRecord, float]
 
         ranks, gpus = gpu_report.TP_RANKS, torch.cuda.device_count()
         if plan.device == "cuda" and gpus < ranks:
-            record["skipped"] = f"{gpus} GPU(s) visible: --tensor_parallel_size {ranks} needs {ranks}"
+            record["skipped_because"] = f"{gpus} GPU(s) visible: --tensor_parallel_size {ranks} needs {ranks}"
             return
         measure.server(plan, plan.models[name], checkpoint(plan, name), record, deadline, False, ranks=ranks)
     return run
@@ -249,7 +249,7 @@ def run_stage(plan: Plan, stage: str, budget_s: float) -> None:
         record["seconds"] = time.monotonic() - started
     status = load_results(plan.out)["stages"][stage]
     record["status"] = ("partial: out of time" if status.get("skipped_for_time") else
-                        f"skipped: {status['skipped']}" if status.get("skipped") else "ok")
+                        f"skipped: {status['skipped_because']}" if status.get("skipped_because") else "ok")
 
 
 # -- the whole run -----------------------------------------------------------------------------------------------
