@@ -269,7 +269,7 @@ def pre_stop_seconds(container: Doc) -> int:
     if "sleep" in pre_stop:
         return int(pre_stop["sleep"]["seconds"])
     command = pre_stop.get("exec", {}).get("command", [])
-    return int(command[1]) if command[:1] == ["sleep"] else 0
+    return int(command[1]) if command and Path(command[0]).name == "sleep" else 0  # sleep or /bin/sleep
 
 
 def hardening_problems(pod: Doc, container: Doc) -> list[str]:
