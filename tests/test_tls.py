@@ -16,12 +16,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import STARTUP_DEADLINE_S, ServerProcess
+from conftest import STARTUP_DEADLINE_S, ServerProcess, free_port
+from llmisvc_checks import main_container, render, server_args
+from manifest_checks import MANIFESTS
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
@@ -89,3 +92,34 @@ def test_plain_http_gets_no_answer(tls):
     server, _ = tls
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{server.port}/health", timeout=5)
+
+
+def test_the_llm_inference_service_preset_serves_its_alias_over_https(tmp_path, start_server, tiny_dir):
+    """The preset's own command line, rendered in KServe's TLS mode, run with only the pod's paths and the port
+    moved to this machine: the server answers OpenAI requests for publishers/<namespace>/models/<name> over TLS."""
+    preset = yaml.safe_load((MANIFESTS / "llm-inference-service" / "preset.yaml").read_text())
+    args = server_args(render(main_container(preset["spec"]), "falcon-7b", "falcon", tls=True))
+    cert, key = self_signed(tmp_path)
+    port = free_port()
+    local = {"--model_dir": str(tiny_dir), "--http_port": str(port), "--device": "cpu",
+             "--ssl_certfile": str(cert), "--ssl_keyfile": str(key)}
+    moved = [f"{flag}={local[flag]}" if flag in local else arg for arg in args for flag in [arg.split("=")[0]]]
+    assert sum(arg != old for arg, old in zip(moved, args)) == len(local)  # each was in the preset
+    server = start_server(None, *moved, wait=False)
+    trust = ssl.create_default_context(cafile=str(cert))
+    url = f"https://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_DEADLINE_S
+    while time.monotonic() < deadline and server.process.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", verify=trust, timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    else:
+        raise RuntimeError(server.log()[-4000:])
+    body = {"model": "publishers/falcon/models/falcon-7b", "max_tokens": 3, "temperature": 0,
+            "messages": [{"role": "user", "content": "Hi"}]}
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, verify=trust, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == "falcon-7b" and response.json()["usage"]["completion_tokens"] == 3
