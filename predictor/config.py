@@ -21,6 +21,7 @@ class ServerConfig:
     """Everything the server needs to know, after defaults and environment variables are applied."""
 
     model_name: str
+    model_aliases: tuple[str, ...]  # other names the OpenAI routes answer to (KServe's publishers/<ns>/models/<name>)
     model_id: str | None  # Hugging Face id (loaded from the local Hugging Face cache or the Hub)
     model_dir: str | None  # local Hugging Face-format checkpoint; wins over model_id
     revision: str | None
@@ -81,6 +82,10 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--model_dir", default=None,
                        help="local directory with a Hugging Face-format Falcon checkpoint, e.g. /mnt/models where "
                             "KServe's storage initializer puts weights; takes precedence over --model_id")
+    model.add_argument("--model_alias", action="append", default=[], metavar="NAME",
+                       help="another name the OpenAI routes accept in 'model' (repeatable), as vLLM's extra "
+                            "--served-model-name: KServe's LLMInferenceService routes by "
+                            "publishers/<namespace>/models/<name>. Answers still name --model_name")
     model.add_argument("--revision", default=None, help="revision of --model_id; defaults to the variant's pin")
     model.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                        help="weights dtype; auto is bfloat16 on a GPU, float32 on the CPU")
@@ -182,8 +187,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise SystemExit(f"--{flag} must be at least 1")
     if args.header_timeout <= 0:
         raise SystemExit("--header_timeout must be above 0 seconds")
+    if any(not alias.strip() for alias in args.model_alias):
+        raise SystemExit("--model_alias must not be empty")
     return ServerConfig(
-        model_name=model_name, model_id=model_id, model_dir=args.model_dir, revision=revision, dtype=args.dtype,
+        model_name=model_name, model_aliases=tuple(dict.fromkeys(args.model_alias)), model_id=model_id, model_dir=args.model_dir, revision=revision, dtype=args.dtype,
         device=args.device, http_port=args.http_port, limits=limits, max_batch_size=args.max_batch_size,
         max_queue=args.max_queue, request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
         max_header_bytes=args.max_header_bytes, header_timeout_s=args.header_timeout,

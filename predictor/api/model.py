@@ -53,6 +53,10 @@ class FalconModel(kserve.Model):
         self.draining = False
         self._live: set[Ticket] = set()  # submitted and not yet answered
 
+    def serves(self, name: str) -> bool:
+        """Whether a request's ``model`` names this model: its served name or one of its ``--model_alias``es."""
+        return name == self.name or name in self.config.model_aliases
+
     # -- loading ---------------------------------------------------------------------------------------------
     def load(self) -> bool:
         spec = self._load_spec()

@@ -73,16 +73,18 @@ def _install_under(app: FastAPI, model: FalconModel, base: str, started: int) ->
     async def create_chat_completion(request: Request) -> Response:
         return await create(request, model, chat, ChatCompletionRequest)
 
-    def card() -> dict[str, Any]:
-        return {"id": model.name, "object": "model", "created": started, "owned_by": "kserve"}
+    def card(name: str = model.name) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": started, "owned_by": "kserve"}
 
     @router.get("/models", summary="The served model, in OpenAI's shape and KServe's at once")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [card()], "models": [model.name]}
+        # Each name a request may use, as vLLM lists each of its served names; KServe's list names the model once.
+        names = [model.name, *model.config.model_aliases]
+        return {"object": "list", "data": [card(name) for name in names], "models": [model.name]}
 
     @router.get("/models/{model_id}", summary="The served model: 200 once it is loaded, 503 before")
     async def retrieve_model(model_id: str) -> Response:
-        if model_id != model.name:
+        if not model.serves(model_id):
             return openai_error_response(ModelNotFound(f"the model {model_id!r} does not exist", param="model"))
         if not model.ready:
             return openai_error_response(NotReady(f"model {model.name} is not loaded yet"))
@@ -112,7 +114,7 @@ async def create(request: Request, model: FalconModel, api: CompletionsApi,
         if model.draining:
             raise Draining("the server is shutting down and takes no new requests")
         body = parse_openai_request(decode_json_body(await request.body()), request_type)
-        if body.model != model.name:
+        if not model.serves(body.model):
             raise ModelNotFound(f"the model {body.model!r} does not exist; this server serves {model.name!r}",
                                 param="model")
         engine = model.require_ready()
