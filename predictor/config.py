@@ -190,8 +190,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if any(not alias.strip() for alias in args.model_alias):
         raise SystemExit("--model_alias must not be empty")
     return ServerConfig(
-        model_name=model_name, model_aliases=tuple(dict.fromkeys(args.model_alias)), model_id=model_id, model_dir=args.model_dir, revision=revision, dtype=args.dtype,
-        device=args.device, http_port=args.http_port, limits=limits, max_batch_size=args.max_batch_size,
+        model_name=model_name, model_aliases=tuple(dict.fromkeys(args.model_alias)), model_id=model_id,
+        model_dir=args.model_dir, revision=revision, dtype=args.dtype, device=args.device, http_port=args.http_port,
+        limits=limits, max_batch_size=args.max_batch_size,
         max_queue=args.max_queue, request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
         max_header_bytes=args.max_header_bytes, header_timeout_s=args.header_timeout,
         drain_timeout_s=args.drain_timeout, dead_after_s=args.dead_after,
