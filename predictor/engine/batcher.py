@@ -9,6 +9,10 @@ of a ``num_return_sequences`` request share their prompt's prefill. One request'
 tokens (see ``sampling``). Beam-search requests keep several hypotheses each and run whole through ``generate`` on a
 second thread, with a queue of their own, so they can neither stall the running batch nor fill its queue.
 Generation never runs on the event loop.
+
+A failure while working on one request ends that request alone, whatever the stage (admission, the forward step,
+token choice, retirement): its rows are freed and the worker goes on. A worker that dies or hangs stops the engine
+(``health.Supervisor``): every request waiting or running is answered with a 503, and the probes fail.
 """
 
 from __future__ import annotations
@@ -18,21 +22,24 @@ import collections
 import logging
 import threading
 import time
+import traceback
 from typing import Callable
 
 import torch
 
 from .. import metrics
-from ..errors import Draining, GenerationFailed, Overloaded
-from .health import EngineHealth
+from ..errors import Draining, EngineStopped, GenerationFailed, Overloaded, PredictorError
+from . import faults
+from .health import EngineHealth, Supervisor
 from .options import GenerationJob
 from .runner import Engine
 from .running import RunningRequest, RunningSequence
-from .sampling import TokenLogprob, choose_next_tokens, make_sampler
+from .sampling import TokenLogprob, choose_next_tokens, make_sampler, token_stop_matching_error
 from .tickets import SequenceOutput, Ticket, TokenEvent
 
 logger = logging.getLogger(__name__)
 
+WORKERS = ("decode", "beam-search")  # the worker threads, as the health's heartbeats and the logs name them
 
 
 class Batcher:
@@ -40,10 +47,12 @@ class Batcher:
 
     def __init__(self, engine: Engine, max_batch_size: int = 32, max_queue: int = 128,
                  time_budget_s: float = 300.0, prepare: Callable[[], None] | None = None,
-                 max_prefill_tokens: int = 512, max_beam_queue: int | None = None, prefix_caching: bool = True):
+                 max_prefill_tokens: int = 512, max_beam_queue: int | None = None, prefix_caching: bool = True,
+                 dead_after_s: float = 120.0):
         """``prepare`` runs on the decode thread before it serves, and ``start`` waits for it: work such as
         recording CUDA graphs must happen on the thread that replays them. The engine's KV cache must be reserved
-        by then: its rows bound the running sequences along with ``max_batch_size``."""
+        by then: its rows bound the running sequences along with ``max_batch_size``. A worker with work that
+        makes no progress for ``dead_after_s`` stops the engine."""
         self.engine = engine
         self._prepare = prepare
         self._prepared = threading.Event()
@@ -59,12 +68,18 @@ class Batcher:
         self._beam_waiting: collections.deque[Ticket] = collections.deque()
         self._closed = False
         self._requests: list[RunningRequest] = []  # admitted, in admission order
+        self._beam_ticket: Ticket | None = None  # the beam-search request running
         self._in_flight = 0  # submitted and not yet settled
         self.health = EngineHealth()
         self._rng = torch.Generator(device=engine.device)
         self._rng.seed()  # unseeded requests sample from this, randomly seeded at start-up
         self._threads = [threading.Thread(target=self._decode_loop, name="batcher-decode", daemon=True),
                          threading.Thread(target=self._beam_loop, name="batcher-beams", daemon=True)]
+        self._supervisor = Supervisor(self.health, dict(zip(WORKERS, self._threads)), self._busy, dead_after_s,
+                                      lambda: self._closed and self._in_flight == 0, self._stop_engine)
+        if (error := token_stop_matching_error(engine.tokenizer)) is not None:
+            logger.warning("transformers' stop-string matcher cannot read this tokenizer's vocabulary (%s): stop "
+                           "strings are matched on the decoded text instead, with the same meaning", error)
 
     # -- public API (event loop) -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -75,6 +90,7 @@ class Batcher:
         if self._prepare_error is not None:
             self.close()
             raise self._prepare_error
+        self._supervisor.start()
 
     def submit(self, job: GenerationJob, *, stream: bool = False) -> Ticket:
         """Queue ``job``; raise ``Overloaded`` when its queue is full, ``Draining`` after ``close()``."""
@@ -82,6 +98,8 @@ class Batcher:
         beams = job.options.uses_beams
         queue, bound = (self._beam_waiting, self.max_beam_queue) if beams else (self._waiting, self.max_queue)
         with self._lock:
+            if self.health.stopped is not None:
+                raise EngineStopped(f"the engine stopped ({self.health.stopped}); the server will be restarted")
             if self._closed:
                 raise Draining("the server is shutting down and takes no new requests")
             if len(queue) >= bound:
@@ -129,9 +147,42 @@ class Batcher:
     def unhealthy_for(self) -> float:
         return self.health.unhealthy_for
 
+    @property
+    def stopped(self) -> str | None:
+        """Why the engine stopped for good (a worker died or hung), or None while it runs."""
+        return self.health.stopped
+
     def _settled(self) -> None:
         with self._lock:
             self._in_flight -= 1
+
+    def _busy(self, worker: str) -> bool:
+        """Whether ``worker`` has requests waiting for it or running on it (a silent worker then hangs)."""
+        if worker == "decode":
+            return bool(self._waiting or self._requests)
+        return bool(self._beam_waiting) or self._beam_ticket is not None
+
+    def _stop_engine(self, cause: str, stack: str = "") -> None:
+        """A worker died or hung: stop for good (the probes fail, the pod is restarted) and answer every request
+        waiting or running with a 503. Once, whichever thread notices first."""
+        with self._lock:
+            if not self.health.stop(cause):
+                return
+            tickets = [*self._waiting, *self._beam_waiting, *(request.ticket for request in self._requests)]
+            if self._beam_ticket is not None:
+                tickets.append(self._beam_ticket)
+            self._waiting.clear()
+            self._beam_waiting.clear()
+            self._lock.notify_all()
+        logger.error("The engine stopped: %s; answering %d request(s) with 503, and the probes fail from now on%s",
+                     cause, len(tickets), f"\n{stack}" if stack else "")
+        error = EngineStopped(f"the engine stopped ({cause}); the server will be restarted")
+        for ticket in tickets:
+            ticket.fail(error)
+
+    def _worker_died(self, worker: str, exc: BaseException) -> None:
+        self._stop_engine(f"the {worker} worker died of {type(exc).__name__}",
+                          "".join(traceback.format_exception(exc)))
 
     # -- the decode worker -----------------------------------------------------------------------------------
     def _decode_loop(self) -> None:
@@ -143,7 +194,14 @@ class Batcher:
             return
         finally:
             self._prepared.set()
-        while True:
+        try:
+            self._decode()
+        except BaseException as exc:  # noqa: BLE001 - what no request's isolation caught: the engine stops
+            self._worker_died("decode", exc)
+
+    def _decode(self) -> None:
+        while self.health.stopped is None:
+            self.health.beat("decode")
             admitted = self._admit()
             if admitted is None:
                 return
@@ -162,11 +220,13 @@ class Batcher:
         self-check."""
         with self._lock:
             while not self._requests and not self._waiting:
-                if self._closed and not self._beam_waiting and self._in_flight == 0:
+                if self.health.stopped is not None or (
+                        self._closed and not self._beam_waiting and self._in_flight == 0):
                     return None
                 if self.health.check_due:
                     return False
                 self._lock.wait(timeout=0.5)
+                self.health.beat("decode")
             cache = self.engine.cache
             rows = self.running_sequences
             while self._waiting:
@@ -179,27 +239,49 @@ class Batcher:
                 if ticket.cancelled:
                     ticket.resolve([SequenceOutput((), ticket.cancel_reason)] * need)
                     continue
-                self._requests.append(self._start(ticket, rows))
+                try:
+                    self._requests.append(self._start(ticket, rows))
+                except Exception as exc:  # noqa: BLE001 - this request cannot start: it fails alone
+                    self._fail_admission(ticket, exc)
+                    continue
                 rows += need
             return True
 
     def _start(self, ticket: Ticket, running: int) -> RunningRequest:
-        """Give a request's sequences their rows; the leader's starts from the longest cached prefix."""
+        """Give a request's sequences their samplers and rows; the leader's starts from the longest cached prefix.
+        If any of it fails, the rows it took are given back."""
         ticket.started_at = time.monotonic()
-        cache, prompt = self.engine.cache, list(ticket.job.prompt_ids)
+        options, cache, prompt = ticket.job.options, self.engine.cache, list(ticket.job.prompt_ids)
+        samplers = [make_sampler(options, prompt, index, self.engine.device, self.engine.tokenizer)
+                    for index in range(options.num_return_sequences)]
         hit = None
         # A prompt's log-probabilities come from computing it: a request that asks for them reuses no prefix.
-        if self.prefix_caching and ticket.job.options.prompt_logprobs is None:
+        if self.prefix_caching and options.prompt_logprobs is None:
+            faults.inject("prefix", prompt)
             hit = cache.find_prefix(prompt)
             metrics.PREFIX_CACHE_QUERIES.inc(len(prompt))
             metrics.PREFIX_CACHE_HITS.inc(hit.tokens if hit else 0)
-        sequences = []
-        for index in range(ticket.job.options.num_return_sequences):
-            sampler = make_sampler(ticket.job.options, prompt, index, self.engine.device, self.engine.tokenizer)
-            row = cache.allocate(running + index, hit if index == 0 else None)
-            sequences.append(RunningSequence(ticket, index, row, list(prompt), sampler, len(prompt),
-                                             computed=cache.length(row)))
+        sequences: list[RunningSequence] = []
+        try:
+            for index, sampler in enumerate(samplers):
+                row = cache.allocate(running + index, hit if index == 0 else None)
+                sequences.append(RunningSequence(ticket, index, row, list(prompt), sampler, len(prompt),
+                                                 computed=cache.length(row)))
+                faults.inject("rows", prompt)
+        except BaseException:
+            for seq in sequences:
+                cache.release(seq.row)
+            raise
         return RunningRequest(ticket, sequences)
+
+    def _fail_admission(self, ticket: Ticket, exc: Exception) -> None:
+        """A request that could not start: a 4xx naming its option when one was at fault, else a 500."""
+        if isinstance(exc, PredictorError):
+            error = exc
+        else:
+            logger.error("Starting a request failed", exc_info=exc)
+            error = GenerationFailed(f"the request could not be started: {type(exc).__name__}", stage="admission")
+        ticket.fail(error)
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -207,21 +289,12 @@ class Batcher:
         decoding = [seq for request in self._requests if not request.leader.prefilling for seq in request.sequences
                     if seq.finish_reason is None]
         prefilling = self._plan_prefill()
-        decode = [(seq.row, seq.tokens[-1]) for seq in decoding]
-        chunks = [(r.leader.row, r.leader.tokens[r.leader.computed:r.leader.computed + take], wanted)
-                  for r, take, wanted in prefilling]
-        if decode or chunks:
-            try:
-                logits = self.engine.step(decode, chunks)
-            except Exception as exc:  # noqa: BLE001 - the prompts may be at fault: fail them, keep the others
-                if not chunks:
-                    raise
-                self._fail_requests([request for request, _, _ in prefilling], exc)
-                if not decode:
-                    return
-                prefilling, chunks = [], []
-                logits = self.engine.step(decode)
-            finishing, row = [], len(decode)
+        if decoding or prefilling:
+            forwarded = self._forward(decoding, prefilling)
+            if forwarded is None:  # every request in the pass failed: nothing to choose, no sign of health
+                return
+            logits, decoding, prefilling = forwarded
+            finishing, row = [], len(decoding)
             for request, take, wanted in prefilling:
                 request.note_prompt_logprobs(take, logits[row:row + wanted])
                 request.leader.computed += take
@@ -231,6 +304,54 @@ class Batcher:
             self._choose_first_and_next(decoding, finishing, logits)
         self._retire()
         self.health.succeeded()
+
+    def _forward(self, decoding: list[RunningSequence], prefilling: list[tuple[RunningRequest, int, int]]
+                 ) -> tuple[torch.Tensor, list[RunningSequence], list[tuple[RunningRequest, int, int]]] | None:
+        """One forward pass for the decoding sequences and the planned prompt chunks: (logits, and the sequences
+        and chunks they are for), None if every request in it failed. If the pass raises, the prompts are presumed
+        at fault and fail; if the decode rows alone fail too, each request's rows run on their own, and only the
+        requests whose rows fail again end. Keys and values are committed only by a pass that succeeded, so a
+        pass can be rerun."""
+        try:
+            return self._run_step(decoding, prefilling), decoding, prefilling
+        except Exception as exc:  # noqa: BLE001 - fail the prompts, keep the others
+            error = exc
+        if prefilling:
+            self._fail_requests([request for request, _, _ in prefilling], error)
+            if not decoding:
+                return None
+            try:
+                return self._run_step(decoding, []), decoding, []
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+        requests = self._requests_of(decoding)
+        if len(requests) == 1:
+            self._fail_requests(requests, error)
+            return None
+        kept, parts = [], []
+        for request in requests:
+            rows = [seq for seq in decoding if seq.ticket is request.ticket]
+            try:
+                parts.append(self._run_step(rows, []))
+                kept += rows
+            except Exception as exc:  # noqa: BLE001
+                self._fail_requests([request], exc)
+        return (torch.cat(parts), kept, []) if parts else None
+
+    def _run_step(self, decoding: list[RunningSequence], prefilling: list[tuple[RunningRequest, int, int]]
+                  ) -> torch.Tensor:
+        for seq in decoding:
+            faults.inject("step", seq.ticket.job.prompt_ids)
+        for request, _, _ in prefilling:
+            faults.inject("step", request.ticket.job.prompt_ids)
+        decode = [(seq.row, seq.tokens[-1]) for seq in decoding]
+        chunks = [(r.leader.row, r.leader.tokens[r.leader.computed:r.leader.computed + take], wanted)
+                  for r, take, wanted in prefilling]
+        return self.engine.step(decode, chunks)
+
+    def _requests_of(self, sequences: list[RunningSequence]) -> list[RunningRequest]:
+        tickets = {id(seq.ticket) for seq in sequences}
+        return [request for request in self._requests if id(request.ticket) in tickets]
 
     def _choose_first_and_next(self, decoding: list[RunningSequence], finishing: list[tuple[RunningRequest, int]],
                                logits: torch.Tensor) -> None:
@@ -283,8 +404,13 @@ class Batcher:
         self.health.succeeded()
 
     def _choose(self, sequences: list[RunningSequence], logits: torch.Tensor) -> None:
-        tokens, logprobs = choose_next_tokens(logits, [s.sampler for s in sequences], [s.tokens for s in sequences],
-                                              self._rng)
+        try:
+            for seq in sequences:
+                faults.inject("sampling", seq.ticket.job.prompt_ids)
+            tokens, logprobs = choose_next_tokens(logits, [s.sampler for s in sequences],
+                                                  [s.tokens for s in sequences], self._rng)
+        except Exception:  # noqa: BLE001 - find whose choice fails: each request's rows on their own
+            sequences, tokens, logprobs = self._choose_each(sequences, logits)
         for seq, token, logprob in zip(sequences, tokens, logprobs):
             seq.tokens.append(token)
             if logprob is not None:
@@ -292,20 +418,51 @@ class Batcher:
             seq.finish_reason = seq.finish_reason_after(token)
             seq.ticket.emit(TokenEvent(seq.index, token, seq.finish_reason, logprob))
 
+    def _choose_each(self, sequences: list[RunningSequence], logits: torch.Tensor
+                     ) -> tuple[list[RunningSequence], list[int], list[TokenLogprob | None]]:
+        """Token choice request by request, after it failed for the batch: the requests it fails for again end,
+        the others get their tokens."""
+        kept, tokens, logprobs = [], [], []
+        for request in self._requests_of(sequences):
+            rows = [i for i, seq in enumerate(sequences) if seq.ticket is request.ticket]
+            mine = [sequences[i] for i in rows]
+            try:
+                for seq in mine:
+                    faults.inject("sampling", seq.ticket.job.prompt_ids)
+                chosen, scored = choose_next_tokens(logits[torch.tensor(rows, device=logits.device)],
+                                                    [s.sampler for s in mine], [s.tokens for s in mine], self._rng)
+            except Exception as exc:  # noqa: BLE001
+                self._fail_requests([request], exc, stage="sampling")
+                continue
+            kept += mine
+            tokens += chosen
+            logprobs += scored
+        return kept, tokens, logprobs
+
     def _retire(self) -> None:
-        """Free the rows of finished sequences; answer a request once all of its sequences are done."""
-        cache = self.engine.cache
+        """Free the rows of finished sequences; answer a request once all of its sequences are done. A request
+        whose answer cannot be made fails alone."""
         remaining = []
         for request in self._requests:
-            for seq in request.sequences:
-                if seq.finish_reason is not None and seq.row >= 0:
-                    cache.release(seq.row)
-                    seq.row = -1
-            if request.finished:
+            try:
+                self._release_finished(request)
+                if not request.finished:
+                    remaining.append(request)
+                    continue
+                faults.inject("retirement", request.ticket.job.prompt_ids)
                 request.ticket.resolve(request.outputs())
-            else:
-                remaining.append(request)
+            except Exception as exc:  # noqa: BLE001
+                for seq in request.sequences:
+                    seq.finish_reason = seq.finish_reason or "failed"
+                self._release_finished(request)
+                self._fail_tickets([request.ticket], exc, stage="retirement")
         self._requests = remaining
+
+    def _release_finished(self, request: RunningRequest) -> None:
+        for seq in request.sequences:
+            if seq.finish_reason is not None and seq.row >= 0:
+                self.engine.cache.release(seq.row)
+                seq.row = -1
 
     def _fail_step(self, exc: Exception) -> None:
         """Fail every running request, forget what the broken step may have half-written, and keep serving."""
@@ -314,32 +471,43 @@ class Batcher:
         self.engine.cache.clear()
         self._fail_tickets(tickets, exc)
 
-    def _fail_requests(self, requests: list[RunningRequest], exc: Exception) -> None:
-        """Fail ``requests`` (whose prompts a failed step was computing); the others go on."""
+    def _fail_requests(self, requests: list[RunningRequest], exc: Exception, stage: str = "generation") -> None:
+        """Fail ``requests`` and free their rows; the others go on."""
         for request in requests:
             for seq in request.sequences:
-                self.engine.cache.release(seq.row)
+                if seq.row >= 0:
+                    self.engine.cache.release(seq.row)
+                    seq.row = -1
         self._requests = [request for request in self._requests if request not in requests]
-        self._fail_tickets([request.ticket for request in requests], exc)
+        self._fail_tickets([request.ticket for request in requests], exc, stage)
 
-    def _fail_tickets(self, tickets: list[Ticket], exc: Exception) -> None:
-        self.health.failed()
-        logger.error("Generation failed for %d request(s): %s", len(tickets), exc, exc_info=exc)
+    def _fail_tickets(self, tickets: list[Ticket], exc: Exception, stage: str = "generation") -> None:
+        if stage in ("generation", "sampling"):  # where a device fault shows (a CUDA error surfaces at a sync)
+            self.health.failed()
+        logger.error("%s failed for %d request(s): %s", stage.capitalize(), len(tickets), exc, exc_info=exc)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         for ticket in tickets:
-            ticket.fail(_as_generation_failure(exc))
+            ticket.fail(_as_generation_failure(exc, stage))
 
     # -- the beam-search worker ------------------------------------------------------------------------------
     def _beam_loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._beam_waiting:
-                    if self._closed and self._in_flight == 0:
-                        return
-                    self._lock.wait(timeout=0.5)
-                ticket = self._beam_waiting.popleft()
-            self._run_beams(ticket)
+        try:
+            while (ticket := self._next_beam_request()) is not None:
+                self._run_beams(ticket)
+                self._beam_ticket = None
+        except BaseException as exc:  # noqa: BLE001 - what no request's isolation caught: the engine stops
+            self._worker_died("beam-search", exc)
+
+    def _next_beam_request(self) -> Ticket | None:
+        with self._lock:
+            while not self._beam_waiting:
+                if self.health.stopped is not None or (self._closed and self._in_flight == 0):
+                    return None
+                self._lock.wait(timeout=0.5)
+                self.health.beat("beam-search")
+            self._beam_ticket = self._beam_waiting.popleft()
+            return self._beam_ticket
 
     def _run_beams(self, ticket: Ticket) -> None:
         options = ticket.job.options
@@ -347,26 +515,34 @@ class Batcher:
             ticket.resolve([SequenceOutput((), ticket.cancel_reason)] * options.num_return_sequences)
             return
         ticket.started_at = time.monotonic()
+
+        def should_stop() -> bool:  # asked by generate at every step: the worker's heartbeat too
+            self.health.beat("beam-search")
+            return ticket.should_stop() or self.health.stopped is not None
+
         try:
-            out = self.engine.generate_beams(list(ticket.job.prompt_ids), options, ticket.should_stop)
+            faults.inject("beams", ticket.job.prompt_ids)
+            out = self.engine.generate_beams(list(ticket.job.prompt_ids), options, should_stop)
             self.health.succeeded()
+            interrupted = (ticket.cancel_reason if ticket.cancelled else "time_limit" if ticket.out_of_time()
+                           else "length")
+            outputs = []
+            for i, seq in enumerate(out.sequences):
+                reason = "stop" if out.finished[i] else interrupted
+                logprobs = tuple(map(TokenLogprob, out.logprobs[i])) if out.logprobs is not None else None
+                outputs.append(SequenceOutput(tuple(seq), reason, logprobs))
+                for token in seq:
+                    ticket.emit(TokenEvent(i, token))
+                ticket.emit(TokenEvent(i, None, reason))
+            ticket.resolve(outputs)
         except Exception as exc:  # noqa: BLE001 - fail this request, keep the worker
             self._fail_tickets([ticket], exc)
-            return
-        interrupted = ticket.cancel_reason if ticket.cancelled else "time_limit" if ticket.out_of_time() else "length"
-        outputs = []
-        for i, seq in enumerate(out.sequences):
-            reason = "stop" if out.finished[i] else interrupted
-            logprobs = tuple(map(TokenLogprob, out.logprobs[i])) if out.logprobs is not None else None
-            outputs.append(SequenceOutput(tuple(seq), reason, logprobs))
-            for token in seq:
-                ticket.emit(TokenEvent(i, token))
-            ticket.emit(TokenEvent(i, None, reason))
-        ticket.resolve(outputs)
 
 
-def _as_generation_failure(exc: BaseException) -> GenerationFailed:
+def _as_generation_failure(exc: BaseException, stage: str = "generation") -> PredictorError:
+    if isinstance(exc, PredictorError):  # already says what the client should know
+        return exc
     if isinstance(exc, torch.OutOfMemoryError):
         return GenerationFailed("the accelerator ran out of memory for this batch; retry, or ask for fewer or "
-                                "shorter sequences")
-    return GenerationFailed(f"generation failed: {type(exc).__name__}")
+                                "shorter sequences", stage=stage)
+    return GenerationFailed(f"{stage} failed: {type(exc).__name__}", stage=stage)
