@@ -12,8 +12,8 @@ makes the engine raise while it works on that prompt, as a lost or full accelera
 
 Through the engine's fault-injection hook (``predictor.engine.faults``), a prompt that contains
 ``<<raise:STAGE>>`` makes the work on that request raise ``RuntimeError`` at that stage (an option's name such as
-``stop_strings``, ``prefix``, ``rows``, ``step``, ``sampling``, ``retirement``, ``beams``, ``detokenization``,
-``streaming``); ``<<kill:STAGE>>`` raises an exception no stage may catch (``WorkerKilled``, a ``BaseException``),
+``stop_strings``, ``prefix``, ``rows``, ``prefill``, ``decode``, ``sampling``, ``retirement``, ``beams``,
+``detokenization``, ``streaming``: see ``predictor/engine/faults.py``); ``<<kill:STAGE>>`` raises an exception no stage may catch (``WorkerKilled``, a ``BaseException``),
 which ends the worker thread; ``<<hang:STAGE>>`` blocks the worker there for good.
 
 Other prompts run untouched, so a test can check that the next request is served normally.

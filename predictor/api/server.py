@@ -133,8 +133,13 @@ async def _chat(request: Request, model: FalconModel, route: str, model_name: st
         ticket.cancel()
         metrics.REQUESTS.labels(route, "cancelled").inc()
         return JSONResponse({"detail": "client disconnected"}, status_code=499)
+    try:
+        response = model.to_response(Completion(job, result))
+    except PredictorError as exc:  # its text could not be made: counted as the failure it is
+        metrics.REQUESTS.labels(route, exc.outcome).inc()
+        raise
     metrics.REQUESTS.labels(route, "success").inc()
-    return model.to_response(Completion(job, result))
+    return response
 
 
 async def predictor_error_handler(_: Request, exc: PredictorError) -> JSONResponse:

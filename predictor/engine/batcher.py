@@ -341,9 +341,9 @@ class Batcher:
     def _run_step(self, decoding: list[RunningSequence], prefilling: list[tuple[RunningRequest, int, int]]
                   ) -> torch.Tensor:
         for seq in decoding:
-            faults.inject("step", seq.ticket.job.prompt_ids)
+            faults.inject("decode", seq.ticket.job.prompt_ids)
         for request, _, _ in prefilling:
-            faults.inject("step", request.ticket.job.prompt_ids)
+            faults.inject("prefill", request.ticket.job.prompt_ids)
         decode = [(seq.row, seq.tokens[-1]) for seq in decoding]
         chunks = [(r.leader.row, r.leader.tokens[r.leader.computed:r.leader.computed + take], wanted)
                   for r, take, wanted in prefilling]
