@@ -1,6 +1,6 @@
 """Continuous batching: concurrent requests share forward passes, joining and leaving between steps.
 
-One worker thread owns the running sequences. Each step it admits waiting requests while the KV cache has free rows
+One worker thread owns the running sequences (``decoding.DecodeBatch``). Each step it admits waiting requests while the KV cache has free rows
 (a request that does not fit waits in the queue), feeds every decoding sequence its last token, and prefills prompts
 in chunks of at most ``max_prefill_tokens`` per step, so that a long prompt never stalls the running streams for
 long; then it picks each sequence's next token and retires the sequences that finished, were cancelled or ran out of
@@ -11,7 +11,7 @@ second thread, with a queue of their own, so they can neither stall the running 
 Generation never runs on the event loop.
 
 A failure while working on one request ends that request alone, whatever the stage (admission, the forward step,
-token choice, retirement): its rows are freed and the worker goes on. A worker that dies or hangs stops the engine
+token choice, retirement: see ``decoding``): its rows are freed and the worker goes on. A worker that dies or hangs stops the engine
 (``health.Supervisor``): every request waiting or running is answered with a 503, and the probes fail.
 """
 
@@ -27,14 +27,13 @@ from typing import Callable
 
 import torch
 
-from .. import metrics
-from ..errors import Draining, EngineStopped, GenerationFailed, Overloaded, PredictorError
+from ..errors import Draining, EngineStopped, Overloaded
 from . import faults
+from .decoding import DecodeBatch, fail_tickets
 from .health import EngineHealth, Supervisor
 from .options import GenerationJob
 from .runner import Engine
-from .running import RunningRequest, RunningSequence
-from .sampling import TokenLogprob, choose_next_tokens, make_sampler, token_stop_matching_error
+from .sampling import TokenLogprob, token_stop_matching_error
 from .tickets import SequenceOutput, Ticket, TokenEvent
 
 logger = logging.getLogger(__name__)
@@ -67,12 +66,12 @@ class Batcher:
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._beam_waiting: collections.deque[Ticket] = collections.deque()
         self._closed = False
-        self._requests: list[RunningRequest] = []  # admitted, in admission order
         self._beam_ticket: Ticket | None = None  # the beam-search request running
         self._in_flight = 0  # submitted and not yet settled
         self.health = EngineHealth()
-        self._rng = torch.Generator(device=engine.device)
-        self._rng.seed()  # unseeded requests sample from this, randomly seeded at start-up
+        rng = torch.Generator(device=engine.device)
+        rng.seed()  # unseeded requests sample from this, randomly seeded at start-up
+        self._batch = DecodeBatch(engine, self.health, rng, max_prefill_tokens, prefix_caching)  # the decode thread's
         self._threads = [threading.Thread(target=self._decode_loop, name="batcher-decode", daemon=True),
                          threading.Thread(target=self._beam_loop, name="batcher-beams", daemon=True)]
         self._supervisor = Supervisor(self.health, dict(zip(WORKERS, self._threads)), self._busy, dead_after_s,
@@ -137,7 +136,7 @@ class Batcher:
 
     @property
     def running_sequences(self) -> int:
-        return sum(len(request.sequences) for request in self._requests)
+        return self._batch.running_sequences
 
     @property
     def healthy(self) -> bool:
@@ -159,7 +158,7 @@ class Batcher:
     def _busy(self, worker: str) -> bool:
         """Whether ``worker`` has requests waiting for it or running on it (a silent worker then hangs)."""
         if worker == "decode":
-            return bool(self._waiting or self._requests)
+            return bool(self._waiting or self._batch.requests)
         return bool(self._beam_waiting) or self._beam_ticket is not None
 
     def _stop_engine(self, cause: str, stack: str = "") -> None:
@@ -168,7 +167,7 @@ class Batcher:
         with self._lock:
             if not self.health.stop(cause):
                 return
-            tickets = [*self._waiting, *self._beam_waiting, *(request.ticket for request in self._requests)]
+            tickets = [*self._waiting, *self._beam_waiting, *(request.ticket for request in self._batch.requests)]
             if self._beam_ticket is not None:
                 tickets.append(self._beam_ticket)
             self._waiting.clear()
@@ -207,19 +206,19 @@ class Batcher:
                 return
             if not admitted:
                 self._self_check()
-            if not self._requests:
+            if not self._batch.requests:
                 continue
             try:
-                self._step()
+                self._batch.step()
             except Exception as exc:  # noqa: BLE001 - one failed step must not end the worker
-                self._fail_step(exc)
+                self._batch.fail_all(exc)
 
     def _admit(self) -> bool | None:
         """Admit waiting requests while their sequences fit (rows of the cache and ``max_batch_size``); blocks
         while there is nothing to do. None: shut down; False while idle: time for the broken engine's
         self-check."""
         with self._lock:
-            while not self._requests and not self._waiting:
+            while not self._batch.requests and not self._waiting:
                 if self.health.stopped is not None or (
                         self._closed and not self._beam_waiting and self._in_flight == 0):
                     return None
@@ -239,156 +238,8 @@ class Batcher:
                 if ticket.cancelled:
                     ticket.resolve([SequenceOutput((), ticket.cancel_reason)] * need)
                     continue
-                try:
-                    self._requests.append(self._start(ticket, rows))
-                except Exception as exc:  # noqa: BLE001 - this request cannot start: it fails alone
-                    self._fail_admission(ticket, exc)
-                    continue
-                rows += need
+                rows += self._batch.admit(ticket)  # a request that cannot start is answered and takes no row
             return True
-
-    def _start(self, ticket: Ticket, running: int) -> RunningRequest:
-        """Give a request's sequences their samplers and rows; the leader's starts from the longest cached prefix.
-        If any of it fails, the rows it took are given back."""
-        ticket.started_at = time.monotonic()
-        options, cache, prompt = ticket.job.options, self.engine.cache, list(ticket.job.prompt_ids)
-        samplers = [make_sampler(options, prompt, index, self.engine.device, self.engine.tokenizer)
-                    for index in range(options.num_return_sequences)]
-        hit = None
-        # A prompt's log-probabilities come from computing it: a request that asks for them reuses no prefix.
-        if self.prefix_caching and options.prompt_logprobs is None:
-            faults.inject("prefix", prompt)
-            hit = cache.find_prefix(prompt)
-            metrics.PREFIX_CACHE_QUERIES.inc(len(prompt))
-            metrics.PREFIX_CACHE_HITS.inc(hit.tokens if hit else 0)
-        sequences: list[RunningSequence] = []
-        try:
-            for index, sampler in enumerate(samplers):
-                row = cache.allocate(running + index, hit if index == 0 else None)
-                sequences.append(RunningSequence(ticket, index, row, list(prompt), sampler, len(prompt),
-                                                 computed=cache.length(row)))
-                faults.inject("rows", prompt)
-        except BaseException:
-            for seq in sequences:
-                cache.release(seq.row)
-            raise
-        return RunningRequest(ticket, sequences)
-
-    def _fail_admission(self, ticket: Ticket, exc: Exception) -> None:
-        """A request that could not start: a 4xx naming its option when one was at fault, else a 500."""
-        if isinstance(exc, PredictorError):
-            error = exc
-        else:
-            logger.error("Starting a request failed", exc_info=exc)
-            error = GenerationFailed(f"the request could not be started: {type(exc).__name__}", stage="admission")
-        ticket.fail(error)
-
-    @torch.inference_mode()
-    def _step(self) -> None:
-        self._drop_unstarted()
-        decoding = [seq for request in self._requests if not request.leader.prefilling for seq in request.sequences
-                    if seq.finish_reason is None]
-        prefilling = self._plan_prefill()
-        if decoding or prefilling:
-            forwarded = self._forward(decoding, prefilling)
-            if forwarded is None:  # every request in the pass failed: nothing to choose, no sign of health
-                return
-            logits, decoding, prefilling = forwarded
-            finishing, row = [], len(decoding)
-            for request, take, wanted in prefilling:
-                request.note_prompt_logprobs(take, logits[row:row + wanted])
-                request.leader.computed += take
-                row += wanted
-                if not request.leader.prefilling:
-                    finishing.append((request, row - 1))  # its first token comes from its last row of logits
-            self._choose_first_and_next(decoding, finishing, logits)
-        self._retire()
-        self.health.succeeded()
-
-    def _forward(self, decoding: list[RunningSequence], prefilling: list[tuple[RunningRequest, int, int]]
-                 ) -> tuple[torch.Tensor, list[RunningSequence], list[tuple[RunningRequest, int, int]]] | None:
-        """One forward pass for the decoding sequences and the planned prompt chunks: (logits, and the sequences
-        and chunks they are for), None if every request in it failed. If the pass raises, the prompts are presumed
-        at fault and fail; if the decode rows alone fail too, each request's rows run on their own, and only the
-        requests whose rows fail again end. Keys and values are committed only by a pass that succeeded, so a
-        pass can be rerun."""
-        try:
-            return self._run_step(decoding, prefilling), decoding, prefilling
-        except Exception as exc:  # noqa: BLE001 - fail the prompts, keep the others
-            error = exc
-        if prefilling:
-            self._fail_requests([request for request, _, _ in prefilling], error)
-            if not decoding:
-                return None
-            try:
-                return self._run_step(decoding, []), decoding, []
-            except Exception as exc:  # noqa: BLE001
-                error = exc
-        requests = self._requests_of(decoding)
-        if len(requests) == 1:
-            self._fail_requests(requests, error)
-            return None
-        kept, parts = [], []
-        for request in requests:
-            rows = [seq for seq in decoding if seq.ticket is request.ticket]
-            try:
-                parts.append(self._run_step(rows, []))
-                kept += rows
-            except Exception as exc:  # noqa: BLE001
-                self._fail_requests([request], exc)
-        return (torch.cat(parts), kept, []) if parts else None
-
-    def _run_step(self, decoding: list[RunningSequence], prefilling: list[tuple[RunningRequest, int, int]]
-                  ) -> torch.Tensor:
-        for seq in decoding:
-            faults.inject("decode", seq.ticket.job.prompt_ids)
-        for request, _, _ in prefilling:
-            faults.inject("prefill", request.ticket.job.prompt_ids)
-        decode = [(seq.row, seq.tokens[-1]) for seq in decoding]
-        chunks = [(r.leader.row, r.leader.tokens[r.leader.computed:r.leader.computed + take], wanted)
-                  for r, take, wanted in prefilling]
-        return self.engine.step(decode, chunks)
-
-    def _requests_of(self, sequences: list[RunningSequence]) -> list[RunningRequest]:
-        tickets = {id(seq.ticket) for seq in sequences}
-        return [request for request in self._requests if id(request.ticket) in tickets]
-
-    def _choose_first_and_next(self, decoding: list[RunningSequence], finishing: list[tuple[RunningRequest, int]],
-                               logits: torch.Tensor) -> None:
-        """Pick the decoding sequences' next tokens, and the first tokens of the requests whose prompts are now
-        complete: every sequence of such a request picks from its leader's row of logits, after copying its
-        prompt."""
-        choosers, rows = list(decoding), list(range(len(decoding)))
-        for request, row in finishing:
-            for seq in request.sequences[1:]:
-                self.engine.cache.copy_prefix(request.leader.row, seq.row, seq.prompt_len)
-                seq.computed = seq.prompt_len
-            choosers += request.sequences
-            rows += [row] * len(request.sequences)
-        if choosers:
-            if rows != list(range(logits.shape[0])):
-                logits = logits[torch.tensor(rows, device=logits.device)]
-            self._choose(choosers, logits)
-
-    def _plan_prefill(self) -> list[tuple[RunningRequest, int, int]]:
-        """This step's prompt chunks, oldest request first, within ``max_prefill_tokens``: (request, tokens, logits
-        wanted)."""
-        budget, planned = self.max_prefill_tokens, []
-        for request in self._requests:
-            if budget <= 0:
-                break
-            if (chunk := request.next_chunk(budget)) is not None:
-                planned.append((request, *chunk))
-                budget -= chunk[0]
-        return planned
-
-    def _drop_unstarted(self) -> None:
-        """Requests cancelled or out of time before their prompt was computed end now, with no tokens."""
-        for request in self._requests:
-            if request.leader.prefilling and request.ticket.should_stop():
-                reason = request.ticket.cancel_reason if request.ticket.cancelled else "time_limit"
-                for seq in request.sequences:
-                    seq.finish_reason = reason
 
     @torch.inference_mode()
     def _self_check(self) -> None:
@@ -402,93 +253,6 @@ class Batcher:
             return
         logger.warning("Self-check passed after %d failed steps; serving again", self.health.failures)
         self.health.succeeded()
-
-    def _choose(self, sequences: list[RunningSequence], logits: torch.Tensor) -> None:
-        try:
-            for seq in sequences:
-                faults.inject("sampling", seq.ticket.job.prompt_ids)
-            tokens, logprobs = choose_next_tokens(logits, [s.sampler for s in sequences],
-                                                  [s.tokens for s in sequences], self._rng)
-        except Exception:  # noqa: BLE001 - find whose choice fails: each request's rows on their own
-            sequences, tokens, logprobs = self._choose_each(sequences, logits)
-        for seq, token, logprob in zip(sequences, tokens, logprobs):
-            seq.tokens.append(token)
-            if logprob is not None:
-                seq.logprobs.append(logprob)
-            seq.finish_reason = seq.finish_reason_after(token)
-            seq.ticket.emit(TokenEvent(seq.index, token, seq.finish_reason, logprob))
-
-    def _choose_each(self, sequences: list[RunningSequence], logits: torch.Tensor
-                     ) -> tuple[list[RunningSequence], list[int], list[TokenLogprob | None]]:
-        """Token choice request by request, after it failed for the batch: the requests it fails for again end,
-        the others get their tokens."""
-        kept, tokens, logprobs = [], [], []
-        for request in self._requests_of(sequences):
-            rows = [i for i, seq in enumerate(sequences) if seq.ticket is request.ticket]
-            mine = [sequences[i] for i in rows]
-            try:
-                for seq in mine:
-                    faults.inject("sampling", seq.ticket.job.prompt_ids)
-                chosen, scored = choose_next_tokens(logits[torch.tensor(rows, device=logits.device)],
-                                                    [s.sampler for s in mine], [s.tokens for s in mine], self._rng)
-            except Exception as exc:  # noqa: BLE001
-                self._fail_requests([request], exc, stage="sampling")
-                continue
-            kept += mine
-            tokens += chosen
-            logprobs += scored
-        return kept, tokens, logprobs
-
-    def _retire(self) -> None:
-        """Free the rows of finished sequences; answer a request once all of its sequences are done. A request
-        whose answer cannot be made fails alone."""
-        remaining = []
-        for request in self._requests:
-            try:
-                self._release_finished(request)
-                if not request.finished:
-                    remaining.append(request)
-                    continue
-                faults.inject("retirement", request.ticket.job.prompt_ids)
-                request.ticket.resolve(request.outputs())
-            except Exception as exc:  # noqa: BLE001
-                for seq in request.sequences:
-                    seq.finish_reason = seq.finish_reason or "failed"
-                self._release_finished(request)
-                self._fail_tickets([request.ticket], exc, stage="retirement")
-        self._requests = remaining
-
-    def _release_finished(self, request: RunningRequest) -> None:
-        for seq in request.sequences:
-            if seq.finish_reason is not None and seq.row >= 0:
-                self.engine.cache.release(seq.row)
-                seq.row = -1
-
-    def _fail_step(self, exc: Exception) -> None:
-        """Fail every running request, forget what the broken step may have half-written, and keep serving."""
-        tickets = [request.ticket for request in self._requests]
-        self._requests = []
-        self.engine.cache.clear()
-        self._fail_tickets(tickets, exc)
-
-    def _fail_requests(self, requests: list[RunningRequest], exc: Exception, stage: str = "generation") -> None:
-        """Fail ``requests`` and free their rows; the others go on."""
-        for request in requests:
-            for seq in request.sequences:
-                if seq.row >= 0:
-                    self.engine.cache.release(seq.row)
-                    seq.row = -1
-        self._requests = [request for request in self._requests if request not in requests]
-        self._fail_tickets([request.ticket for request in requests], exc, stage)
-
-    def _fail_tickets(self, tickets: list[Ticket], exc: Exception, stage: str = "generation") -> None:
-        if stage in ("generation", "sampling"):  # where a device fault shows (a CUDA error surfaces at a sync)
-            self.health.failed()
-        logger.error("%s failed for %d request(s): %s", stage.capitalize(), len(tickets), exc, exc_info=exc)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        for ticket in tickets:
-            ticket.fail(_as_generation_failure(exc, stage))
 
     # -- the beam-search worker ------------------------------------------------------------------------------
     def _beam_loop(self) -> None:
@@ -536,13 +300,6 @@ class Batcher:
                 ticket.emit(TokenEvent(i, None, reason))
             ticket.resolve(outputs)
         except Exception as exc:  # noqa: BLE001 - fail this request, keep the worker
-            self._fail_tickets([ticket], exc)
+            fail_tickets(self.health, [ticket], exc)
 
 
-def _as_generation_failure(exc: BaseException, stage: str = "generation") -> PredictorError:
-    if isinstance(exc, PredictorError):  # already says what the client should know
-        return exc
-    if isinstance(exc, torch.OutOfMemoryError):
-        return GenerationFailed("the accelerator ran out of memory for this batch; retry, or ask for fewer or "
-                                "shorter sequences", stage=stage)
-    return GenerationFailed(f"{stage} failed: {type(exc).__name__}", stage=stage)
