@@ -131,7 +131,7 @@ class DecodeBatch:
                 return self._run_step(decoding, []), decoding, []
             except Exception as exc:  # noqa: BLE001
                 error = exc
-        requests = self.requests_of(decoding)
+        requests = self._requests_of(decoding)
         if len(requests) == 1:
             self._fail_requests(requests, error)
             return None
@@ -218,7 +218,7 @@ class DecodeBatch:
         """Token choice request by request, after it failed for the batch: the requests it fails for again end,
         the others get their tokens."""
         kept, tokens, logprobs = [], [], []
-        for request in self.requests_of(sequences):
+        for request in self._requests_of(sequences):
             rows = [i for i, seq in enumerate(sequences) if seq.ticket is request.ticket]
             mine = [sequences[i] for i in rows]
             try:
