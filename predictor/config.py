@@ -113,7 +113,8 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests waiting for a batch slot; past it requests get 429 with Retry-After")
     limits.add_argument("--request_timeout", type=float, default=300.0,
                         help="seconds of generation one request may use; then it stops with finish_reason "
-                             "'time_limit' and returns what it has")
+                             "'time_limit' and returns what it has. A request still waiting for a slot after as "
+                             "long gets 504")
     limits.add_argument("--max_body_bytes", type=int, default=2 * 1024 * 1024,
                         help="largest request body; larger ones get 413 before parsing")
     limits.add_argument("--max_header_bytes", type=int, default=64 * 1024,
@@ -127,8 +128,9 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
                              "their text so far and finish_reason 'shutdown', and the process exits 0 within "
                              f"{SHUTDOWN_AFTER_DRAIN_S} s")
     limits.add_argument("--dead_after", type=float, default=120.0,
-                        help="seconds the engine may stay broken (failing its self-check, e.g. a lost GPU) before "
-                             "GET /livez answers 503 so that Kubernetes restarts the pod")
+                        help="seconds the engine may stay broken (failing its self-check, e.g. a lost GPU), or a "
+                             "worker with work may make no progress, before GET /livez answers 503 so that "
+                             "Kubernetes restarts the pod")
 
     engine = parser.add_argument_group("engine")
     engine.add_argument("--kv_cache_memory", type=float, default=None, metavar="GIB",

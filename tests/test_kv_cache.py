@@ -241,11 +241,11 @@ def test_seeded_sampling_is_the_same_alone_batched_and_chunked(tiny_dirs):
 def test_after_a_failed_step_the_cache_serves_new_requests(tiny_dirs):
     engine = reserved_engine(tiny_dirs["7b"], rows=4)
     expected = run(engine, [make_job(engine, p, do_sample=False, max_new_tokens=12) for p in PROMPTS[:3]])
-    real_step, failed = engine.step, []
+    real_step, broken = engine.step, [True]
 
     def step(decode, chunks=()):
-        if len(decode) == 3 and not chunks and not failed:  # a decode step of all three: it fails them all
-            failed.append(True)
+        # Every decode step fails while broken, that of each request alone included: a device fault fails them all.
+        if broken and decode and not chunks:
             raise RuntimeError("injected fault")
         return real_step(decode, chunks)
 
@@ -256,6 +256,7 @@ def test_after_a_failed_step_the_cache_serves_new_requests(tiny_dirs):
         batcher.start()
         doomed = [batcher.submit(make_job(engine, p, do_sample=False, max_new_tokens=30)) for p in PROMPTS[:3]]
         failures = await asyncio.gather(*(t.result() for t in doomed), return_exceptions=True)
+        broken.clear()
         later = [batcher.submit(make_job(engine, p, do_sample=False, max_new_tokens=12)) for p in PROMPTS[:3]]
         results = await asyncio.gather(*(t.result() for t in later))
         batcher.close()

@@ -13,18 +13,19 @@ import dataclasses
 import gc
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import kserve
 
 from .. import metrics
 from ..config import ServerConfig
+from ..engine import faults
 from ..engine.batcher import Batcher
 from ..engine.kv_cache import BLOCK_SIZE
 from ..engine.options import GenerationJob, Limits
 from ..engine.runner import Engine, LoadSpec, load_engine
 from ..engine.tickets import GenerationResult, Ticket
-from ..errors import ModelNotFound, NotReady
+from ..errors import GenerationFailed, ModelNotFound, NotReady
 from ..tiny import build_tiny_falcon, default_cache_dir
 from ..variants import cpu_memory_warning, find_variant
 from .chat.mapping import to_generation_job
@@ -69,7 +70,7 @@ class FalconModel(kserve.Model):
         self.batcher = Batcher(self.engine, self.config.max_batch_size, self.config.max_queue,
                                self.config.request_timeout_s, prepare=self._compile if self.config.compile else None,
                                max_prefill_tokens=self.config.max_prefill_tokens,
-                               prefix_caching=self.config.prefix_caching)
+                               prefix_caching=self.config.prefix_caching, dead_after_s=self.config.dead_after_s)
         self.batcher.start()
         metrics.WAITING.set_function(lambda: self.batcher.waiting)
         metrics.RUNNING.set_function(lambda: self.batcher.running_sequences)
@@ -181,8 +182,9 @@ class FalconModel(kserve.Model):
         """The Falcon /chat response: ``Result`` is a string, or a list for several sequences; ``details`` adds
         token counts, finish reasons and (when asked) per-token log-probabilities."""
         job, result = completion.job, completion.result
-        texts = [cut_at_stop(self.engine.continuation(job.prompt_ids, seq.token_ids, job.clean_up_tokenization_spaces),
-                             job.stop_texts) for seq in result.sequences]
+        texts = [cut_at_stop(detokenized(job, lambda: self.engine.continuation(
+            job.prompt_ids, seq.token_ids, job.clean_up_tokenization_spaces)), job.stop_texts)
+            for seq in result.sequences]
         if job.return_full_text:
             texts = [job.prompt + text for text in texts]
         details: dict[str, Any] = {
@@ -207,6 +209,18 @@ class FalconModel(kserve.Model):
         self.ready = False
         if self.batcher is not None:
             self.batcher.close()
+
+
+def detokenized(job: GenerationJob, decode: Callable[[], str]) -> str:
+    """The text ``decode`` makes of some of ``job``'s tokens; if that raises, this request alone fails, with a 500
+    that names the stage."""
+    try:
+        faults.inject("detokenization", job.prompt_ids)
+        return decode()
+    except Exception as exc:  # noqa: BLE001 - a tokenizer's fault on these ids, not the server's
+        logger.error("Detokenizing a request's tokens failed", exc_info=exc)
+        raise GenerationFailed(f"the generated tokens could not be turned into text ({type(exc).__name__})",
+                               stage="detokenization") from exc
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:

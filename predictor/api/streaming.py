@@ -26,12 +26,13 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from .. import metrics
+from ..engine import faults
 from ..engine.options import GenerationJob
 from ..engine.runner import PROMPT_CONTEXT_TOKENS
 from ..engine.sampling import TokenLogprob
 from ..engine.tickets import Ticket, TokenEvent
-from ..errors import PredictorError
-from .model import FalconModel
+from ..errors import GenerationFailed, PredictorError
+from .model import FalconModel, detokenized
 
 logger = logging.getLogger(__name__)
 
@@ -142,13 +143,14 @@ async def stream_text(model: FalconModel, job: GenerationJob, ticket: Ticket) ->
     client went away) or an error was raised, so no generation outlives the response.
     """
     def decode(ids: list[int]) -> str:
-        return model.engine.decode(ids, job.clean_up_tokenization_spaces)
+        return detokenized(job, lambda: model.engine.decode(ids, job.clean_up_tokenization_spaces))
 
     sequences = [_SequenceText(IncrementalDecoder(decode, job.prompt_ids), StopMatcher(job.stop_texts))
                  for _ in range(job.options.num_return_sequences)]
     try:
         async with aclosing(ticket.events()) as events:
             async for event in events:
+                _check_streaming(job)
                 sequence = sequences[event.index]
                 if sequence.finish_reason is not None:
                     continue  # cut at a stop string while the engine went on
@@ -159,6 +161,15 @@ async def stream_text(model: FalconModel, job: GenerationJob, ticket: Ticket) ->
                     break
     finally:
         ticket.cancel()  # a no-op once every sequence has finished in the engine
+
+
+def _check_streaming(job: GenerationJob) -> None:
+    """The stream's own stage (the fault-injection hook's ``streaming``): a failure there ends this stream alone."""
+    try:
+        faults.inject("streaming", job.prompt_ids)
+    except Exception as exc:  # noqa: BLE001
+        logger.error("Streaming a request's answer failed", exc_info=exc)
+        raise GenerationFailed(f"streaming the answer failed ({type(exc).__name__})", stage="streaming") from exc
 
 
 def sse_response(payloads: AsyncIterator[Any], route: str,
@@ -178,12 +189,13 @@ async def _sse(payloads: AsyncIterator[Any], route: str,
                 yield sse_event(payload)
         outcome = "success"
     except PredictorError as exc:
-        outcome = exc.error_type
+        outcome = exc.outcome
         yield sse_event(error_event(exc))
     except Exception:  # noqa: BLE001 - a bug in shaping one answer must still end its stream properly
-        outcome = PredictorError.error_type
         logger.exception("Streaming an answer on %s failed", route)
-        yield sse_event(error_event(PredictorError("internal error while streaming the answer")))
+        failure = GenerationFailed("internal error while streaming the answer", stage="streaming")
+        outcome = failure.outcome
+        yield sse_event(error_event(failure))
     finally:
         metrics.REQUESTS.labels(route, outcome).inc()
     yield DONE_EVENT

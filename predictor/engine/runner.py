@@ -23,6 +23,7 @@ from .falcon import Chunk, FalconShape, StepTensors, forward
 from .group_beam_search import group_beam_search
 from .kv_cache import CacheShape, KVCache, column_tiers, row_buckets, smallest_at_least
 from .options import GenerationOptions, ModelInfo
+from .sampling import stop_string_criteria
 
 logger = logging.getLogger(__name__)
 
@@ -238,8 +239,9 @@ class Engine:
         """Beam search (diverse when num_beam_groups > 1) for one prompt with transformers' ``generate``."""
         ids = torch.tensor([prompt_ids], device=self.device)
         kwargs = options.to_generate_kwargs()
-        if options.stop_strings:
-            kwargs["tokenizer"] = self.tokenizer  # generate matches stop strings with it
+        criteria = StoppingCriteriaList([_StopWhen(should_stop)])
+        if kwargs.pop("stop_strings", None):  # the batch's matcher, which reads every tokenizer
+            criteria.append(stop_string_criteria(self.tokenizer, options.stop_strings))
         if options.num_beam_groups > 1:
             kwargs["custom_generate"] = group_beam_search  # the project's own: transformers 5 moved it to the Hub
         devices = [self.device] if self.device.type == "cuda" else []
@@ -247,7 +249,7 @@ class Engine:
             if options.seed is not None:
                 torch.manual_seed(options.seed)
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
-                                      stopping_criteria=StoppingCriteriaList([_StopWhen(should_stop)]), **kwargs)
+                                      stopping_criteria=criteria, **kwargs)
         sequences = _strip(out.sequences[:, ids.shape[1]:], options)
         logprobs = None
         if options.logprobs:

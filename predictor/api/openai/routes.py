@@ -157,7 +157,7 @@ def _token_id_text(token_id: int) -> str:
 
 
 def _failed(api: CompletionsApi, exc: PredictorError) -> Response:
-    metrics.REQUESTS.labels(api.route, exc.error_type).inc()
+    metrics.REQUESTS.labels(api.route, exc.outcome).inc()
     return openai_error_response(exc)
 
 

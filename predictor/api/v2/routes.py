@@ -82,7 +82,7 @@ def install_open_inference_route(app: FastAPI, model: FalconModel) -> None:
                 request, asyncio.gather(*(ticket.result() for ticket in tickets)))
         except PredictorError as exc:
             _cancel(tickets)  # one prompt failed: the others need not go on
-            metrics.REQUESTS.labels(ROUTE, exc.error_type).inc()
+            metrics.REQUESTS.labels(ROUTE, exc.outcome).inc()
             raise
         if not finished:
             _cancel(tickets)
