@@ -107,7 +107,7 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max_num_return_sequences", type=int, default=defaults.max_num_return_sequences,
                         help="most sequences (num_return_sequences) one request may ask for")
     limits.add_argument("--max_sequences_per_request", type=int, default=defaults.max_sequences,
-                        help="cap on num_beams * num_return_sequences")
+                        help="cap on num_beams * num_return_sequences (/chat) and on prompts * n (OpenAI completions)")
     limits.add_argument("--max_batch_size", type=int, default=32, help="sequences decoded together")
     limits.add_argument("--max_queue", type=int, default=128,
                         help="requests waiting for a batch slot; past it requests get 429 with Retry-After")

@@ -167,6 +167,19 @@ class FalconModel(kserve.Model):
         ticket.on_settled(lambda: self._live.discard(ticket))
         return ticket
 
+    def submit_all(self, jobs: list[GenerationJob], *, stream: bool = False) -> list[Ticket]:
+        """Queue every job of a request with several prompts, or none: a full queue part way cancels those already
+        queued."""
+        tickets: list[Ticket] = []
+        try:
+            for job in jobs:
+                tickets.append(self.submit(job, stream=stream))
+        except BaseException:
+            for ticket in tickets:
+                ticket.cancel()
+            raise
+        return tickets
+
     def interrupt(self, reason: str) -> int:
         """End every request not yet answered with the text it has so far and ``reason`` as its finish reason;
         how many there were."""

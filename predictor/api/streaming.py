@@ -172,37 +172,44 @@ def _check_streaming(job: GenerationJob) -> None:
         raise GenerationFailed(f"streaming the answer failed ({type(exc).__name__})", stage="streaming") from exc
 
 
-def sse_response(payloads: AsyncIterator[Any], route: str,
-                 error_event: Callable[[PredictorError], Any]) -> StreamingResponse:
+def sse_response(payloads: AsyncIterator[Any], route: str, error_event: Callable[[PredictorError], Any], *,
+                 typed: bool = False) -> StreamingResponse:
     """Server-sent events: one ``data:`` line per payload, then ``data: [DONE]``. An error raised while streaming
-    becomes the event ``error_event(error)`` before ``[DONE]``: the status line has been sent already."""
-    return StreamingResponse(_sse(payloads, route, error_event), media_type="text/event-stream",
+    becomes the event ``error_event(error)`` before ``[DONE]``: the status line has been sent already. ``typed``
+    events (OpenAI's Responses API) carry an ``event:`` line with the payload's ``type``, and no ``[DONE]``."""
+    return StreamingResponse(_sse(payloads, route, error_event, typed), media_type="text/event-stream",
                              headers=SSE_HEADERS)
 
 
-async def _sse(payloads: AsyncIterator[Any], route: str,
-               error_event: Callable[[PredictorError], Any]) -> AsyncIterator[str]:
+async def _sse(payloads: AsyncIterator[Any], route: str, error_event: Callable[[PredictorError], Any],
+               typed: bool) -> AsyncIterator[str]:
+    event = typed_sse_event if typed else sse_event
     outcome = "cancelled"  # unless it ends otherwise: the client went away
     try:
         async with aclosing(payloads):
             async for payload in payloads:
-                yield sse_event(payload)
+                yield event(payload)
         outcome = "success"
     except PredictorError as exc:
         outcome = exc.outcome
-        yield sse_event(error_event(exc))
+        yield event(error_event(exc))
     except Exception:  # noqa: BLE001 - a bug in shaping one answer must still end its stream properly
         logger.exception("Streaming an answer on %s failed", route)
         failure = GenerationFailed("internal error while streaming the answer", stage="streaming")
         outcome = failure.outcome
-        yield sse_event(error_event(failure))
+        yield event(error_event(failure))
     finally:
         metrics.REQUESTS.labels(route, outcome).inc()
-    yield DONE_EVENT
+    if not typed:
+        yield DONE_EVENT
 
 
 def sse_event(data: Any) -> str:
     return f"data: {orjson.dumps(data).decode()}\n\n"
+
+
+def typed_sse_event(data: dict[str, Any]) -> str:
+    return f"event: {data['type']}\n{sse_event(data)}"
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> tuple[bool, T | None]:

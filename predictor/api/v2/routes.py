@@ -77,7 +77,7 @@ def install_open_inference_route(app: FastAPI, model: FalconModel) -> None:
             body = parse_infer_request(decode_json_body(await request.body()))
             chat_requests = to_chat_requests(body, model.config.max_batch_size)
             jobs = [await model.prepare(chat_request) for chat_request in chat_requests]
-            tickets = _submit_all(model, jobs)
+            tickets = model.submit_all(jobs)
             finished, results = await unless_disconnected(
                 request, asyncio.gather(*(ticket.result() for ticket in tickets)))
         except PredictorError as exc:
@@ -126,18 +126,6 @@ def to_chat_requests(body: InferRequestBody, max_prompts: int) -> list[ChatReque
                              param="parameters.stream")
     fields = {key: parameters.pop(key) for key in list(parameters) if key in CHAT_FIELDS}
     return [parse_chat_request({**fields, "prompt": prompt, "generate_kwargs": parameters}) for prompt in prompts]
-
-
-def _submit_all(model: FalconModel, jobs: list) -> list[Ticket]:
-    """Queue every prompt's job, or none: a full queue part way cancels those already queued."""
-    tickets: list[Ticket] = []
-    try:
-        for job in jobs:
-            tickets.append(model.submit(job))
-    except PredictorError:
-        _cancel(tickets)
-        raise
-    return tickets
 
 
 def _cancel(tickets: list[Ticket]) -> None:
