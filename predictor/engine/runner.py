@@ -21,7 +21,7 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 
 from .falcon import Chunk, FalconShape, StepTensors, forward
 from .group_beam_search import group_beam_search
-from .kv_cache import CacheShape, KVCache, column_tiers, row_buckets, smallest_at_least
+from .kv_cache import CacheShape, KVCache, column_tiers, default_row_cap, row_buckets, smallest_at_least
 from .options import GenerationOptions, ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,18 @@ class Engine:
 
     def rows_that_fit(self, budget: int) -> int:
         """Full-context sequences (KV cache rows) a budget of ``budget`` bytes holds."""
-        return budget // (self.context_length * self.cache_shape.bytes_per_token)
+        return budget // self.row_bytes
+
+    @property
+    def row_bytes(self) -> int:
+        """What one row, a full-context sequence, takes in the KV cache."""
+        return self.context_length * self.cache_shape.bytes_per_token
+
+    def row_cap(self) -> tuple[int, str]:
+        """The most rows the cache gets by default on this engine's devices, and why (``default_row_cap``)."""
+        devices = {layer.self_attention.dense.weight.device for layer in self.model.transformer.h}
+        gpus = [torch.cuda.get_device_properties(d) for d in devices if d.type == "cuda"]
+        return default_row_cap([(gpu.name, gpu.total_memory) for gpu in gpus])
 
     def reserve(self, rows: int, compile: bool = False, smallest_tier: int = 128) -> KVCache:
         """Set aside the KV cache: ``rows`` sequences of the full context. With ``compile``, decode-only steps run
