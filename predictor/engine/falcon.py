@@ -161,9 +161,13 @@ def _decode_attention(shape: FalconShape, keys: torch.Tensor, values: torch.Tens
     """Each decode token's attention over its own row's blocks [tokens, heads, dim] (see the module docstring)."""
     tokens, heads, dim = q.shape
     kv_heads, groups = shape.kv_heads, heads // shape.kv_heads
-    blocked = (keys.shape[0], kv_heads, keys.shape[2] // DECODE_BLOCK, DECODE_BLOCK, dim)
-    k = keys.view(blocked)[plan.rows, :, plan.blocks]  # [pairs, kv_heads, block, dim]
-    v = values.view(blocked)[plan.rows, :, plan.blocks]
+    blocks_per_row = keys.shape[2] // DECODE_BLOCK
+    # Each pair's block of each K/V head, as one index into the cache seen as [row, head, block]: one plain copy
+    # of whole blocks (index_select), far cheaper than indexing two dimensions around a third.
+    heads_of_row = plan.rows[:, None] * kv_heads + torch.arange(kv_heads, device=q.device)  # [pairs, kv_heads]
+    index = (heads_of_row * blocks_per_row + plan.blocks[:, None]).flatten()
+    k = keys.view(-1, DECODE_BLOCK, dim).index_select(0, index).view(-1, kv_heads, DECODE_BLOCK, dim)
+    v = values.view(-1, DECODE_BLOCK, dim).index_select(0, index).view(-1, kv_heads, DECODE_BLOCK, dim)
     q = torch.cat((q, q.new_zeros(1, heads, dim)))[plan.owners]  # [pairs, heads, dim]; the dummy token last
     q = q.view(-1, kv_heads, groups, dim)  # query heads grouped by the K/V head they share
     scores = (q @ k.transpose(-1, -2)).float() * dim**-0.5  # [pairs, kv_heads, groups, block]

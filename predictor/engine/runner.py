@@ -270,23 +270,26 @@ def _decode_blocks(positions: list[int], rows: list[int], tokens: int, blocks: i
                    device: torch.device) -> DecodeBlocks | None:
     """The blocks decode tokens at ``positions`` of cache ``rows`` read: each its row's blocks up to its own
     column. ``tokens`` and ``blocks`` pad both counts (a compiled step's static shape); padding pairs read the
-    scratch row's first column for a dummy token."""
+    scratch row's first column for a dummy token, ``tokens``."""
     if not tokens:
         return None
-    position = torch.tensor(positions + [0], dtype=torch.long)  # the dummy token last
-    counts = position[:-1] // DECODE_BLOCK + 1  # [decode]
-    owners = torch.repeat_interleave(torch.arange(len(positions)), counts)  # [pairs]
-    first = torch.cumsum(counts, 0) - counts  # each token's first pair
-    block = torch.arange(len(owners)) - first[owners]
-    row = torch.tensor(rows, dtype=torch.long)[owners]
+    pair_rows, pair_blocks, owners, limits = [], [], [], []  # limits: the last column each pair's token sees
+    for token, (position, row) in enumerate(zip(positions, rows)):
+        count = position // DECODE_BLOCK + 1
+        pair_rows += [row] * count
+        pair_blocks += range(count)
+        owners += [token] * count
+        limits += [position] * count
     padding = (blocks if blocks is not None else len(owners)) - len(owners)
-    owners = torch.cat((owners, torch.full((padding,), tokens)))
-    block = torch.cat((block, torch.zeros(padding, dtype=torch.long)))
-    row = torch.cat((row, torch.full((padding,), scratch)))
-    position = torch.cat((position[:-1], torch.zeros(tokens - len(positions) + 1, dtype=torch.long)))
-    mask = block[:, None] * DECODE_BLOCK + torch.arange(DECODE_BLOCK) <= position[owners][:, None]
-    return DecodeBlocks(tokens=torch.arange(tokens, device=device), rows=row.to(device), blocks=block.to(device),
-                        owners=owners.to(device), mask=mask.to(device))
+    pair_rows += [scratch] * padding
+    pair_blocks += [0] * padding
+    owners += [tokens] * padding
+    limits += [0] * padding
+    block = torch.tensor(pair_blocks, dtype=torch.long)
+    mask = block[:, None] * DECODE_BLOCK + torch.arange(DECODE_BLOCK) <= torch.tensor(limits)[:, None]
+    return DecodeBlocks(tokens=torch.arange(tokens, device=device),
+                        rows=torch.tensor(pair_rows, dtype=torch.long, device=device), blocks=block.to(device),
+                        owners=torch.tensor(owners, dtype=torch.long, device=device), mask=mask.to(device))
 
 
 def _strip(generated: torch.Tensor, options: GenerationOptions) -> list[list[int]]:
