@@ -7,8 +7,9 @@ leaving moves nothing. Rows reserve the whole context, so a running sequence nev
 be preempted; admission asks only for a free row. The extra last row is scratch: padding rows of a static-shape step
 write there, so they never disturb a row's contents.
 
-A step attends over the first rows only (every running row and the free ones between them), so rows are handed out
-low first. A free row keeps what it held: its tokens are indexed by a hash chain over blocks of ``BLOCK_SIZE``
+A step reads the running rows only, each up to its own length, wherever they lie. Rows are still handed out low first,
+as when a step computed every row below the highest running one; a new sequence could now take the row of its own
+cached prefix, or the least recently used one, without moving anything. A free row keeps what it held: its tokens are indexed by a hash chain over blocks of ``BLOCK_SIZE``
 tokens, and a new sequence whose prompt begins with a cached prefix copies those columns instead of computing them
 (the copy is of that prefix only). Prefixes live in free rows and in running ones (concurrent requests with one
 system prompt, or ``num_return_sequences`` > 1, share it). A new sequence takes the lowest free row, whose cached
@@ -92,7 +93,7 @@ class KVCache:
     def allocate(self, running: int, prefix: PrefixHit | None = None) -> int:
         """A free row for a new sequence, holding ``prefix`` already when one is given.
 
-        Rows are handed out low first, since a step computes every row below the highest running one: the row is
+        Rows are handed out low first (see the module docstring): the row is
         the prefix's own when that is among the rows a step of ``running + 1`` sequences computes (nothing to copy),
         else the lowest free one. What that row held moves to a row above, unless every free row holds something
         used more recently: prefixes are evicted least recently used first, wherever they lie."""
