@@ -50,9 +50,9 @@ class ModelPlan:
     config: dict[str, Any]  # FalconConfig arguments
     new_tokens: int  # generated per sequence, exactly
     concurrency: tuple[int, ...]  # server workers, and the direct batch sizes
+    ttft_prompt_tokens: tuple[int, ...] = ()  # prompt lengths for time to first token; () measures none
     # more workers for the default server (started without --max_batch_size: as many rows as its memory holds)
     server_concurrency: tuple[int, ...] = ()
-    ttft_prompt_tokens: tuple[int, ...] = ()  # prompt lengths for time to first token; () measures none
     # --max_batch_size of the --compile server, which compiles a step per batch bucket: the server's default
     compile_max_batch_size: int = 32
     server_flags: tuple[str, ...] = ()  # more flags for both servers
