@@ -29,7 +29,7 @@ class ServerConfig:
     device: str  # "auto": every visible GPU if there is one, else the CPU
     http_port: int
     limits: Limits
-    max_batch_size: int  # sequences decoded together in one forward pass
+    max_batch_size: int | None  # sequences decoded together in one forward pass; None: as many as memory holds
     max_queue: int  # requests waiting for a batch slot before new ones get 429
     request_timeout_s: float  # generation time one request may take before it is cut short
     max_body_bytes: int
@@ -108,7 +108,10 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most sequences (num_return_sequences) one request may ask for")
     limits.add_argument("--max_sequences_per_request", type=int, default=defaults.max_sequences,
                         help="cap on num_beams * num_return_sequences (/chat) and on prompts * n (OpenAI completions)")
-    limits.add_argument("--max_batch_size", type=int, default=32, help="sequences decoded together")
+    limits.add_argument("--max_batch_size", type=int, default=None,
+                        help="sequences decoded together; default: as many as the KV cache budget holds, up to "
+                             "1024 on GPUs of 70 GiB or more other than the A100 and 256 elsewhere (the CPU "
+                             "included)")
     limits.add_argument("--max_queue", type=int, default=128,
                         help="requests waiting for a batch slot; past it requests get 429 with Retry-After")
     limits.add_argument("--request_timeout", type=float, default=300.0,
@@ -185,7 +188,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_num_return_sequences=args.max_num_return_sequences, max_sequences=args.max_sequences_per_request)
     for flag in ("max_new_tokens", "max_num_beams", "max_num_return_sequences", "max_sequences_per_request",
                  "max_batch_size", "max_queue", "max_body_bytes", "max_header_bytes", "max_prefill_tokens"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SystemExit(f"--{flag} must be at least 1")
     if args.header_timeout <= 0:
         raise SystemExit("--header_timeout must be above 0 seconds")

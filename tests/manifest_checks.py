@@ -18,6 +18,7 @@ import kubernetes_validate
 from kubernetes.utils import parse_quantity
 
 from predictor.config import SHUTDOWN_AFTER_DRAIN_S, ServerConfig, build_parser, parse_config
+from predictor.engine.kv_cache import ROW_CAP
 from predictor.variants import VARIANTS, Variant
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,6 +188,12 @@ def variant_problems(isvc: Doc, pod: Doc) -> list[str]:
         problems += modelcar_problems(uri, variant)
     elif not uri.startswith("pvc://") and uri != variant.hf_uri:
         problems.append(f"storage {uri!r} is not {variant.hf_uri} (the pinned revision)")
+    # The batch: what the KV cache holds on the variant's smallest GPUs, within the server's cap on those GPUs (the
+    # A100s and 24 GB GPUs the manifests also run on); pinned, because the autoscale/ target follows it.
+    batch = min(variant.kv_rows, ROW_CAP)
+    if config.max_batch_size != batch:
+        problems.append(f"--max_batch_size {config.max_batch_size} but {variant.gpus} x {variant.gpu_gb} GB hold "
+                        f"{variant.kv_rows} full {variant.name} sequences and the cap is {ROW_CAP}: want {batch}")
     resources = container.get("resources", {})
     limits, requests = resources.get("limits", {}), resources.get("requests", {})
     if int(limits.get("nvidia.com/gpu", 0)) != variant.gpus:

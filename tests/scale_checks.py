@@ -129,8 +129,11 @@ def autoscale_problems(isvc: Doc, docs: list[Doc], series: set[str]) -> list[str
         problems.append(f"the query must select {name}'s own pods (pod=~\"{name}-predictor-.*\")")
     config, _ = parse_args(kserve_container(pod_of(isvc, docs)).get("args", []))
     batch = config.max_batch_size if config else 0
-    if target.get("type") != "AverageValue" or float(target.get("averageValue", 0)) < batch:
-        problems.append(f"target: an AverageValue of at least the batch size ({batch}) per replica, got {target}")
+    # A full batch plus a short queue: below the batch a replica is added while the running one has room; far above
+    # it requests queue for long before one is.
+    if target.get("type") != "AverageValue" or not batch <= float(target.get("averageValue", 0)) <= 1.25 * batch:
+        problems.append(f"target: an AverageValue between the batch size ({batch}) and 1.25 times it per replica, "
+                        f"got {target}")
     return problems
 
 

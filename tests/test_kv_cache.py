@@ -18,7 +18,8 @@ from generation import generated, hf_greedy, make_job, reserved_engine, run
 from transformers import FalconForCausalLM
 
 from predictor.engine.batcher import Batcher
-from predictor.engine.kv_cache import BLOCK_SIZE, CacheShape, KVCache, column_tiers, row_buckets
+from predictor.engine.falcon import DECODE_BLOCK
+from predictor.engine.kv_cache import BLOCK_SIZE, CacheShape, KVCache, column_tiers, default_row_cap, row_buckets
 from predictor.errors import Draining, GenerationFailed, Overloaded
 from predictor.tiny import build_tokenizer, tiny_config
 
@@ -296,12 +297,14 @@ def test_compiled_steps_give_each_request_the_eager_tokens(arch, tiny_dirs):
     expected = run(eager, [make_job(eager, p, **dict(o)) for p, o in zip(PROMPTS, options)], stagger_s=0.02)
 
     compiled = reserved_engine(tiny_dirs[arch], rows=0)
-    compiled.reserve(4, compile=True, smallest_tier=64)
+    compiled.reserve(4, compile=True)
     progress = []
     got = run(compiled, [make_job(compiled, p, **dict(o)) for p, o in zip(PROMPTS, options)], max_batch_size=4,
               stagger_s=0.02, prepare=lambda: compiled.warm_up(lambda done, total: progress.append((done, total))))
     shapes = len(compiled.compiled_shapes)
-    assert progress[-1] == (shapes, shapes) and shapes == 3 * len(column_tiers(2048, 64))
+    # Per decode token count (1, 2, 4): one block each, 1.5x, 2x, ... up to every token reading 2048 columns.
+    assert progress[-1] == (shapes, shapes) and shapes == sum(len(column_tiers(t * 2048 // DECODE_BLOCK, t))
+                                                              for t in (1, 2, 4))
     assert [generated(r) for r in got] == [generated(r) for r in expected]
 
 
@@ -321,10 +324,27 @@ def test_compile_flag_serves_the_same_text_over_http(start_server, tiny_dirs, ti
     assert answers(server.url) == answers(tiny_server.url)
 
 
-def test_start_up_logs_the_cache_and_a_budget_too_small_is_refused(start_server, tiny_dirs, tiny_server):
+def test_the_default_batch_is_capped_by_the_device_as_vllm_does():
+    gib = 2**30
+    assert default_row_cap([])[0] == 256  # the CPU
+    assert default_row_cap([("NVIDIA H100 80GB HBM3", 80 * gib)])[0] == 1024
+    assert default_row_cap([("NVIDIA H200", 141 * gib)] * 2)[0] == 1024
+    assert default_row_cap([("NVIDIA A100-SXM4-80GB", 80 * gib)])[0] == 256  # vLLM measured no gain past 256
+    assert default_row_cap([("NVIDIA L4", 24 * gib)])[0] == 256
+
+
+def test_start_up_runs_as_many_rows_as_memory_holds_and_says_why(start_server, tiny_dirs, tiny_server):
     log = tiny_server.log()
-    assert "KV cache: 256 bytes per token (2 layers x 1 K/V heads x 16)" in log
-    assert "KV cache reserved: 32 rows x 2048 tokens, 16 MiB" in log
+    assert "KV cache: 256 bytes per token (2 layers x 1 K/V heads x 16), 0.5 MiB per 2048-token row" in log
+    # 4 GiB on the CPU hold 8,192 rows of the tiny model: the CPU's cap decides.
+    assert "Running up to 256 sequences at once: the KV cache budget holds 8192 rows, the cap on the CPU is 256" in log
+    assert "KV cache reserved: 256 rows x 2048 tokens, 128 MiB" in log
+    bounded = start_server(tiny_dirs["7b"], "--kv_cache_memory", "0.01")  # 10 MiB: 20 rows
+    assert "Running up to 20 sequences at once: the KV cache budget holds 20 rows" in bounded.log()
+    assert "KV cache reserved: 20 rows x 2048 tokens, 10 MiB" in bounded.log()
+
+
+def test_a_budget_too_small_is_refused(start_server, tiny_dirs):
     small = start_server(tiny_dirs["7b"], "--kv_cache_memory", "0.001", wait=False)
     assert small.process.wait(timeout=120) != 0
     assert "raise --kv_cache_memory or lower --max_num_return_sequences" in small.log()

@@ -188,6 +188,8 @@ DRIFTS: dict[str, tuple[str, str, Callable[[list[Doc]], None]]] = {
         storageUri="hf://tiiuae/falcon-7b")),
     "model name": ("falcon-7b", "not one of", lambda d: _model("falcon-7b")(d).update(
         args=["--model_name=falcon-180b"])),
+    "stale batch": ("falcon-40b", "--max_batch_size 16 but 2 x 80 GB hold 261", lambda d: _model("falcon-40b")(d)
+                    ["args"].__setitem__(-1, "--max_batch_size=16")),
     "flag typo": ("falcon-40b", "not a flag", lambda d: _model("falcon-40b")(d)["args"].append("--max_batch=4")),
     "bad value": ("falcon-7b", "rejects", lambda d: _model("falcon-7b")(d)["args"].append("--dtype=int8")),
     "probe port": ("falcon-7b", "not the server's --http_port", lambda d: _runtime_container(d)["readinessProbe"]

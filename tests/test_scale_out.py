@@ -90,7 +90,8 @@ AUTOSCALE_DRIFTS: dict[str, tuple[str, Callable[[Doc], None]]] = {
         query='sum(vllm:num_requests_running{pod=~"falcon-40b-predictor-.*"})')),
     "another model's pods": ("own pods", lambda i: _external(i)["metric"].update(
         query='sum(falcon_waiting_requests{pod=~"falcon-7b-predictor-.*"})')),
-    "target below a batch": ("batch size (16)", lambda i: _external(i)["target"].update(averageValue="4")),
+    "target below a batch": ("batch size (256)", lambda i: _external(i)["target"].update(averageValue="36")),
+    "target far past a batch": ("batch size (256)", lambda i: _external(i)["target"].update(averageValue="1024")),
     "one replica": ("maxReplicas", lambda i: i["spec"]["predictor"].update(maxReplicas=1)),
 }
 

@@ -51,6 +51,7 @@ class FalconModel(kserve.Model):
         self.engine: Engine | None = None
         self.batcher: Batcher | None = None
         self.limits: Limits = config.limits
+        self.max_batch_size: int | None = None  # sequences run at once: decided when the KV cache is reserved
         self.draining = False
         self._live: set[Ticket] = set()  # submitted and not yet answered
 
@@ -67,7 +68,7 @@ class FalconModel(kserve.Model):
             self.config.limits, context_length=min(self.config.limits.context_length, self.engine.context_length))
         self._reserve_cache()
         self.engine.probe()  # the first request does not pay for lazy initialisation
-        self.batcher = Batcher(self.engine, self.config.max_batch_size, self.config.max_queue,
+        self.batcher = Batcher(self.engine, self.max_batch_size, self.config.max_queue,
                                self.config.request_timeout_s, prepare=self._compile if self.config.compile else None,
                                max_prefill_tokens=self.config.max_prefill_tokens,
                                prefix_caching=self.config.prefix_caching, dead_after_s=self.config.dead_after_s)
@@ -84,25 +85,32 @@ class FalconModel(kserve.Model):
         return self.ready
 
     def _reserve_cache(self) -> None:
-        """Reserve the KV cache: a row per sequence that may run at once, as many as the memory budget holds."""
+        """Reserve the KV cache: a row per sequence that may run at once. By default as many as the memory budget
+        holds, up to the device's cap (``default_row_cap``); ``--max_batch_size`` caps them explicitly."""
         engine, config = self.engine, self.config
-        # A request with more sequences than max_batch_size runs alone: the cache has rows for it.
-        wanted = max(config.max_batch_size, self.limits.max_num_return_sequences)
         budget = engine.kv_cache_budget(config.kv_cache_memory_gib)
         per_token = engine.cache_shape.bytes_per_token
         fit = engine.rows_that_fit(budget)
-        logger.info("KV cache: %s bytes per token (%d layers x %d K/V heads x %d); a budget of %.2f GiB holds "
-                    "%s tokens, %d full %d-token sequences", f"{per_token:,}", engine.cache_shape.layers,
-                    engine.shape.kv_heads, engine.shape.head_dim, budget / 2**30, f"{budget // per_token:,}", fit,
-                    engine.context_length)
+        logger.info("KV cache: %s bytes per token (%d layers x %d K/V heads x %d), %.1f MiB per %d-token row; a "
+                    "budget of %.2f GiB holds %d rows", f"{per_token:,}", engine.cache_shape.layers,
+                    engine.shape.kv_heads, engine.shape.head_dim, engine.row_bytes / 2**20, engine.context_length,
+                    budget / 2**30, fit)
         if fit < self.limits.max_num_return_sequences:
             raise SystemExit(f"the KV cache budget of {budget / 2**30:.2f} GiB holds {fit} full-context sequences, "
                              f"fewer than --max_num_return_sequences ({self.limits.max_num_return_sequences}): "
                              "raise --kv_cache_memory or lower --max_num_return_sequences")
-        rows = min(wanted, fit)
-        if rows < config.max_batch_size:
+        if config.max_batch_size is not None:
+            cap, why = config.max_batch_size, "--max_batch_size"
+        else:
+            cap, why = engine.row_cap()
+        self.max_batch_size = min(cap, fit)
+        logger.info("Running up to %d sequences at once: the KV cache budget holds %d rows, %s is %d",
+                    self.max_batch_size, fit, why, cap)
+        if config.max_batch_size is not None and fit < config.max_batch_size:
             logger.warning("The KV cache budget holds %d sequences: at most %d run at once, not --max_batch_size %d",
-                           fit, rows, config.max_batch_size)
+                           fit, fit, config.max_batch_size)
+        # A request with more sequences than the batch size runs alone: the cache has rows for it.
+        rows = max(self.max_batch_size, self.limits.max_num_return_sequences)
         cache = engine.reserve(rows, compile=config.compile)
         metrics.CACHE_CONFIG.labels(block_size=str(BLOCK_SIZE),
                                     num_gpu_blocks=str(rows * cache.capacity // BLOCK_SIZE)).set(1)

@@ -10,7 +10,7 @@ request's ``parameters``: the /chat fields (``return_full_text``, ``prefix``, ``
      "parameters": {"max_new_tokens": 32, "temperature": 0, "return_full_text": false}}
 
 Each prompt is validated, mapped and generated exactly as /chat's ``prompt`` (same defaults, limits and errors),
-all of them concurrently in the shared batch, at most ``--max_batch_size`` per request. The answer is one BYTES
+all of them concurrently in the shared batch, at most the batch size per request. The answer is one BYTES
 output tensor ``text_output`` with a text per prompt (shape ``[prompts, n]`` when ``num_return_sequences`` is
 ``n`` > 1), and /chat's ``details`` per prompt as parameters::
 
@@ -75,7 +75,8 @@ def install_open_inference_route(app: FastAPI, model: FalconModel) -> None:
             if model.draining:
                 raise Draining("the server is shutting down and takes no new requests")
             body = parse_infer_request(decode_json_body(await request.body()))
-            chat_requests = to_chat_requests(body, model.config.max_batch_size)
+            model.require_ready()  # the batch size, which bounds the prompts, is decided by loading
+            chat_requests = to_chat_requests(body, model.max_batch_size)
             jobs = [await model.prepare(chat_request) for chat_request in chat_requests]
             tickets = model.submit_all(jobs)
             finished, results = await unless_disconnected(
