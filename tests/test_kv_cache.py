@@ -101,6 +101,27 @@ def test_a_copy_shares_a_prefix_and_a_taken_row_moves_its_prefix_up():
     assert cache.find_prefix(prompt + [1]).row == 3
 
 
+def test_the_prefix_being_taken_is_never_the_row_a_taken_row_moves_into():
+    """Every row holds a finished prompt; the least recently used one is asked for again (replaying the same
+    prompts in order does exactly this). Taking the lowest row moves its contents up into the least recently used
+    free row, which must not be the one about to be copied from."""
+    cache = cache_of(rows=4)
+    prompts = [[1000 * (i + 1) + t for t in range(BLOCK_SIZE + 1)] for i in range(4)]
+    for running, prompt in enumerate(prompts):
+        row = cache.allocate(running)
+        cache.keys[0][row, :, : len(prompt)] = float(running + 1)  # each prompt's keys are its own
+        cache.extend(row, prompt)
+    for row in range(4):
+        cache.release(row)
+
+    # Released 0..3, so row 0 is the oldest; once it is taken and freed again, row 1 is.
+    cache.release(cache.allocate(0, cache.find_prefix(prompts[0] + [7])))  # row 0 taken and freed: 1 is the oldest
+    hit = cache.find_prefix(prompts[1] + [7])
+    row = cache.allocate(0, hit)
+    assert cache._tokens[row][:BLOCK_SIZE] == prompts[1][:BLOCK_SIZE]
+    assert torch.equal(cache.keys[0][row, :, :BLOCK_SIZE], torch.full((1, BLOCK_SIZE, 4), 2.0))
+
+
 def test_buckets_and_tiers_cover_every_size():
     assert row_buckets(1) == [1]
     assert row_buckets(32) == [1, 2, 4, 8, 16, 32]

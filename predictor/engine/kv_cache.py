@@ -104,7 +104,7 @@ class KVCache:
             row, keep = prefix.row, prefix.tokens
         else:
             row, keep = min(self._free), 0
-            moved = self._keep_elsewhere(row, window)
+            moved = self._keep_elsewhere(row, window, prefix.row if prefix is not None else None)
             if prefix is not None and prefix.row == row:
                 prefix = PrefixHit(moved, prefix.tokens) if moved is not None else None
         self._free.discard(row)
@@ -114,12 +114,13 @@ class KVCache:
             self.copy_prefix(prefix.row, row, prefix.tokens)
         return row
 
-    def _keep_elsewhere(self, row: int, window: int) -> int | None:
+    def _keep_elsewhere(self, row: int, window: int, wanted: int | None) -> int | None:
         """Move free ``row``'s cached tokens to the least recently used free row above ``window`` when that one
-        was used longer ago (an empty row, first); the row they went to, or None."""
+        was used longer ago (an empty row, first); the row they went to, or None. Row ``wanted`` holds the prefix
+        being taken: it is copied from next, so it is never the one overwritten."""
         if not self._lengths[row]:
             return None
-        above = [r for r in self._free if r >= window]
+        above = [r for r in self._free if r >= window and r != wanted]
         if not above:
             return None
         target = min(above, key=lambda r: (self._lengths[r] > 0, self._last_used[r], r))
