@@ -91,9 +91,13 @@ def test_a_lost_rank_fails_requests_with_503_and_ends_the_server(tp_server, faul
     os.kill(rank, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
     request.join(timeout=60)
     assert answer and answer[0].status_code == 503, answer[0].text if answer else "no answer"
-    assert answer[0].json()["error_type"] == "engine_lost"
+    body = answer[0].json()
+    assert body["error_type"] == "engine_stopped"  # the path of a dead worker: one outcome, one probe state
+    assert "tensor-parallel engine is lost" in body["detail"]
     probes = [httpx.get(f"{tp_server.url}{path}", timeout=5) for path in ("/health", "/livez")]
     assert [p.status_code for p in probes] == [503, 503]
+    assert probes[0].json()["status"] == "Stopped"
+    assert "tensor-parallel engine is lost" in probes[1].json()["cause"]
     assert tp_server.process.wait(timeout=20) != 0
     deadline = time.monotonic() + 10
     while alive(rank) and time.monotonic() < deadline:

@@ -9,7 +9,9 @@ gloo on the CPU). The followers' logits are dropped: rank 0 samples.
 
 Failure is loud and bounded. A follower that exits is seen at once by a watchdog on its process; one that hangs
 makes rank 0's next collective time out (``collective_timeout_s``). Either way the engine is lost: ``on_lost`` is
-called once with the reason, every later step raises ``EngineLost`` (503), and the serving layer ends the process.
+called once with the reason (the serving layer stops the batcher's engine through the path of a dead worker, so
+every request waiting or running gets a 503 and the probes fail, then ends the process), and every later step
+raises ``EngineStopped``.
 Followers end with rank 0: on its "stop", or when its pipe closes (rank 0 exited, however it ended).
 """
 
@@ -32,7 +34,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ..errors import EngineLost
+from ..errors import EngineStopped, UnsupportedOption
 from .falcon import FalconShape, StepTensors
 from .kv_cache import KVCache
 from .runner import Engine, LoadSpec, load_engine, resolve_device_and_dtype
@@ -124,9 +126,9 @@ class ShardedEngine(Engine):
         threading.Thread(target=self._watch, name="tensor-parallel-watchdog", daemon=True).start()
         atexit.register(self.close)
 
-    def reserve(self, rows: int, compile: bool = False, smallest_tier: int = 128) -> KVCache:
-        self._send("reserve", rows, compile, smallest_tier)
-        cache = super().reserve(rows, compile, smallest_tier)
+    def reserve(self, rows: int, compile: bool = False) -> KVCache:
+        self._send("reserve", rows, compile)
+        cache = super().reserve(rows, compile)
         cache.copies = []
         return cache
 
@@ -141,18 +143,19 @@ class ShardedEngine(Engine):
 
     def _forward(self, tensors: StepTensors, compiled: bool) -> torch.Tensor:
         if self.lost is not None:
-            raise EngineLost(f"the tensor-parallel engine is lost ({self.lost}); the server is restarting")
+            raise self._lost_error()
         copies, self.cache.copies = self.cache.copies, []
         self._send("step", _to(tensors, torch.device("cpu")), compiled, copies)
         try:
             return super()._forward(tensors, compiled)
         except Exception as exc:  # noqa: BLE001 - the ranks ran this step apart: none can go on
             self._lose(f"rank 0's step failed: {exc}")
-            raise EngineLost(f"the tensor-parallel engine is lost ({self.lost}); the server is restarting") from exc
+            raise self._lost_error() from exc
 
     def generate_beams(self, *args, **kwargs):
         # transformers' generate would run the shard without its all-reduces: the API refuses beams under TP.
-        raise EngineLost("beam search is not available with --tensor_parallel_size above 1")
+        raise UnsupportedOption("beam search is not available with --tensor_parallel_size above 1",
+                                param="num_beams")
 
     def _send(self, *message) -> None:
         data = pickle.dumps(message)
@@ -161,7 +164,7 @@ class ShardedEngine(Engine):
                 follower.conn.send_bytes(data)
         except OSError as exc:  # its pipe closed: the follower is gone
             self._lose(f"a follower stopped listening: {exc}")
-            raise EngineLost(f"the tensor-parallel engine is lost ({self.lost}); the server is restarting") from exc
+            raise self._lost_error() from exc
 
     def _watch(self) -> None:
         """Wait for any follower to exit; unless rank 0 is stopping them, the engine is lost."""
@@ -172,6 +175,10 @@ class ShardedEngine(Engine):
         follower = sentinels[ended[0]]
         follower.process.join(1)
         self._lose(f"rank {follower.rank} exited with code {follower.process.exitcode}")
+
+    def _lost_error(self) -> EngineStopped:
+        return EngineStopped(f"the engine stopped (the tensor-parallel engine is lost: {self.lost}); the server "
+                             "will be restarted")
 
     def _lose(self, reason: str) -> None:
         with self._lock:
@@ -310,10 +317,21 @@ def _reducing(shape: FalconShape) -> FalconShape:
 
 
 def _to(step: StepTensors, device: torch.device) -> StepTensors:
-    """``step`` with every tensor on ``device`` (the CPU to be sent, the follower's device to be run)."""
-    moved = {field.name: value.to(device) for field in dataclasses.fields(step)
-             if isinstance(value := getattr(step, field.name), torch.Tensor)}
-    return dataclasses.replace(step, **moved)
+    """``step`` with every tensor on ``device`` (the CPU to be sent, the follower's device to be run), the decode
+    tokens' block plan included."""
+    return _moved(step, device)
+
+
+def _moved(value, device: torch.device):
+    """``value`` (a dataclass of tensors, its nested dataclasses too) with every tensor on ``device``."""
+    moved = {}
+    for field in dataclasses.fields(value):
+        item = getattr(value, field.name)
+        if isinstance(item, torch.Tensor):
+            moved[field.name] = item.to(device)
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            moved[field.name] = _moved(item, device)
+    return dataclasses.replace(value, **moved)
 
 
 def _set_threads(device: str, parallel: ParallelSpec) -> None:
