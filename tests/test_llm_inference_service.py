@@ -68,7 +68,7 @@ def test_the_picker_maps_the_metrics_as_the_inference_pool_does(docs: list[Doc])
 def test_the_merge_is_kserves_containers_by_name_args_replaced(docs: list[Doc]) -> None:
     spec = workload_spec(named(docs, "falcon-40b"), presets_of(docs))
     main = main_container(spec)
-    assert main["args"] == ["--dtype=bfloat16", "--max_batch_size=16"]  # the service's, after the preset's command
+    assert main["args"] == ["--dtype=bfloat16", "--max_batch_size=256"]  # the service's, after the preset's command
     assert main["command"][0] == "/bin/sh" and main["livenessProbe"]["httpGet"]["path"] == "/livez"
     shm = next(v for v in spec["template"]["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}  # the service's size over the preset's
