@@ -23,8 +23,9 @@ from typing import Callable
 import torch
 
 from .. import metrics
-from ..errors import Draining, GenerationFailed, Overloaded
+from ..errors import Draining, GenerationFailed, ModelNotFound, Overloaded
 from .health import EngineHealth
+from .lora_bank import BASE
 from .options import GenerationJob
 from .runner import Engine
 from .running import RunningRequest, RunningSequence
@@ -32,7 +33,7 @@ from .sampling import TokenLogprob, choose_next_tokens, make_sampler
 from .tickets import SequenceOutput, Ticket, TokenEvent
 
 logger = logging.getLogger(__name__)
-
+_UNSERVED = object()  # a queued request's adapter is no longer served
 
 
 class Batcher:
@@ -175,31 +176,60 @@ class Batcher:
                 # A request with more sequences than max_batch_size runs alone (the cache has rows for it).
                 if rows and (rows + need > self.max_batch_size or need > cache.free_rows):
                     break
-                self._waiting.popleft()
                 if ticket.cancelled:
+                    self._waiting.popleft()
                     ticket.resolve([SequenceOutput((), ticket.cancel_reason)] * need)
                     continue
-                self._requests.append(self._start(ticket, rows))
+                # First come, first served: a request whose adapter finds no free slot waits at the head of the
+                # queue, so it is never overtaken for good (the slots free up as running requests end).
+                slot = self._place_adapter(ticket)
+                if slot is None:
+                    break
+                self._waiting.popleft()
+                if slot is _UNSERVED:
+                    continue
+                self._requests.append(self._start(ticket, rows, slot))
                 rows += need
             return True
 
-    def _start(self, ticket: Ticket, running: int) -> RunningRequest:
-        """Give a request's sequences their rows; the leader's starts from the longest cached prefix."""
+    def _place_adapter(self, ticket: Ticket) -> int | object | None:
+        """The bank slot of the ticket's adapter (BASE without one); None while every slot is in use;
+        ``_UNSERVED`` (the ticket failed) when its adapter was unloaded after the request was accepted."""
+        name = ticket.job.adapter
+        if name is None:
+            return BASE
+        try:
+            return self.engine.lora.place(name)
+        except (KeyError, AttributeError):
+            ticket.fail(ModelNotFound(f"the adapter {name!r} was unloaded before this request started"))
+            return _UNSERVED
+
+    @property
+    def waiting_adapters(self) -> list[str]:
+        """Adapters that queued requests ask for."""
+        with self._lock:
+            return list(dict.fromkeys(t.job.adapter for t in self._waiting if t.job.adapter is not None))
+
+    def _start(self, ticket: Ticket, running: int, slot: int = BASE) -> RunningRequest:
+        """Give a request's sequences their rows, with its adapter's ``slot``; the leader's starts from the longest
+        prefix cached with the same adapter."""
         ticket.started_at = time.monotonic()
         cache, prompt = self.engine.cache, list(ticket.job.prompt_ids)
+        salt = self.engine.lora.key(ticket.job.adapter) if ticket.job.adapter is not None else None
         hit = None
         # A prompt's log-probabilities come from computing it: a request that asks for them reuses no prefix.
         if self.prefix_caching and ticket.job.options.prompt_logprobs is None:
-            hit = cache.find_prefix(prompt)
+            hit = cache.find_prefix(prompt, salt)
             metrics.PREFIX_CACHE_QUERIES.inc(len(prompt))
             metrics.PREFIX_CACHE_HITS.inc(hit.tokens if hit else 0)
         sequences = []
         for index in range(ticket.job.options.num_return_sequences):
             sampler = make_sampler(ticket.job.options, prompt, index, self.engine.device, self.engine.tokenizer)
-            row = cache.allocate(running + index, hit if index == 0 else None)
+            row = cache.allocate(running + index, hit if index == 0 else None, salt)
+            self.engine.use_adapter(row, slot)
             sequences.append(RunningSequence(ticket, index, row, list(prompt), sampler, len(prompt),
                                              computed=cache.length(row)))
-        return RunningRequest(ticket, sequences)
+        return RunningRequest(ticket, sequences, slot)
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -302,6 +332,7 @@ class Batcher:
                     cache.release(seq.row)
                     seq.row = -1
             if request.finished:
+                self._release_adapter(request)
                 request.ticket.resolve(request.outputs())
             else:
                 remaining.append(request)
@@ -310,6 +341,8 @@ class Batcher:
     def _fail_step(self, exc: Exception) -> None:
         """Fail every running request, forget what the broken step may have half-written, and keep serving."""
         tickets = [request.ticket for request in self._requests]
+        for request in self._requests:
+            self._release_adapter(request)
         self._requests = []
         self.engine.cache.clear()
         self._fail_tickets(tickets, exc)
@@ -317,6 +350,7 @@ class Batcher:
     def _fail_requests(self, requests: list[RunningRequest], exc: Exception) -> None:
         """Fail ``requests`` (whose prompts a failed step was computing); the others go on."""
         for request in requests:
+            self._release_adapter(request)
             for seq in request.sequences:
                 self.engine.cache.release(seq.row)
         self._requests = [request for request in self._requests if request not in requests]
@@ -329,6 +363,11 @@ class Batcher:
             torch.cuda.empty_cache()
         for ticket in tickets:
             ticket.fail(_as_generation_failure(exc))
+
+    def _release_adapter(self, request: RunningRequest) -> None:
+        if request.adapter_slot != BASE:
+            self.engine.lora.release(request.adapter_slot)
+            request.adapter_slot = BASE
 
     # -- the beam-search worker ------------------------------------------------------------------------------
     def _beam_loop(self) -> None:

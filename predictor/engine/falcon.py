@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import KVCache
+from .lora_bank import LoraStep
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class StepTensors:
     decode_mask: torch.Tensor | None  # [rows, columns] True where a decode row attends; None without decode rows
     chunks: tuple[Chunk, ...]
     keep: torch.Tensor  # indexes of the tokens whose next-token logits are wanted
+    lora: LoraStep | None = None  # each token's adapter; None: no token of the step uses one
 
 
 class FalconShape:
@@ -104,7 +106,8 @@ def _layer(layer: torch.nn.Module, shape: FalconShape, cache: KVCache, index: in
     if not shape.new_decoder_architecture and not shape.parallel_attn:
         residual = attention + residual
         mlp_in = layer.post_attention_layernorm(residual)
-    out = layer.mlp(mlp_in)
+    mlp = layer.mlp  # FalconMLP's forward, with each linear layer open to LoRA
+    out = _linear(mlp, "dense_4h_to_h", mlp.act(_linear(mlp, "dense_h_to_4h", mlp_in, step, index)), step, index)
     if shape.new_decoder_architecture or shape.parallel_attn:
         out = out + attention
     return out + residual
@@ -112,7 +115,7 @@ def _layer(layer: torch.nn.Module, shape: FalconShape, cache: KVCache, index: in
 
 def _attention(module: torch.nn.Module, shape: FalconShape, cache: KVCache, index: int, hidden: torch.Tensor,
                cos: torch.Tensor, sin: torch.Tensor, step: StepTensors) -> torch.Tensor:
-    q, k, v = shape.split(module.query_key_value(hidden))  # [tokens, heads | kv_heads, dim]
+    q, k, v = shape.split(_linear(module, "query_key_value", hidden, step, index))  # [tokens, heads | kv_heads, dim]
     q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
     keys, values = cache.keys[index], cache.values[index]  # [rows + 1, kv_heads, capacity, dim]
     keys[step.write_rows, :, step.positions] = k
@@ -138,7 +141,15 @@ def _attention(module: torch.nn.Module, shape: FalconShape, cache: KVCache, inde
                                                  enable_gqa=gqa)
         parts.append(out[0].transpose(0, 1))  # [length, heads, dim]
     out = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return module.dense(out.reshape(out.shape[0], -1))
+    return _linear(module, "dense", out.reshape(out.shape[0], -1), step, index)
+
+
+def _linear(block: torch.nn.Module, target: str, x: torch.Tensor, step: StepTensors, index: int) -> torch.Tensor:
+    """Linear layer ``target`` of ``block`` in layer ``index``, plus what the step's LoRA adapters add to it."""
+    out = getattr(block, target)(x)
+    if step.lora is not None:
+        out = out + step.lora.delta(index, target, x)
+    return out
 
 
 def _rotary(rotary: torch.nn.Module, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -156,5 +167,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def _on(step: StepTensors, device: torch.device) -> StepTensors:
     mask = step.decode_mask.to(device) if step.decode_mask is not None else None
+    lora = step.lora.to(device) if step.lora is not None else None
     return StepTensors(step.ids.to(device), step.positions.to(device), step.write_rows.to(device), mask,
-                       step.chunks, step.keep)
+                       step.chunks, step.keep, lora)

@@ -22,6 +22,7 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 from .falcon import Chunk, FalconShape, StepTensors, forward
 from .group_beam_search import group_beam_search
 from .kv_cache import CacheShape, KVCache, column_tiers, row_buckets, smallest_at_least
+from .lora_bank import BASE, AdapterBank
 from .options import GenerationOptions, ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class Engine:
         self._compiled: Callable[..., torch.Tensor] | None = None
         self._buckets: list[int] = []
         self._tiers: list[int] = []
+        self.lora: AdapterBank | None = None  # per-request adapters, when any are served
+        self._row_slots: list[int] = []  # each cache row's adapter slot (BASE: none)
 
     @property
     def cache_shape(self) -> CacheShape:
@@ -96,13 +99,23 @@ class Engine:
         """Full-context sequences (KV cache rows) a budget of ``budget`` bytes holds."""
         return budget // (self.context_length * self.cache_shape.bytes_per_token)
 
+    def enable_lora(self, max_loras: int, max_rank: int) -> AdapterBank:
+        """Serve per-request LoRA adapters: ``max_loras`` slots of up to ``max_rank`` (before ``reserve``)."""
+        self.lora = AdapterBank(self.model, max_loras, max_rank)
+        return self.lora
+
+    def use_adapter(self, row: int, slot: int) -> None:
+        """The sequence in ``row`` runs with the adapter in ``slot`` (``BASE``: none)."""
+        self._row_slots[row] = slot
+
     def reserve(self, rows: int, compile: bool = False, smallest_tier: int = 128) -> KVCache:
         """Set aside the KV cache: ``rows`` sequences of the full context. With ``compile``, decode-only steps run
         a compiled forward, over the rows and columns of one of a few static shapes (``warm_up`` records them)."""
         devices = [layer.self_attention.dense.weight.device for layer in self.model.transformer.h]
         self.cache = KVCache(self.cache_shape, rows, self.context_length, devices)
+        self._row_slots = [BASE] * (rows + 1)
         if compile:
-            for buffer in self.cache.keys + self.cache.values:
+            for buffer in self.cache.keys + self.cache.values + (self.lora.tensors if self.lora else []):
                 torch._dynamo.mark_static_address(buffer)
             # On a GPU "reduce-overhead" records a CUDA graph per shape and replays it.
             mode = "reduce-overhead" if self.device.type == "cuda" else None
@@ -194,10 +207,11 @@ class Engine:
         ids = [self._pad_token_id] * rows
         positions = [0] * rows
         write_rows = [cache.scratch_row] * rows
-        keep = []
+        keep, slots = [], [BASE] * rows
         for row, token in decode:
             ids[row], positions[row], write_rows[row] = token, cache.length(row), row
             keep.append(row)
+            slots[row] = self._row_slots[row]
         if every_row:
             keep = list(range(rows))
         packed = []
@@ -208,6 +222,7 @@ class Engine:
             ids += tokens
             positions += range(start, start + len(tokens))
             write_rows += [row] * len(tokens)
+            slots += [self._row_slots[row]] * len(tokens)
             offset += len(tokens)
             keep.extend(range(offset - int(wants_logits), offset))  # the chunk's last ``wants_logits`` tokens
         device = self.device
@@ -215,9 +230,13 @@ class Engine:
         mask = None
         if rows:
             mask = torch.arange(columns, device=device)[None, :] <= positions_t[:rows, None]  # [rows, columns]
+        # A compiled step always takes the adapters' view, so that base-only steps replay the same graphs.
+        lora = None
+        if self.lora is not None and (every_row or any(slot != BASE for slot in slots)):
+            lora = self.lora.step(slots)
         return StepTensors(ids=torch.tensor(ids, device=device), positions=positions_t,
                            write_rows=torch.tensor(write_rows, device=device), decode_mask=mask,
-                           chunks=tuple(packed), keep=torch.tensor(keep, dtype=torch.long, device=device))
+                           chunks=tuple(packed), keep=torch.tensor(keep, dtype=torch.long, device=device), lora=lora)
 
     @torch.inference_mode()
     def probe(self) -> torch.Tensor:
