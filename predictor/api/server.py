@@ -170,7 +170,7 @@ class RequestGuard:
             # Answered here because KServe's handlers for its ModelNotFound and ModelNotReady log an ERROR with a
             # traceback: a client asking for a model this server does not have, or a probe while it loads, is not
             # a server fault.
-            if named.group(1) != self.model.name:
+            if not self.model.serves(named.group(1)):
                 return await error_response(unknown_model(named.group(1), self.model.name))(scope, receive, send)
             if not self.model.ready and _is_readiness(path):
                 return await error_response(_not_ready(self.model))(scope, receive, send)

@@ -43,6 +43,7 @@ class LoraAdapter:
     path: str
     rank: int
     weights: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    use_rslora: bool = False
 
     @property
     def targets(self) -> frozenset[str]:
@@ -85,7 +86,8 @@ def read_adapter(name: str, path: str | Path, shapes: list[dict[str, tuple[int, 
                 f"but this model needs [{rank}, {in_features}] and [{out_features}, {rank}]: the adapter was made "
                 "for another Falcon size")
         weights[(layer, target)] = (a.to(dtype).contiguous(), (b.float() * scaling).to(dtype).contiguous())
-    return LoraAdapter(name=name, path=str(folder), rank=rank, weights=weights)
+    return LoraAdapter(name=name, path=str(folder), rank=rank, weights=weights,
+                       use_rslora=bool(config.get("use_rslora")))
 
 
 def _read_config(name: str, folder: Path) -> dict:

@@ -73,21 +73,28 @@ def _install_under(app: FastAPI, model: FalconModel, base: str, started: int) ->
     async def create_chat_completion(request: Request) -> Response:
         return await create(request, model, chat, ChatCompletionRequest)
 
-    def card() -> dict[str, Any]:
-        return {"id": model.name, "object": "model", "created": started, "owned_by": "kserve"}
+    def card(name: str) -> dict[str, Any]:
+        """A model's card; an adapter's names its base model as ``parent`` (vLLM's cards)."""
+        card = {"id": name, "object": "model", "created": started, "owned_by": "kserve"}
+        if name != model.name:
+            card |= {"root": name, "parent": model.name}
+        return card
 
-    @router.get("/models", summary="The served model, in OpenAI's shape and KServe's at once")
+    @router.get("/models", summary="The served model and its adapters, in OpenAI's shape and KServe's at once")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [card()], "models": [model.name]}
+        names = [model.name, *model.adapter_names]
+        return {"object": "list", "data": [card(name) for name in names], "models": names}
 
-    @router.get("/models/{model_id}", summary="The served model: 200 once it is loaded, 503 before")
+    @router.get("/models/{model_id}", summary="The served model or an adapter: 200 once it is loaded, 503 before")
     async def retrieve_model(model_id: str) -> Response:
-        if model_id != model.name:
-            return openai_error_response(ModelNotFound(f"the model {model_id!r} does not exist", param="model"))
         if not model.ready:
+            if model_id != model.name:
+                return openai_error_response(ModelNotFound(f"the model {model_id!r} does not exist", param="model"))
             return openai_error_response(NotReady(f"model {model.name} is not loaded yet"))
+        if not model.serves(model_id):
+            return openai_error_response(ModelNotFound(f"the model {model_id!r} does not exist", param="model"))
         # On /v1 this is also KServe's v1 readiness route: one body with both kinds of keys.
-        return JSONResponse({**card(), "name": model.name, "ready": True})
+        return JSONResponse({**card(model_id), "name": model_id, "ready": True})
 
     app.include_router(router)
 
@@ -112,15 +119,14 @@ async def create(request: Request, model: FalconModel, api: CompletionsApi,
         if model.draining:
             raise Draining("the server is shutting down and takes no new requests")
         body = parse_openai_request(decode_json_body(await request.body()), request_type)
-        if body.model != model.name:
-            raise ModelNotFound(f"the model {body.model!r} does not exist; this server serves {model.name!r}",
-                                param="model")
+        adapter = model.adapter_for(body.model)
         engine = model.require_ready()
         prompt, stops = _prompt(body, engine.tokenizer)
         if model.config.log_prompts:
             logger.info("prompt: %r", prompt)
         prompt_ids = await asyncio.to_thread(engine.encode, prompt)
-        job = to_generation_job(body, prompt, prompt_ids, stops, engine.info, model.limits)
+        job = model.with_adapter(to_generation_job(body, prompt, prompt_ids, stops, engine.info, model.limits),
+                                 adapter)
         ticket = model.submit(job, stream=True)
     except PredictorError as exc:
         return _failed(api, exc)
@@ -130,7 +136,7 @@ async def create(request: Request, model: FalconModel, api: CompletionsApi,
     if job.options.prompt_logprobs is not None:
         echoed = lambda: echoed_tokens(job.prompt_ids, ticket.prompt_logprobs,  # noqa: E731
                                        lambda token_id: engine.decode([token_id]))
-    reply = Reply(api, model.name, len(job.prompt_ids), prefixes, token_text, job.options.logprobs, echoed)
+    reply = Reply(api, body.model, len(job.prompt_ids), prefixes, token_text, job.options.logprobs, echoed)
     deltas = stream_text(model, job, ticket)
     if body.stream:
         return sse_response(reply.chunks(deltas, body.include_usage), api.route, openai_error_body)

@@ -58,5 +58,5 @@ async def _tokenize(model: FalconModel, body: TokenizeRequest) -> dict[str, Any]
 
 
 def _check_model(model: FalconModel, name: str | None) -> None:
-    if name is not None and name != model.name:
+    if name is not None and not model.serves(name):
         raise ModelNotFound(f"the model {name!r} does not exist; this server serves {model.name!r}", param="model")
