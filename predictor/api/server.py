@@ -42,6 +42,7 @@ from ..errors import (
 from .chat.routes import install_chat_routes
 from .connections import ConnectionLimits, configure_connections
 from .model import FalconModel, unknown_model
+from .openai.lora_routes import install_lora_routes
 from .openai.routes import install_openai_routes, openai_error_response, openai_paths
 from .openai.tokenize import install_tokenizer_routes
 from .tracing import RequestIdMiddleware, current_request_id
@@ -92,6 +93,7 @@ def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
     install_open_inference_route(app, model)
     install_openai_routes(app, model)
     install_tokenizer_routes(app, model)
+    install_lora_routes(app, model, config)
 
 
 def health_state(model: FalconModel) -> str:
