@@ -27,6 +27,7 @@ EPP_METRIC_FLAGS = {
     "--total-running-requests-metric": "gauge",
     "--kv-cache-usage-percentage-metric": "gauge",
     "--cache-info-metric": "gauge",
+    "--lora-info-metric": "gauge",
 }
 PROMQL_WORDS = {"sum", "by", "rate", "histogram_quantile", "count", "le", "without", "avg", "max", "min",
                 "label_values", "irate", "increase", "on", "ignoring"}

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from lora_adapters import ALL_TARGETS, greedy, make_adapter, peft_model
@@ -118,3 +119,15 @@ def test_tokenize_accepts_an_adapters_name(served):
     base = httpx.post(f"{server.url}/tokenize", json={"model": server.model_name, "prompt": "Hello"}, timeout=10)
     adapter = httpx.post(f"{server.url}/tokenize", json={"model": "qkv", "prompt": "Hello"}, timeout=10)
     assert adapter.status_code == 200 and adapter.json()["tokens"] == base.json()["tokens"]
+
+
+def test_metrics_count_requests_per_adapter_and_name_the_lora_info(served):
+    server, _, _ = served
+    completion_ids(server, "mlp", PROMPTS[0])
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics", timeout=10).text)}
+    counts = {s.labels["adapter"]: s.value for s in families["falcon_lora_requests"].samples
+              if s.name == "falcon_lora_requests_total"}
+    assert counts["mlp"] >= 1
+    [info] = families["falcon_lora_requests_info"].samples
+    assert info.labels == {"running_lora_adapters": "", "waiting_lora_adapters": "", "max_lora": "2"}
+    assert info.value > 1.7e9  # the time of the update

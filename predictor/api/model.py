@@ -72,6 +72,8 @@ class FalconModel(kserve.Model):
         metrics.WAITING.set_function(lambda: self.batcher.waiting)
         metrics.RUNNING.set_function(lambda: self.batcher.running_sequences)
         metrics.KV_CACHE_USAGE.set_function(lambda: self.engine.cache.usage)
+        if (lora := self.engine.lora) is not None:
+            metrics.LORA_INFO.source = lambda: (lora.running(), self.batcher.waiting_adapters, lora.max_loras)
         # The loaded model and libraries are ~500k long-lived objects: a full garbage collection over them stops
         # every thread for ~200 ms, health probes included. Freezing them keeps collections to new objects.
         gc.collect()

@@ -215,7 +215,10 @@ class Batcher:
         prefix cached with the same adapter."""
         ticket.started_at = time.monotonic()
         cache, prompt = self.engine.cache, list(ticket.job.prompt_ids)
-        salt = self.engine.lora.key(ticket.job.adapter) if ticket.job.adapter is not None else None
+        salt = None
+        if ticket.job.adapter is not None:
+            salt = self.engine.lora.key(ticket.job.adapter)
+            metrics.LORA_REQUESTS.labels(ticket.job.adapter).inc()
         hit = None
         # A prompt's log-probabilities come from computing it: a request that asks for them reuses no prefix.
         if self.prefix_caching and ticket.job.options.prompt_logprobs is None:
