@@ -147,9 +147,7 @@ def _attention(module: torch.nn.Module, shape: FalconShape, cache: KVCache, inde
 def _linear(block: torch.nn.Module, target: str, x: torch.Tensor, step: StepTensors, index: int) -> torch.Tensor:
     """Linear layer ``target`` of ``block`` in layer ``index``, plus what the step's LoRA adapters add to it."""
     out = getattr(block, target)(x)
-    if step.lora is not None:
-        out = out + step.lora.delta(index, target, x)
-    return out
+    return step.lora.apply(index, target, x, out) if step.lora is not None else out
 
 
 def _rotary(rotary: torch.nn.Module, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:

@@ -35,19 +35,24 @@ class _Slot:
 
 @dataclass(frozen=True)
 class LoraStep:
-    """One step's view of the bank: the stacked weights and each token's mask [tokens, slots * rank]."""
+    """One step's view of the bank: each token's mask [tokens, width] over the first ``width`` stacked columns
+    (the slots up to the highest one the step uses), and the targets its adapters have."""
 
     bank: "AdapterBank"
     mask: torch.Tensor
+    targets: frozenset[str]
 
-    def delta(self, layer: int, target: str, x: torch.Tensor) -> torch.Tensor:
-        """What the step's adapters add to target ``target`` of layer ``layer`` for input ``x`` [tokens, in]."""
+    def apply(self, layer: int, target: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` (target ``target`` of layer ``layer`` applied to ``x`` [tokens, in]) plus the adapters' delta."""
+        if target not in self.targets:
+            return out
         a, b = self.bank.stacked[layer][target]
+        width = self.mask.shape[1]
         mask = self.mask if self.mask.device == x.device else self.mask.to(x.device)
-        return ((x @ a.T) * mask) @ b.T  # [tokens, slots * rank] -> [tokens, out]
+        return torch.addmm(out, (x @ a[:width].T) * mask, b[:, :width].T)  # via [tokens, width]
 
     def to(self, device: torch.device) -> "LoraStep":
-        return LoraStep(self.bank, self.mask.to(device))
+        return LoraStep(self.bank, self.mask.to(device), self.targets)
 
 
 class AdapterBank:
@@ -129,9 +134,17 @@ class AdapterBank:
         """Names of the adapters that admitted requests use."""
         return [slot.adapter.name for slot in self._slots if slot.users and slot.adapter is not None]
 
-    def step(self, token_slots: list[int]) -> LoraStep:
+    def step(self, token_slots: list[int], static: bool = False) -> LoraStep:
+        """The step's view for each token's slot. ``static`` (a compiled step): every slot and target, so that the
+        shapes never change; else only the slots up to the highest used and the targets their adapters have."""
+        if static:
+            used, targets = self.max_loras, frozenset(TARGETS)
+        else:
+            used = max(token_slots) + 1
+            targets = frozenset().union(*(self._slots[s].adapter.targets for s in set(token_slots) if s != BASE))
         slots = torch.tensor(token_slots, device=self.column_slots.device)
-        return LoraStep(self, (slots[:, None] == self.column_slots[None, :]).to(self.dtype))
+        columns = self.column_slots[:used * self.max_rank]
+        return LoraStep(self, (slots[:, None] == columns[None, :]).to(self.dtype), targets)
 
     def _copy_in(self, index: int, adapter: LoraAdapter) -> None:
         """Write ``adapter`` into slot ``index`` in place (the stacked tensors' addresses stay, for CUDA graphs)."""

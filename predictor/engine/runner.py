@@ -233,7 +233,7 @@ class Engine:
         # A compiled step always takes the adapters' view, so that base-only steps replay the same graphs.
         lora = None
         if self.lora is not None and (every_row or any(slot != BASE for slot in slots)):
-            lora = self.lora.step(slots)
+            lora = self.lora.step(slots, static=every_row)
         return StepTensors(ids=torch.tensor(ids, device=device), positions=positions_t,
                            write_rows=torch.tensor(write_rows, device=device), decode_mask=mask,
                            chunks=tuple(packed), keep=torch.tensor(keep, dtype=torch.long, device=device), lora=lora)
