@@ -78,3 +78,19 @@ def test_a_prefix_is_never_shared_between_adapters(setup):
     for name in (None, "qkv", "all", None, "all", "qkv"):
         assert tokens(run(engine, [job(engine, LONG, name)])[0]) == expected[name][-1], name
     assert len({tuple(expected[name][-1]) for name in (None, "qkv", "all")}) == 3
+
+
+def test_compiled_steps_serve_the_adapters_as_peft(setup):
+    """The compiled decode step reads every slot and target: base and adapter requests still get PEFT's tokens."""
+    engine, expected = setup
+    compiled = load_engine(LoadSpec(engine.model.name_or_path))
+    bank = compiled.enable_lora(max_loras=2, max_rank=16)
+    for name in ADAPTERS:
+        bank.register(engine.lora.adapter(name))
+    compiled.reserve(4, compile=True, smallest_tier=64)
+    names = [None, *ADAPTERS]
+    jobs = [(name, i) for i in range(len(PROMPTS)) for name in names]
+    results = run(compiled, [job(compiled, PROMPTS[i], name) for name, i in jobs], max_batch_size=4,
+                  stagger_s=0.01, prepare=compiled.warm_up)
+    for (name, i), result in zip(jobs, results):
+        assert tokens(result) == expected[name][i], (name, i)
