@@ -6,8 +6,10 @@ least predictable, and whatever time the others leave goes to it):
 1. ``gpu-tests``: ``python -m pytest -m gpu``;
 2. ``falcon-7b-direct``: transformers' ``generate`` in this process: the KV cache's size, single-stream ms/token,
    time to first token at 128, 512 and 2,000 prompt tokens, tokens/s at batch 1, 8, 32 and 64;
-3. ``falcon-7b-server``: ``python -m predictor`` over HTTP, the same figures at concurrency 1, 8, 32 and 64;
-4. ``falcon-40b-direct`` and 5. ``falcon-40b-server``: the KV cache, single stream, tokens/s at 16;
+3. ``falcon-7b-server``: ``python -m predictor`` over HTTP with its default batch (as many sequences as the
+   memory holds, up to 1,024 on an H200), the same figures at concurrency 1, 8, 32 and 64, then 128 and 256;
+4. ``falcon-40b-direct`` and 5. ``falcon-40b-server``: the KV cache, single stream, tokens/s at 16 (the server at
+   64 too);
 6. ``falcon-7b-server-compile``: the server with ``--compile``: its warm-up, memory, single stream and tokens/s.
 
 Every stage writes its figures into the results JSON (and the Markdown beside it) as it measures them, so a stage
@@ -49,6 +51,8 @@ class ModelPlan:
     new_tokens: int  # generated per sequence, exactly
     concurrency: tuple[int, ...]  # server workers, and the direct batch sizes
     ttft_prompt_tokens: tuple[int, ...] = ()  # prompt lengths for time to first token; () measures none
+    # more workers for the default server (started without --max_batch_size: as many rows as its memory holds)
+    server_concurrency: tuple[int, ...] = ()
     # --max_batch_size of the --compile server, which compiles a step per batch bucket: the server's default
     compile_max_batch_size: int = 32
     server_flags: tuple[str, ...] = ()  # more flags for both servers
@@ -84,9 +88,9 @@ TINY_40B = dict(TINY, num_kv_heads=2, new_decoder_architecture=True)
 STAGES = ("gpu-tests", "falcon-7b-direct", "falcon-7b-server", "falcon-40b-direct", "falcon-40b-server",
           "falcon-7b-server-compile")
 # Seconds per stage on the H200, estimated from the expected figures (benchmarks/README.md); the compiled server
-# gets the rest of GPU_TOTAL_S, at least 195 s. The device allows 600 s per command: gpu.sh kills everything at 580.
-GPU_BUDGETS_S = {"gpu-tests": 60, "falcon-7b-direct": 60, "falcon-7b-server": 90, "falcon-40b-direct": 55,
-                 "falcon-40b-server": 70}
+# gets the rest of GPU_TOTAL_S, at least 145 s. The device allows 600 s per command: gpu.sh kills everything at 580.
+GPU_BUDGETS_S = {"gpu-tests": 60, "falcon-7b-direct": 60, "falcon-7b-server": 125, "falcon-40b-direct": 55,
+                 "falcon-40b-server": 85}
 GPU_TOTAL_S = 530
 DRY_BUDGETS_S = {name: 60 for name in STAGES}
 DRY_TOTAL_S = 240
@@ -97,12 +101,13 @@ def build_plan(dry_run: bool, workdir: Path, out: Path | None) -> Plan:
         # One return sequence per request keeps the compiled server's cache to max_batch_size rows (else 8).
         # 16 new tokens: decode alone is t(16) - t(1) over 15, which a noisy shared machine cannot make negative.
         models = {"falcon-7b": ModelPlan("falcon-7b", TINY_7B, 16, (1, 2, 4), (16, 32, 64), compile_max_batch_size=1,
-                                         server_flags=("--max_num_return_sequences", "1")),
-                  "falcon-40b": ModelPlan("falcon-40b", TINY_40B, 16, (2,))}
+                                         server_flags=("--max_num_return_sequences", "1"), server_concurrency=(8,)),
+                  "falcon-40b": ModelPlan("falcon-40b", TINY_40B, 16, (2,), server_concurrency=(4,))}
         return Plan(True, "cpu", "float32", models, repeats=2, requests_per_worker=1, budgets_s=DRY_BUDGETS_S,
                     total_s=DRY_TOTAL_S, workdir=workdir, out=out or workdir / "gpu-dry-run.json")
-    models = {"falcon-7b": ModelPlan("falcon-7b", FALCON_7B, 128, (1, 8, 32, 64), (128, 512, 2000)),
-              "falcon-40b": ModelPlan("falcon-40b", FALCON_40B, 64, (16,))}
+    models = {"falcon-7b": ModelPlan("falcon-7b", FALCON_7B, 128, (1, 8, 32, 64), (128, 512, 2000),
+                                     server_concurrency=(128, 256)),
+              "falcon-40b": ModelPlan("falcon-40b", FALCON_40B, 64, (16,), server_concurrency=(64,))}
     return Plan(False, "cuda", "bfloat16", models, repeats=3, requests_per_worker=2, budgets_s=GPU_BUDGETS_S,
                 total_s=GPU_TOTAL_S, workdir=workdir,
                 out=out or REPO / "benchmarks" / "results" / "gpu-h200.json")

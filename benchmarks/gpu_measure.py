@@ -125,11 +125,14 @@ def server(plan, model_plan, model_dir: Path, record, deadline: float, compile: 
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    concurrency = [c for c in model_plan.concurrency if not compile or c <= model_plan.compile_max_batch_size]
-    max_batch = model_plan.compile_max_batch_size if compile else max(concurrency)
+    if compile:
+        concurrency = [c for c in model_plan.concurrency if c <= model_plan.compile_max_batch_size]
+        max_batch = model_plan.compile_max_batch_size
+    else:  # the default batch: as many sequences as the memory holds
+        concurrency, max_batch = [*model_plan.concurrency, *model_plan.server_concurrency], None
     flags = ["--drain_timeout", "5", *model_plan.server_flags] + (["--compile"] if compile else [])
     name = f"gpu-{model_plan.name}-{'compiled' if compile else 'eager'}"
-    record["flags"] = ["--max_batch_size", str(max_batch), *flags]
+    record["flags"] = (["--max_batch_size", str(max_batch)] if max_batch else []) + flags
     record["log"] = str(plan.workdir / f"server-{name}.log")
     before = used_memory(plan.device)
     started = time.monotonic()
@@ -137,6 +140,8 @@ def server(plan, model_plan, model_dir: Path, record, deadline: float, compile: 
                            threads=None, log_dir=plan.workdir, cwd=bench.REPO, extra_args=flags)
     try:
         record["ready_seconds"] = time.monotonic() - started
+        rows = re.search(r"Running up to (\d+) sequences at once", process.log_tail(20000))
+        record["max_running_sequences"] = int(rows[1]) if rows else None
         compiled = re.search(r"Compiled the decode step for (\d+) shapes.* in ([\d.]+) s", process.log_tail(20000))
         if compiled:
             record["compile"] = dict(shapes=int(compiled[1]), seconds=float(compiled[2]))
@@ -151,7 +156,7 @@ def server(plan, model_plan, model_dir: Path, record, deadline: float, compile: 
 
 def _measure_server(plan, model_plan, url: str, encode: Callable[[str], list[int]], concurrency: list[int],
                     ttft: tuple[int, ...], record, deadline: float) -> None:
-    prompts = bench.make_prompts(encode, count=max(2, *model_plan.concurrency))
+    prompts = bench.make_prompts(encode, count=max(2, *concurrency))
     with httpx.Client(base_url=url, timeout=600) as client:
         chat(client, prompts[0], WARM_UP_TOKENS)
         full = median_of(plan.repeats, lambda: chat(client, prompts[0], model_plan.new_tokens))

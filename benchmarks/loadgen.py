@@ -33,19 +33,20 @@ class Server:
         return self.log_path.read_text(errors="replace")[-chars:]
 
 
-def start_server(model_dir: Path, *, name: str, dtype: str, device: str, max_batch_size: int, threads: int | None,
-                 log_dir: Path, cwd: Path, extra_args: Sequence[str] = ()) -> Server:
+def start_server(model_dir: Path, *, name: str, dtype: str, device: str, max_batch_size: int | None,
+                 threads: int | None, log_dir: Path, cwd: Path, extra_args: Sequence[str] = ()) -> Server:
     """``python -m predictor`` on a free loopback port; returns once it serves.
 
     ``name`` should be unique: readiness is checked on ``/v1/models/<name>``, which proves that the process answering
     on the port is this one. ``threads`` sets torch's thread count (``OMP_NUM_THREADS``); None keeps its default.
+    ``max_batch_size`` None keeps the server's default (as many sequences as its memory holds).
     """
     port = _free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{name}.log"
     args = [sys.executable, "-m", "predictor", "--model_dir", str(model_dir), "--model_name", name,
             "--http_port", str(port), "--enable_grpc", "false", "--dtype", dtype, "--device", device,
-            "--max_batch_size", str(max_batch_size), *extra_args]
+            *(("--max_batch_size", str(max_batch_size)) if max_batch_size is not None else ()), *extra_args]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)  # torch takes its thread count from it at start-up

@@ -22,6 +22,7 @@ class ServerConfig:
     """Everything the server needs to know, after defaults and environment variables are applied."""
 
     model_name: str
+    model_aliases: tuple[str, ...]  # other names the OpenAI routes answer to (KServe's publishers/<ns>/models/<name>)
     model_id: str | None  # Hugging Face id (loaded from the local Hugging Face cache or the Hub)
     model_dir: str | None  # local Hugging Face-format checkpoint; wins over model_id
     revision: str | None
@@ -29,7 +30,7 @@ class ServerConfig:
     device: str  # "auto": every visible GPU if there is one, else the CPU
     http_port: int
     limits: Limits
-    max_batch_size: int  # sequences decoded together in one forward pass
+    max_batch_size: int | None  # sequences decoded together in one forward pass; None: as many as memory holds
     max_queue: int  # requests waiting for a batch slot before new ones get 429
     request_timeout_s: float  # generation time one request may take before it is cut short
     max_body_bytes: int
@@ -88,6 +89,10 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--model_dir", default=None,
                        help="local directory with a Hugging Face-format Falcon checkpoint, e.g. /mnt/models where "
                             "KServe's storage initializer puts weights; takes precedence over --model_id")
+    model.add_argument("--model_alias", action="append", default=[], metavar="NAME",
+                       help="another name the OpenAI routes accept in 'model' (repeatable), as vLLM's extra "
+                            "--served-model-name: KServe's LLMInferenceService routes by "
+                            "publishers/<namespace>/models/<name>. Answers still name --model_name")
     model.add_argument("--revision", default=None, help="revision of --model_id; defaults to the variant's pin")
     model.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                        help="weights dtype; auto is bfloat16 on a GPU, float32 on the CPU")
@@ -109,13 +114,17 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max_num_return_sequences", type=int, default=defaults.max_num_return_sequences,
                         help="most sequences (num_return_sequences) one request may ask for")
     limits.add_argument("--max_sequences_per_request", type=int, default=defaults.max_sequences,
-                        help="cap on num_beams * num_return_sequences")
-    limits.add_argument("--max_batch_size", type=int, default=32, help="sequences decoded together")
+                        help="cap on num_beams * num_return_sequences (/chat) and on prompts * n (OpenAI completions)")
+    limits.add_argument("--max_batch_size", type=int, default=None,
+                        help="sequences decoded together; default: as many as the KV cache budget holds, up to "
+                             "1024 on GPUs of 70 GiB or more other than the A100 and 256 elsewhere (the CPU "
+                             "included)")
     limits.add_argument("--max_queue", type=int, default=128,
                         help="requests waiting for a batch slot; past it requests get 429 with Retry-After")
     limits.add_argument("--request_timeout", type=float, default=300.0,
                         help="seconds of generation one request may use; then it stops with finish_reason "
-                             "'time_limit' and returns what it has")
+                             "'time_limit' and returns what it has. A request still waiting for a slot after as "
+                             "long gets 504")
     limits.add_argument("--max_body_bytes", type=int, default=2 * 1024 * 1024,
                         help="largest request body; larger ones get 413 before parsing")
     limits.add_argument("--max_header_bytes", type=int, default=64 * 1024,
@@ -129,8 +138,9 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
                              "their text so far and finish_reason 'shutdown', and the process exits 0 within "
                              f"{SHUTDOWN_AFTER_DRAIN_S} s")
     limits.add_argument("--dead_after", type=float, default=120.0,
-                        help="seconds the engine may stay broken (failing its self-check, e.g. a lost GPU) before "
-                             "GET /livez answers 503 so that Kubernetes restarts the pod")
+                        help="seconds the engine may stay broken (failing its self-check, e.g. a lost GPU), or a "
+                             "worker with work may make no progress, before GET /livez answers 503 so that "
+                             "Kubernetes restarts the pod")
 
     engine = parser.add_argument_group("engine")
     engine.add_argument("--kv_cache_memory", type=float, default=None, metavar="GIB",
@@ -202,17 +212,20 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_num_return_sequences=args.max_num_return_sequences, max_sequences=args.max_sequences_per_request)
     for flag in ("max_new_tokens", "max_num_beams", "max_num_return_sequences", "max_sequences_per_request",
                  "max_batch_size", "max_queue", "max_body_bytes", "max_header_bytes", "max_prefill_tokens"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SystemExit(f"--{flag} must be at least 1")
     for flag in ("max_loras", "max_lora_rank"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag} must be at least 1")
-    lora_modules = parse_lora_modules(args.lora_modules, model_name)
+    lora_modules = parse_lora_modules(args.lora_modules, (model_name, *args.model_alias))
     if args.header_timeout <= 0:
         raise SystemExit("--header_timeout must be above 0 seconds")
+    if any(not alias.strip() for alias in args.model_alias):
+        raise SystemExit("--model_alias must not be empty")
     return ServerConfig(
-        model_name=model_name, model_id=model_id, model_dir=args.model_dir, revision=revision, dtype=args.dtype,
-        device=args.device, http_port=args.http_port, limits=limits, max_batch_size=args.max_batch_size,
+        model_name=model_name, model_aliases=tuple(dict.fromkeys(args.model_alias)), model_id=model_id,
+        model_dir=args.model_dir, revision=revision, dtype=args.dtype, device=args.device, http_port=args.http_port,
+        limits=limits, max_batch_size=args.max_batch_size,
         max_queue=args.max_queue, request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
         max_header_bytes=args.max_header_bytes, header_timeout_s=args.header_timeout,
         drain_timeout_s=args.drain_timeout, dead_after_s=args.dead_after,
@@ -224,14 +237,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         runtime_lora_updating=args.runtime_lora_updating, lora_root=args.lora_root)
 
 
-def parse_lora_modules(values: Sequence[str], model_name: str) -> tuple[tuple[str, str], ...]:
-    """``NAME=PATH`` pairs, each name new and not the served model's."""
+def parse_lora_modules(values: Sequence[str], model_names: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``NAME=PATH`` pairs, each name new and none of the served model's ``model_names`` (its name, aliases)."""
     modules: dict[str, str] = {}
     for value in values:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
             raise SystemExit(f"--lora_modules {value}: expected NAME=PATH")
-        if name == model_name or name in modules:
+        if name in model_names or name in modules:
             raise SystemExit(f"--lora_modules {value}: the name {name} is already served")
         modules[name] = path
     return tuple(modules.items())

@@ -12,6 +12,11 @@ class PredictorError(Exception):
     status: int = 500
     error_type: str = "server_error"
 
+    @property
+    def outcome(self) -> str:
+        """The ``outcome`` label of ``falcon_requests_total`` a request that ends with this error counts under."""
+        return self.error_type
+
     def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
@@ -108,11 +113,50 @@ class Draining(PredictorError):
     error_type = "draining"
 
 
+class UnsupportedOption(PredictorError):
+    """A well-formed option this model cannot apply (say, structured output with a tokenizer llguidance cannot
+    read): found when the request was admitted, it fails that request alone."""
+
+    status = 422
+    error_type = "unsupported_option"
+
+
 class GenerationFailed(PredictorError):
-    """Generation raised (out of memory, a device fault): this request failed, the server goes on."""
+    """Work on this request raised (out of memory, a device fault, a bug) at ``stage``: this request failed, the
+    server goes on. The error type names the stage: ``generation_failed`` for the forward step, else
+    ``admission_failed``, ``sampling_failed``, ``retirement_failed``, ``detokenization_failed`` or
+    ``streaming_failed``."""
 
     status = 500
-    error_type = "generation_failed"
+
+    def __init__(self, message: str, *, stage: str = "generation", **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.stage = stage
+        self.error_type = f"{stage}_failed"
+
+    @property
+    def outcome(self) -> str:
+        return "failed"
+
+
+class EngineStopped(PredictorError):
+    """A generation worker died or made no progress: every request waiting or running ends with this, and the
+    probes tell Kubernetes to restart the pod."""
+
+    status = 503
+    error_type = "engine_stopped"
+
+    @property
+    def outcome(self) -> str:
+        return "failed"
+
+
+class RequestTimeout(PredictorError):
+    """The request was not answered within ``--request_timeout`` (it waited in the queue all that time, or the
+    worker running it stopped answering)."""
+
+    status = 504
+    error_type = "request_timeout"
 
 
 def error_body(exc: PredictorError) -> dict[str, str | None]:

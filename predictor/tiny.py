@@ -6,6 +6,11 @@ both attention layouts:
 
 - ``"7b"``: multi-query attention (one K/V head) with parallel attention/MLP, like falcon-7b;
 - ``"40b"``: the "new decoder architecture" with grouped K/V heads, like falcon-40b.
+
+Their tokenizer is byte-level BPE, Falcon's kind, unless another kind is asked for, so that what depends on the
+vocabulary (stop strings, structured output, detokenizing) can be tested on each kind ``transformers`` loads:
+``"wordlevel"`` (whole words, decoded with spaces between them), ``"wordpiece"`` (BERT's), ``"unigram"``
+(SentencePiece's model with byte fallback, as Llama's).
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ import tempfile
 from pathlib import Path
 
 ARCHITECTURES = ("7b", "40b")
+TOKENIZER_KINDS = ("bpe", "wordlevel", "wordpiece", "unigram")
 VOCAB_SIZE = 1024
 # Falcon's tokenizer starts with 11 document-structure tokens and puts <|endoftext|> at id 11; keeping that
 # layout makes the tiny tokenizer's eos id the same as the real one's.
 SPECIAL_TOKENS = (">>TITLE<<", ">>ABSTRACT<<", ">>INTRODUCTION<<", ">>SUMMARY<<", ">>COMMENT<<", ">>ANSWER<<",
                   ">>QUESTION<<", ">>DOMAIN<<", ">>PREFIX<<", ">>SUFFIX<<", ">>MIDDLE<<", "<|endoftext|>")
 EOS_TOKEN = "<|endoftext|>"
+UNK_TOKEN = "<unk>"  # the tokenizers without byte-level coverage map unknown words to it
 SEED = 1234
 
 
@@ -58,18 +65,45 @@ def training_corpus() -> list[str]:
     return texts
 
 
-def build_tokenizer(save_dir: Path) -> None:
-    """Train a byte-level BPE tokenizer (Falcon's kind) and save it in Hugging Face format."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(save_dir: Path, kind: str = "bpe") -> None:
+    """Train a tokenizer of ``kind`` (one of ``TOKENIZER_KINDS``) and save it in Hugging Face format."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"tokenizer kind must be one of {TOKENIZER_KINDS}, got {kind!r}")
+    specials, unk = list(SPECIAL_TOKENS), None
+    if kind == "bpe":
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    elif kind in ("wordlevel", "wordpiece"):
+        unk = UNK_TOKEN
+        model = models.WordLevel(unk_token=unk) if kind == "wordlevel" else models.WordPiece(unk_token=unk)
+        tokenizer = Tokenizer(model)
+        tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+        tokenizer.decoder = decoders.WordPiece()  # as the checkpoints that ship a word-level vocabulary have it
+        trainer_type = trainers.WordLevelTrainer if kind == "wordlevel" else trainers.WordPieceTrainer
+        trainer = trainer_type(vocab_size=VOCAB_SIZE, special_tokens=specials + [unk], show_progress=False)
+    else:
+        unk = UNK_TOKEN
+        tokenizer = Tokenizer(models.Unigram(byte_fallback=True))
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        tokenizer.pre_tokenizer = pre_tokenizers.Split("\u2581", "merged_with_next")
+        tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                               decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+        byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+        trainer = trainers.UnigramTrainer(vocab_size=VOCAB_SIZE, special_tokens=specials + [unk] + byte_tokens,
+                                          unk_token=unk, show_progress=False)
     tokenizer.train_from_iterator(training_corpus(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, model_max_length=2048)
+    if kind == "unigram":  # training makes a new model, without byte fallback: turn it back on
+        saved = json.loads(tokenizer.to_str())
+        saved["model"]["byte_fallback"] = True
+        tokenizer = Tokenizer.from_str(json.dumps(saved))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, unk_token=unk,
+                                   model_max_length=2048)
     fast.save_pretrained(save_dir)
 
 
@@ -89,8 +123,9 @@ def tiny_config(architecture: str, vocab_size: int = VOCAB_SIZE):
     return FalconConfig(new_decoder_architecture=True, num_kv_heads=2, parallel_attn=True, **common)
 
 
-def build_tiny_falcon(save_dir: str | os.PathLike, architecture: str = "7b") -> Path:
-    """Write a tiny random Falcon checkpoint with its tokenizer to ``save_dir`` and return the path.
+def build_tiny_falcon(save_dir: str | os.PathLike, architecture: str = "7b", tokenizer: str = "bpe") -> Path:
+    """Write a tiny random Falcon checkpoint with a tokenizer of kind ``tokenizer`` to ``save_dir`` and return the
+    path.
 
     Building is deterministic (fixed seed) and skipped when ``save_dir`` already holds a finished checkpoint.
     """
@@ -104,12 +139,13 @@ def build_tiny_falcon(save_dir: str | os.PathLike, architecture: str = "7b") -> 
     save_dir.parent.mkdir(parents=True, exist_ok=True)
     # Build in a sibling temp dir and rename, so a crash or a concurrent builder never leaves half a checkpoint.
     staging = Path(tempfile.mkdtemp(prefix=save_dir.name + ".", dir=save_dir.parent))
-    build_tokenizer(staging)
+    build_tokenizer(staging, tokenizer)
     torch.manual_seed(SEED)
     model = FalconForCausalLM(tiny_config(architecture)).eval()
     model.generation_config.pad_token_id = model.config.eos_token_id
     model.save_pretrained(staging)
-    (staging / "tiny-falcon.json").write_text(json.dumps({"architecture": architecture, "seed": SEED}))
+    (staging / "tiny-falcon.json").write_text(json.dumps({"architecture": architecture, "tokenizer": tokenizer,
+                                                               "seed": SEED}))
     try:
         staging.rename(save_dir)
     except OSError:  # another process finished first: use its checkpoint
@@ -120,14 +156,15 @@ def build_tiny_falcon(save_dir: str | os.PathLike, architecture: str = "7b") -> 
 
 
 def main() -> None:
-    """``python -m predictor.tiny DIR [7b|40b]``: build a tiny Falcon checkpoint in DIR."""
+    """``python -m predictor.tiny DIR [7b|40b] [--tokenizer KIND]``: build a tiny Falcon checkpoint in DIR."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("save_dir", help="directory to write the checkpoint to")
     parser.add_argument("architecture", nargs="?", default="7b", choices=ARCHITECTURES)
+    parser.add_argument("--tokenizer", default="bpe", choices=TOKENIZER_KINDS, help="the tokenizer's kind")
     args = parser.parse_args()
-    print(build_tiny_falcon(args.save_dir, args.architecture))
+    print(build_tiny_falcon(args.save_dir, args.architecture, args.tokenizer))
 
 
 if __name__ == "__main__":

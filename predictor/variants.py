@@ -12,6 +12,10 @@ import os
 from dataclasses import dataclass
 
 FALCON_CONTEXT_LENGTH = 2048  # every Falcon was trained with a 2048-token context
+FALCON_HEAD_DIM = 64
+# GPU memory a replica keeps out of the KV cache besides the weights: the CUDA context and torch's allocator, per GPU
+GPU_OVERHEAD_GIB = 2.0
+KV_CACHE_SHARE = 0.9  # of what the weights leave, as the engine's default budget (GPU_KV_CACHE_SHARE)
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,21 @@ class Variant:
     gpu_memory_gib: int  # GPU memory one replica needs in all, weights plus room for the KV cache
     instruct: bool  # tuned to follow the User:/Assistant: conversation format
     parameters_b: float  # parameters, in billions: what the weights weigh on the CPU (4 bytes each in float32)
+    layers: int
+    kv_heads: int  # K/V heads per layer: what one token costs in the KV cache
+    gpu_gb: int  # the smallest GPU (GB each) the manifests deploy it on
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Keys and values of one token in every layer, in the 2-byte serving dtype."""
+        return 2 * self.layers * self.kv_heads * FALCON_HEAD_DIM * 2
+
+    @property
+    def kv_rows(self) -> int:
+        """Full-context sequences the default KV cache budget holds on ``gpus`` GPUs of ``gpu_gb``: 90% of what
+        the bf16 weights and each GPU's overhead leave."""
+        free = self.gpus * (self.gpu_gb * 1e9 - GPU_OVERHEAD_GIB * 2**30) - self.parameters_b * 1e9 * 2
+        return int(KV_CACHE_SHARE * free) // (self.context_length * self.kv_bytes_per_token)
 
     @property
     def hf_uri(self) -> str:
@@ -39,16 +58,16 @@ VARIANTS: dict[str, Variant] = {
     for v in (
         Variant("falcon-7b", "tiiuae/falcon-7b", "898df1396f35e447d5fe44e0a3ccaaaa69f30d36",
                 "bfloat16", FALCON_CONTEXT_LENGTH, gpus=1, gpu_memory_gib=14, instruct=False,
-                parameters_b=6.9),
+                parameters_b=6.9, layers=32, kv_heads=1, gpu_gb=24),
         Variant("falcon-7b-instruct", "tiiuae/falcon-7b-instruct", "cf4b3c42ce2fdfe24f753f0f0d179202fea59c99",
                 "bfloat16", FALCON_CONTEXT_LENGTH, gpus=1, gpu_memory_gib=14, instruct=True,
-                parameters_b=6.9),
+                parameters_b=6.9, layers=32, kv_heads=1, gpu_gb=24),
         Variant("falcon-40b", "tiiuae/falcon-40b", "4a70170c215b36a3cce4b4253f6d0612bb7d4146",
                 "bfloat16", FALCON_CONTEXT_LENGTH, gpus=2, gpu_memory_gib=90, instruct=False,
-                parameters_b=41.3),
+                parameters_b=41.3, layers=60, kv_heads=8, gpu_gb=80),
         Variant("falcon-40b-instruct", "tiiuae/falcon-40b-instruct", "ecb78d97ac356d098e79f0db222c9ce7c5d9ee5f",
                 "bfloat16", FALCON_CONTEXT_LENGTH, gpus=2, gpu_memory_gib=90, instruct=True,
-                parameters_b=41.3),
+                parameters_b=41.3, layers=60, kv_heads=8, gpu_gb=80),
     )
 }
 

@@ -10,6 +10,12 @@ makes the engine raise while it works on that prompt, as a lost or full accelera
 - ``<<fault:device-lost>>``: from then on every step raises, whatever the prompt, as a GPU that fell off the
   bus would (the engine's self-check included).
 
+Through the engine's fault-injection hook (``predictor.engine.faults``), a prompt that contains
+``<<raise:STAGE>>`` makes the work on that request raise ``RuntimeError`` at that stage (an option's name such as
+``stop_strings``, ``prefix``, ``rows``, ``prefill``, ``decode``, ``sampling``, ``retirement``, ``beams``,
+``detokenization``, ``streaming``: see ``predictor/engine/faults.py``); ``<<kill:STAGE>>`` raises an exception no stage may catch (``WorkerKilled``, a ``BaseException``),
+which ends the worker thread; ``<<hang:STAGE>>`` blocks the worker there for good.
+
 Other prompts run untouched, so a test can check that the next request is served normally.
 
 With ``$FAULT_SERVER_HOLD_LOAD`` set to a path, loading the model waits until that file exists, so a test can see
@@ -18,14 +24,18 @@ the server while it is still loading, for as long as it needs.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from predictor import __main__ as predictor_main
 from predictor.api import model
+from predictor.engine import faults
 from predictor.engine import runner as engine
 
 HOLD_LOAD_MAX_S = 120  # never wait for the release longer than a test would wait for readiness
@@ -76,6 +86,43 @@ def install_faults() -> None:
     engine.Engine.generate_beams = faulty_generate_beams
 
 
+STAGE_MARKER = re.compile(r"<<(raise|kill|hang):(\w+)>>")
+
+
+class WorkerKilled(BaseException):
+    """Escapes every ``except Exception``: what ends a worker thread."""
+
+
+def stage_faults(tokenizer) -> faults.Injector:
+    """The injector: raises at the stage a prompt's marker names."""
+    @functools.lru_cache(maxsize=256)
+    def markers(prompt: tuple[int, ...]) -> list[tuple[str, str]]:
+        return STAGE_MARKER.findall(tokenizer.decode(list(prompt)))
+
+    def inject(stage: str, prompt_ids: Sequence[int]) -> None:
+        for action, marked in markers(tuple(prompt_ids)):
+            if marked != stage:
+                continue
+            if action == "raise":
+                raise RuntimeError(f"injected at {stage} ({SECRET})")
+            if action == "kill":
+                raise WorkerKilled(f"injected at {stage}")
+            threading.Event().wait()  # hang: nothing ever sets it
+
+    return inject
+
+
+def install_stage_faults() -> None:
+    load = model.FalconModel.load
+
+    def load_with_faults(self: model.FalconModel) -> bool:
+        loaded = load(self)
+        faults.install(stage_faults(self.engine.tokenizer))
+        return loaded
+
+    model.FalconModel.load = load_with_faults
+
+
 def hold_loading_until(release: str) -> None:
     load = model.FalconModel.load
 
@@ -90,6 +137,7 @@ def hold_loading_until(release: str) -> None:
 
 if __name__ == "__main__":
     install_faults()
+    install_stage_faults()
     if os.environ.get("FAULT_SERVER_HOLD_LOAD"):
         hold_loading_until(os.environ["FAULT_SERVER_HOLD_LOAD"])
     predictor_main.main()

@@ -18,6 +18,7 @@ import kubernetes_validate
 from kubernetes.utils import parse_quantity
 
 from predictor.config import SHUTDOWN_AFTER_DRAIN_S, ServerConfig, build_parser, parse_config
+from predictor.engine.kv_cache import ROW_CAP
 from predictor.variants import VARIANTS, Variant
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,8 +202,16 @@ def variant_problems(isvc: Doc, pod: Doc) -> list[str]:
     uri = storage_uri(isvc, container) or ""
     if uri.startswith("pvc://") and not uri.rstrip("/").endswith(f"/{variant.name}"):
         problems.append(f"storage {uri} is not the {variant.name} directory of a claim")
+    elif uri.startswith("oci://"):
+        problems += modelcar_problems(uri, variant)
     elif not uri.startswith("pvc://") and uri != variant.hf_uri:
         problems.append(f"storage {uri!r} is not {variant.hf_uri} (the pinned revision)")
+    # The batch: what the KV cache holds on the variant's smallest GPUs, within the server's cap on those GPUs (the
+    # A100s and 24 GB GPUs the manifests also run on); pinned, because the autoscale/ target follows it.
+    batch = min(variant.kv_rows, ROW_CAP)
+    if config.max_batch_size != batch:
+        problems.append(f"--max_batch_size {config.max_batch_size} but {variant.gpus} x {variant.gpu_gb} GB hold "
+                        f"{variant.kv_rows} full {variant.name} sequences and the cap is {ROW_CAP}: want {batch}")
     resources = container.get("resources", {})
     limits, requests = resources.get("limits", {}), resources.get("requests", {})
     if int(limits.get("nvidia.com/gpu", 0)) != variant.gpus:
@@ -210,6 +219,19 @@ def variant_problems(isvc: Doc, pod: Doc) -> list[str]:
     if int(requests.get("nvidia.com/gpu", variant.gpus)) != variant.gpus:
         problems.append("nvidia.com/gpu request differs from the limit")
     return problems + memory_problems(variant, pod, container)
+
+
+def modelcar_problems(uri: str, variant: Variant) -> list[str]:
+    """A weights image (KServe modelcar) named after the model and tagged with its pinned revision, so that the image
+    says which checkpoint it holds (a tag like `latest` would let a rebuild change the weights under a deployment)."""
+    repository, _, tag = uri.removeprefix("oci://").rpartition(":")
+    if "/" in tag or not repository:
+        return [f"storage {uri}: an oci:// image needs a tag, the revision {variant.revision}"]
+    problems = [] if repository.rsplit("/", 1)[-1] == variant.name else [
+        f"storage {uri}: the image's name must be the model's, {variant.name}"]
+    if tag != variant.revision:
+        problems.append(f"storage {uri}: tag {tag!r} is not the pinned revision {variant.revision}")
+    return problems
 
 
 def memory_problems(variant: Variant, pod: Doc, container: Doc) -> list[str]:
@@ -287,7 +309,7 @@ def pre_stop_seconds(container: Doc) -> int:
     if "sleep" in pre_stop:
         return int(pre_stop["sleep"]["seconds"])
     command = pre_stop.get("exec", {}).get("command", [])
-    return int(command[1]) if command[:1] == ["sleep"] else 0
+    return int(command[1]) if command and Path(command[0]).name == "sleep" else 0  # sleep or /bin/sleep
 
 
 def hardening_problems(pod: Doc, container: Doc) -> list[str]:

@@ -21,14 +21,23 @@ KV_CACHE_METRICS = {"falcon_kv_cache_usage_ratio": "gauge", "falcon_cache_config
                     "falcon_prefix_cache_queries_total": "counter", "falcon_prefix_cache_hits_total": "counter"}
 # The series each type of metric is exposed as (prometheus_client's text format).
 _SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum", "_created")}
-# What the endpoint picker's flags must name: (flag, the model-server-protocol metric, its type).
-EPP_METRIC_FLAGS = {
-    "--total-queued-requests-metric": "gauge",
-    "--total-running-requests-metric": "gauge",
-    "--kv-cache-usage-percentage-metric": "gauge",
-    "--cache-info-metric": "gauge",
-    "--lora-info-metric": "gauge",
+# What llm-d-router's core-metrics-extractor maps for an engine: (engine config field, the model-server-protocol
+# metric's type). Each must name a metric this server exports.
+ENGINE_METRIC_SPECS = {
+    "queuedRequestsSpec": "gauge",
+    "runningRequestsSpec": "gauge",
+    "kvUsageSpec": "gauge",
+    "cacheInfoSpec": "gauge",
 }
+# The LoRA metric is exported only while adapters are served (vLLM's vllm:lora_requests_info, same labels).
+LORA_METRIC = "falcon_lora_requests_info"
+# The pod label the extractor picks an engine's mapping by, and the engine name this server's pods carry.
+ENGINE_LABEL = "llm-d.ai/engine-type"
+ENGINE = "falcon-predictor"
+# The picker's flags that named metrics before the extractor did: deprecated, and refused when set.
+DEPRECATED_EPP_FLAGS = ("--total-queued-requests-metric", "--total-running-requests-metric",
+                        "--kv-cache-usage-percentage-metric", "--lora-info-metric", "--cache-info-metric")
+EPP_CONFIG_API = "llm-d.ai/v1alpha1"
 PROMQL_WORDS = {"sum", "by", "rate", "histogram_quantile", "count", "le", "without", "avg", "max", "min",
                 "label_values", "irate", "increase", "on", "ignoring"}
 
@@ -120,8 +129,11 @@ def autoscale_problems(isvc: Doc, docs: list[Doc], series: set[str]) -> list[str
         problems.append(f"the query must select {name}'s own pods (pod=~\"{name}-predictor-.*\")")
     config, _ = parse_args(kserve_container(pod_of(isvc, docs)).get("args", []))
     batch = config.max_batch_size if config else 0
-    if target.get("type") != "AverageValue" or float(target.get("averageValue", 0)) < batch:
-        problems.append(f"target: an AverageValue of at least the batch size ({batch}) per replica, got {target}")
+    # A full batch plus a short queue: below the batch a replica is added while the running one has room; far above
+    # it requests queue for long before one is.
+    if target.get("type") != "AverageValue" or not batch <= float(target.get("averageValue", 0)) <= 1.25 * batch:
+        problems.append(f"target: an AverageValue between the batch size ({batch}) and 1.25 times it per replica, "
+                        f"got {target}")
     return problems
 
 
@@ -150,6 +162,10 @@ def pool_problems(docs: list[Doc], families: dict[str, str]) -> list[str]:
         labels = spec["selector"]["matchLabels"]
         if labels != {"serving.kserve.io/inferenceservice": name, "component": "predictor"} or name not in isvcs:
             problems.append(f"{name}: the selector must pick that InferenceService's predictor pods, got {labels}")
+        isvc_labels = next((i["spec"]["predictor"].get("labels", {}) for i in by_kind.get("InferenceService", [])
+                            if i["metadata"]["name"] == name), {})
+        if isvc_labels.get(ENGINE_LABEL) != ENGINE:
+            problems.append(f"{name}: its pods need the label {ENGINE_LABEL}: {ENGINE} (predictor.labels)")
         if [p["number"] for p in spec["targetPorts"]] != [8080]:
             problems.append(f"{name}: the target port must be the server's 8080 (it serves /metrics too)")
         picker = spec.get("endpointPickerRef", {}).get("name")
@@ -160,11 +176,48 @@ def pool_problems(docs: list[Doc], families: dict[str, str]) -> list[str]:
         flags = epp_flags(pickers[picker])
         if flags.get("--pool-name") != name:
             problems.append(f"{name}: the picker's --pool-name is {flags.get('--pool-name')!r}")
-        for flag, kind in EPP_METRIC_FLAGS.items():
-            metric = flags.get(flag)
-            if types.get(metric) != kind:
-                problems.append(f"{name}: {flag}={metric} is not a {kind} the server exports")
+        problems += [f"{name}: {flag} is deprecated and refused: map metrics in the config's core-metrics-extractor"
+                     for flag in DEPRECATED_EPP_FLAGS if flag in flags]
+        problems += [f"{name}: {p}" for p in picker_probe_problems(pickers[picker])]
+        problems += [f"{name}: {p}" for p in epp_config_problems(epp_config(docs, picker), families)]
         problems += _route_problems(name, by_kind.get("HTTPRoute", []))
+    return problems
+
+
+def picker_probe_problems(deployment: Doc) -> list[str]:
+    """The picker's gRPC health service names: ``liveness`` and ``readiness`` (an unknown name, such as the old
+    ``inference-extension``, answers SERVICE_UNKNOWN once leader election is on)."""
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return [f"{kind}: gRPC service {container.get(kind, {}).get('grpc', {}).get('service')!r}, want {service!r}"
+            for kind, service in (("livenessProbe", "liveness"), ("readinessProbe", "readiness"))
+            if container.get(kind, {}).get("grpc", {}).get("service") != service]
+
+
+def epp_config_problems(config: Doc, families: dict[str, str], engine: str = ENGINE) -> list[str]:
+    """An EndpointPickerConfig in llm-d-router's group whose core-metrics-extractor maps ``engine`` (the pods'
+    engine label) onto metrics the server exports, wired to the metrics source, with every pluginRef declared."""
+    problems = [] if config.get("apiVersion") == EPP_CONFIG_API else [
+        f"the picker's config is {config.get('apiVersion')}, want {EPP_CONFIG_API}"]
+    plugins = {p.get("name", p["type"]): p for p in config.get("plugins", [])}
+    extractor = plugins.get("core-metrics-extractor", {}).get("parameters", {})
+    if extractor.get("engineLabelKey", ENGINE_LABEL) != ENGINE_LABEL:
+        problems.append(f"the extractor reads the engine from {extractor['engineLabelKey']}, want {ENGINE_LABEL}")
+    mapping = next((c for c in extractor.get("engineConfigs", []) if c.get("name") == engine), None)
+    if mapping is None:
+        return problems + [f"core-metrics-extractor maps no engine {engine!r}: the pods would be read as vLLM"]
+    types = family_types(families)
+    for field, kind in ENGINE_METRIC_SPECS.items():
+        if types.get(mapping.get(field)) != kind:
+            problems.append(f"{field}={mapping.get(field)} is not a {kind} the server exports")
+    if mapping.get("loraSpec") not in (LORA_METRIC, None) and types.get(mapping.get("loraSpec")) != "gauge":
+        problems.append(f"loraSpec={mapping.get('loraSpec')} is neither {LORA_METRIC} nor an exported gauge")
+    sources = config.get("dataLayer", {}).get("sources", [])
+    wired = {(s.get("pluginRef"), e.get("pluginRef")) for s in sources for e in s.get("extractors", [])}
+    if ("metrics-data-source", "core-metrics-extractor") not in wired:
+        problems.append("dataLayer must wire metrics-data-source to core-metrics-extractor (else defaults replace it)")
+    refs = {p["pluginRef"] for profile in config.get("schedulingProfiles", []) for p in profile["plugins"]}
+    refs |= {ref for pair in wired for ref in pair}
+    problems += [f"pluginRef {ref} is not declared in plugins" for ref in sorted(refs - set(plugins))]
     return problems
 
 

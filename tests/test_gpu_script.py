@@ -55,7 +55,10 @@ def test_dry_run_writes_every_stage_with_numbers(gpu_bench, tmp_path):
         assert direct["weights"]["parameters"] > 0 and direct["weights"]["devices"] == ["cpu"]
         assert all(_number(value) for key, value in direct["kv_cache"].items() if key != "free_memory_kind")
         assert [row["batch"] for row in direct["throughput"]] == list(model_plan.concurrency)
-        servers = [(f"{model}-server", model_plan.concurrency)]
+        # the default server (no --max_batch_size) also at its own, higher concurrency
+        servers = [(f"{model}-server", model_plan.concurrency + model_plan.server_concurrency)]
+        assert "--max_batch_size" not in stages[f"{model}-server"]["flags"]
+        assert stages[f"{model}-server"]["max_running_sequences"] == 256  # the CPU's cap
         if model == "falcon-7b":
             servers.append(("falcon-7b-server-compile", (1,)))
             assert stages["falcon-7b-server-compile"]["compile"]["shapes"] >= 1

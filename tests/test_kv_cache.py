@@ -18,7 +18,8 @@ from generation import generated, hf_greedy, make_job, reserved_engine, run
 from transformers import FalconForCausalLM
 
 from predictor.engine.batcher import Batcher
-from predictor.engine.kv_cache import BLOCK_SIZE, CacheShape, KVCache, column_tiers, row_buckets
+from predictor.engine.falcon import DECODE_BLOCK
+from predictor.engine.kv_cache import BLOCK_SIZE, CacheShape, KVCache, column_tiers, default_row_cap, row_buckets
 from predictor.errors import Draining, GenerationFailed, Overloaded
 from predictor.tiny import build_tokenizer, tiny_config
 
@@ -98,6 +99,27 @@ def test_a_copy_shares_a_prefix_and_a_taken_row_moves_its_prefix_up():
 
     assert cache.allocate(2) == 2  # no free row above the four a step computes: its prefix is evicted
     assert cache.find_prefix(prompt + [1]).row == 3
+
+
+def test_the_prefix_being_taken_is_never_the_row_a_taken_row_moves_into():
+    """Every row holds a finished prompt; the least recently used one is asked for again (replaying the same
+    prompts in order does exactly this). Taking the lowest row moves its contents up into the least recently used
+    free row, which must not be the one about to be copied from."""
+    cache = cache_of(rows=4)
+    prompts = [[1000 * (i + 1) + t for t in range(BLOCK_SIZE + 1)] for i in range(4)]
+    for running, prompt in enumerate(prompts):
+        row = cache.allocate(running)
+        cache.keys[0][row, :, : len(prompt)] = float(running + 1)  # each prompt's keys are its own
+        cache.extend(row, prompt)
+    for row in range(4):
+        cache.release(row)
+
+    # Released 0..3, so row 0 is the oldest; once it is taken and freed again, row 1 is.
+    cache.release(cache.allocate(0, cache.find_prefix(prompts[0] + [7])))  # row 0 taken and freed: 1 is the oldest
+    hit = cache.find_prefix(prompts[1] + [7])
+    row = cache.allocate(0, hit)
+    assert cache._tokens[row][:BLOCK_SIZE] == prompts[1][:BLOCK_SIZE]
+    assert torch.equal(cache.keys[0][row, :, :BLOCK_SIZE], torch.full((1, BLOCK_SIZE, 4), 2.0))
 
 
 def test_buckets_and_tiers_cover_every_size():
@@ -241,11 +263,11 @@ def test_seeded_sampling_is_the_same_alone_batched_and_chunked(tiny_dirs):
 def test_after_a_failed_step_the_cache_serves_new_requests(tiny_dirs):
     engine = reserved_engine(tiny_dirs["7b"], rows=4)
     expected = run(engine, [make_job(engine, p, do_sample=False, max_new_tokens=12) for p in PROMPTS[:3]])
-    real_step, failed = engine.step, []
+    real_step, broken = engine.step, [True]
 
     def step(decode, chunks=()):
-        if len(decode) == 3 and not chunks and not failed:  # a decode step of all three: it fails them all
-            failed.append(True)
+        # Every decode step fails while broken, that of each request alone included: a device fault fails them all.
+        if broken and decode and not chunks:
             raise RuntimeError("injected fault")
         return real_step(decode, chunks)
 
@@ -256,6 +278,7 @@ def test_after_a_failed_step_the_cache_serves_new_requests(tiny_dirs):
         batcher.start()
         doomed = [batcher.submit(make_job(engine, p, do_sample=False, max_new_tokens=30)) for p in PROMPTS[:3]]
         failures = await asyncio.gather(*(t.result() for t in doomed), return_exceptions=True)
+        broken.clear()
         later = [batcher.submit(make_job(engine, p, do_sample=False, max_new_tokens=12)) for p in PROMPTS[:3]]
         results = await asyncio.gather(*(t.result() for t in later))
         batcher.close()
@@ -295,12 +318,14 @@ def test_compiled_steps_give_each_request_the_eager_tokens(arch, tiny_dirs):
     expected = run(eager, [make_job(eager, p, **dict(o)) for p, o in zip(PROMPTS, options)], stagger_s=0.02)
 
     compiled = reserved_engine(tiny_dirs[arch], rows=0)
-    compiled.reserve(4, compile=True, smallest_tier=64)
+    compiled.reserve(4, compile=True)
     progress = []
     got = run(compiled, [make_job(compiled, p, **dict(o)) for p, o in zip(PROMPTS, options)], max_batch_size=4,
               stagger_s=0.02, prepare=lambda: compiled.warm_up(lambda done, total: progress.append((done, total))))
     shapes = len(compiled.compiled_shapes)
-    assert progress[-1] == (shapes, shapes) and shapes == 3 * len(column_tiers(2048, 64))
+    # Per decode token count (1, 2, 4): one block each, 1.5x, 2x, ... up to every token reading 2048 columns.
+    assert progress[-1] == (shapes, shapes) and shapes == sum(len(column_tiers(t * 2048 // DECODE_BLOCK, t))
+                                                              for t in (1, 2, 4))
     assert [generated(r) for r in got] == [generated(r) for r in expected]
 
 
@@ -320,10 +345,27 @@ def test_compile_flag_serves_the_same_text_over_http(start_server, tiny_dirs, ti
     assert answers(server.url) == answers(tiny_server.url)
 
 
-def test_start_up_logs_the_cache_and_a_budget_too_small_is_refused(start_server, tiny_dirs, tiny_server):
+def test_the_default_batch_is_capped_by_the_device_as_vllm_does():
+    gib = 2**30
+    assert default_row_cap([])[0] == 256  # the CPU
+    assert default_row_cap([("NVIDIA H100 80GB HBM3", 80 * gib)])[0] == 1024
+    assert default_row_cap([("NVIDIA H200", 141 * gib)] * 2)[0] == 1024
+    assert default_row_cap([("NVIDIA A100-SXM4-80GB", 80 * gib)])[0] == 256  # vLLM measured no gain past 256
+    assert default_row_cap([("NVIDIA L4", 24 * gib)])[0] == 256
+
+
+def test_start_up_runs_as_many_rows_as_memory_holds_and_says_why(start_server, tiny_dirs, tiny_server):
     log = tiny_server.log()
-    assert "KV cache: 256 bytes per token (2 layers x 1 K/V heads x 16)" in log
-    assert "KV cache reserved: 32 rows x 2048 tokens, 16 MiB" in log
+    assert "KV cache: 256 bytes per token (2 layers x 1 K/V heads x 16), 0.5 MiB per 2048-token row" in log
+    # 4 GiB on the CPU hold 8,192 rows of the tiny model: the CPU's cap decides.
+    assert "Running up to 256 sequences at once: the KV cache budget holds 8192 rows, the cap on the CPU is 256" in log
+    assert "KV cache reserved: 256 rows x 2048 tokens, 128 MiB" in log
+    bounded = start_server(tiny_dirs["7b"], "--kv_cache_memory", "0.01")  # 10 MiB: 20 rows
+    assert "Running up to 20 sequences at once: the KV cache budget holds 20 rows" in bounded.log()
+    assert "KV cache reserved: 20 rows x 2048 tokens, 10 MiB" in bounded.log()
+
+
+def test_a_budget_too_small_is_refused(start_server, tiny_dirs):
     small = start_server(tiny_dirs["7b"], "--kv_cache_memory", "0.001", wait=False)
     assert small.process.wait(timeout=120) != 0
     assert "raise --kv_cache_memory or lower --max_num_return_sequences" in small.log()

@@ -123,8 +123,9 @@ def test_request_time_budget_stops_generation(server) -> None:
     assert elapsed < BUDGET_S + 20, elapsed
 
 
-def test_overload_gives_429_with_retry_after_and_no_5xx(server) -> None:
-    """One sequence runs, one request waits; the others are refused at once instead of piling up."""
+def test_overload_gives_429_with_retry_after_and_no_server_error(server) -> None:
+    """One sequence runs, one request waits; the others are refused at once instead of piling up. The one waiting
+    may spend its whole budget waiting (the running one uses as much): then it gets 504, not a 500."""
     overloaded_before = requests_total(server, "overloaded")
 
     async def fire(n: int) -> list[httpx.Response]:
@@ -133,8 +134,10 @@ def test_overload_gives_429_with_retry_after_and_no_5xx(server) -> None:
 
     responses = asyncio.run(fire(8))
     statuses = sorted(r.status_code for r in responses)
-    assert all(status < 500 for status in statuses), [r.text for r in responses if r.status_code >= 500]
-    assert set(statuses) <= {200, 429}, statuses
+    assert set(statuses) <= {200, 429, 504}, [r.text for r in responses if r.status_code >= 500]
+    for response in responses:
+        if response.status_code == 504:
+            assert response.json()["error_type"] == "request_timeout", response.text
     refused = [r for r in responses if r.status_code == 429]
     assert len(refused) >= 4, statuses  # at most one running and one waiting (plus one that slipped in early)
     for response in refused:
@@ -182,12 +185,12 @@ def assert_generation_failed(response: httpx.Response) -> dict:
 
 @pytest.mark.parametrize("marker", [RUNTIME_FAULT, OOM_FAULT], ids=["runtime-error", "out-of-memory"])
 def test_failed_generation_fails_only_its_request(server, marker: str) -> None:
-    failed_before = requests_total(server, "generation_failed")
+    failed_before = requests_total(server, "failed")
     body = assert_generation_failed(chat(server, {"prompt": f"Hello {marker}",
                                                         "generate_kwargs": {"max_new_tokens": 4}}))
     if marker == OOM_FAULT:
         assert "memory" in body["detail"]
-    assert requests_total(server, "generation_failed") == failed_before + 1
+    assert requests_total(server, "failed") == failed_before + 1
     assert_serves(server)
 
 

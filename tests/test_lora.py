@@ -87,7 +87,7 @@ def test_compiled_steps_serve_the_adapters_as_peft(setup):
     bank = compiled.enable_lora(max_loras=2, max_rank=16)
     for name in ADAPTERS:
         bank.register(engine.lora.adapter(name))
-    compiled.reserve(4, compile=True, smallest_tier=64)
+    compiled.reserve(4, compile=True)
     names = [None, *ADAPTERS]
     jobs = [(name, i) for i in range(len(PROMPTS)) for name in names]
     results = run(compiled, [job(compiled, PROMPTS[i], name) for name, i in jobs], max_batch_size=4,

@@ -189,6 +189,8 @@ DRIFTS: dict[str, tuple[str, str, Callable[[list[Doc]], None]]] = {
         storageUri="hf://tiiuae/falcon-7b")),
     "model name": ("falcon-7b", "not one of", lambda d: _model("falcon-7b")(d).update(
         args=["--model_name=falcon-180b"])),
+    "stale batch": ("falcon-40b", "--max_batch_size 16 but 2 x 80 GB hold 261", lambda d: _model("falcon-40b")(d)
+                    ["args"].__setitem__(-1, "--max_batch_size=16")),
     "flag typo": ("falcon-40b", "not a flag", lambda d: _model("falcon-40b")(d)["args"].append("--max_batch=4")),
     "bad value": ("falcon-7b", "rejects", lambda d: _model("falcon-7b")(d)["args"].append("--dtype=int8")),
     "probe port": ("falcon-7b", "not the server's --http_port", lambda d: _runtime_container(d)["readinessProbe"]
@@ -359,3 +361,40 @@ def test_the_route_rewrite_target_takes_the_readme_payload(tiny_server: Any, doc
     for path in rewrites:
         response = httpx.post(tiny_server.url + path, json=payload, timeout=120)
         assert response.status_code == 200, response.text
+
+
+# ---- weights in OCI images (modelcar/) ------------------------------------------------------------------------------
+
+def test_kustomize_renders_the_modelcar_overlay() -> None:
+    rendered = kustomize(MANIFESTS / "modelcar")
+    isvcs = of_kind(rendered, "InferenceService")
+    assert sorted(i["metadata"]["name"] for i in isvcs) == sorted(VARIANTS)
+    for isvc in isvcs:
+        model, variant = isvc["spec"]["predictor"]["model"], VARIANTS[isvc["metadata"]["name"]]
+        assert model["storageUri"].startswith("oci://") and model["storageUri"].endswith(
+            f"/{variant.name}:{variant.revision}")
+        assert "ephemeral-storage" not in model["resources"]["requests"]  # the image is on the node, not the pod
+        assert schema_problems(isvc) == [] and all_problems(isvc, rendered) == []
+
+
+@pytest.mark.parametrize("uri, words", [
+    ("oci://registry.example.com/falcon-weights/falcon-7b:latest", "not the pinned revision"),
+    ("oci://registry.example.com/falcon-weights/falcon-7b", "needs a tag"),
+    ("oci://registry.example.com/falcon-weights/falcon-40b:898df1396f35e447d5fe44e0a3ccaaaa69f30d36", "model's"),
+])
+def test_a_modelcar_that_does_not_say_its_checkpoint_is_reported(uri: str, words: str) -> None:
+    rendered = kustomize(MANIFESTS / "modelcar")
+    isvc = named(rendered, "falcon-7b")
+    isvc["spec"]["predictor"]["model"]["storageUri"] = uri
+    assert any(words in problem for problem in all_problems(isvc, rendered))
+
+
+def test_the_modelcar_recipe_puts_the_checkpoint_where_kserve_looks() -> None:
+    """KServe's modelcar sidecar links the image's /models into the pod with a shell command: the image needs a
+    shell and the checkpoint at /models, readable by the predictor's user."""
+    lines = [line.split() for line in (MANIFESTS / "modelcar" / "Dockerfile").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines[0][0] == "FROM" and lines[0][1].startswith("busybox:")
+    copy_line = next(words for words in lines if words[0] == "COPY")
+    assert copy_line[-1] == "/models/" and "--chmod=a+rX" in copy_line
+    assert ["USER", "1000:1000"] in lines

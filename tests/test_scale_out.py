@@ -15,6 +15,7 @@ import copy
 from typing import Callable
 
 import pytest
+import yaml
 from manifest_checks import MANIFESTS, Doc, all_problems, schema_problems
 from prometheus_client import REGISTRY, generate_latest
 from scale_checks import (
@@ -89,7 +90,8 @@ AUTOSCALE_DRIFTS: dict[str, tuple[str, Callable[[Doc], None]]] = {
         query='sum(vllm:num_requests_running{pod=~"falcon-40b-predictor-.*"})')),
     "another model's pods": ("own pods", lambda i: _external(i)["metric"].update(
         query='sum(falcon_waiting_requests{pod=~"falcon-7b-predictor-.*"})')),
-    "target below a batch": ("batch size (16)", lambda i: _external(i)["target"].update(averageValue="4")),
+    "target below a batch": ("batch size (256)", lambda i: _external(i)["target"].update(averageValue="36")),
+    "target far past a batch": ("batch size (256)", lambda i: _external(i)["target"].update(averageValue="1024")),
     "one replica": ("maxReplicas", lambda i: i["spec"]["predictor"].update(maxReplicas=1)),
 }
 
@@ -129,18 +131,38 @@ def _picker_args(docs: list[Doc]) -> list[str]:
     return of_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
-def _replace_flag(docs: list[Doc], flag: str, value: str) -> None:
-    args = _picker_args(docs)
-    args[:] = [f"{flag}={value}" if a.startswith(f"{flag}=") else a for a in args]
+def _edit_epp_config(docs: list[Doc], change: Callable[[Doc], None]) -> None:
+    config_map = of_kind(docs, "ConfigMap")[0]
+    config = yaml.safe_load(config_map["data"]["epp-config.yaml"])
+    change(config)
+    config_map["data"]["epp-config.yaml"] = yaml.safe_dump(config)
+
+
+def _falcon_engine(config: Doc) -> Doc:
+    extractor = next(p for p in config["plugins"] if p["type"] == "core-metrics-extractor")
+    return next(c for c in extractor["parameters"]["engineConfigs"] if c["name"] == "falcon-predictor")
 
 
 POOL_DRIFTS: dict[str, tuple[str, Callable[[list[Doc]], None]]] = {
-    "vLLM's queue metric": ("--total-queued-requests-metric", lambda d: _replace_flag(
-        d, "--total-queued-requests-metric", "vllm:num_requests_waiting")),
-    "running sequences for requests": ("--total-running-requests-metric", lambda d: _replace_flag(
-        d, "--total-running-requests-metric", "falcon_running_sequence")),
-    "a counter for the KV gauge": ("--kv-cache-usage-percentage-metric", lambda d: _replace_flag(
-        d, "--kv-cache-usage-percentage-metric", "falcon_prefix_cache_hits_total")),
+    "vLLM's queue metric": ("queuedRequestsSpec", lambda d: _edit_epp_config(d, lambda c: _falcon_engine(c).update(
+        queuedRequestsSpec="vllm:num_requests_waiting"))),
+    "running sequences for requests": ("runningRequestsSpec", lambda d: _edit_epp_config(
+        d, lambda c: _falcon_engine(c).update(runningRequestsSpec="falcon_running_sequence"))),
+    "a counter for the KV gauge": ("kvUsageSpec", lambda d: _edit_epp_config(d, lambda c: _falcon_engine(c).update(
+        kvUsageSpec="falcon_prefix_cache_hits_total"))),
+    "an unknown LoRA metric": ("loraSpec", lambda d: _edit_epp_config(d, lambda c: _falcon_engine(c).update(
+        loraSpec="falcon_lora_info"))),
+    "no engine mapping": ("maps no engine", lambda d: _edit_epp_config(d, lambda c: _falcon_engine(c).update(
+        name="vllm"))),
+    "metrics not wired": ("dataLayer", lambda d: _edit_epp_config(d, lambda c: c.pop("dataLayer"))),
+    "the old config group": ("llm-d.ai/v1alpha1", lambda d: _edit_epp_config(d, lambda c: c.update(
+        apiVersion="inference.networking.x-k8s.io/v1alpha1"))),
+    "a deprecated metric flag": ("--total-queued-requests-metric", lambda d: _picker_args(d).append(
+        "--total-queued-requests-metric=falcon_waiting_requests")),
+    "the old health service": ("readinessProbe", lambda d: of_kind(d, "Deployment")[0]["spec"]["template"]["spec"]
+                               ["containers"][0]["readinessProbe"]["grpc"].update(service="inference-extension")),
+    "pods without the engine label": ("llm-d.ai/engine-type", lambda d: named(
+        of_kind(d, "InferenceService"), "falcon-7b-instruct")["spec"]["predictor"].pop("labels")),
     "selector": ("selector", lambda d: of_kind(d, "InferencePool")[0]["spec"]["selector"]["matchLabels"].update(
         app="falcon")),
     "port": ("target port", lambda d: of_kind(d, "InferencePool")[0]["spec"].update(targetPorts=[{"number": 80}])),

@@ -13,18 +13,19 @@ import dataclasses
 import gc
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import kserve
 
 from .. import metrics
 from ..config import ServerConfig
+from ..engine import faults
 from ..engine.batcher import Batcher
 from ..engine.kv_cache import BLOCK_SIZE
 from ..engine.options import GenerationJob, Limits
 from ..engine.runner import Engine, LoadSpec, load_engine
 from ..engine.tickets import GenerationResult, Ticket
-from ..errors import InvalidRequest, ModelNotFound, NotReady
+from ..errors import GenerationFailed, InvalidRequest, ModelNotFound, NotReady
 from ..tiny import build_tiny_falcon, default_cache_dir
 from ..variants import cpu_memory_warning, find_variant
 from .chat.mapping import to_generation_job
@@ -51,8 +52,17 @@ class FalconModel(kserve.Model):
         self.engine: Engine | None = None
         self.batcher: Batcher | None = None
         self.limits: Limits = config.limits
+        self.max_batch_size: int | None = None  # sequences run at once: decided when the KV cache is reserved
         self.draining = False
         self._live: set[Ticket] = set()  # submitted and not yet answered
+
+    def is_base(self, name: str) -> bool:
+        """Whether ``name`` names the base model: its served name or one of its ``--model_alias``es."""
+        return name == self.name or name in self.config.model_aliases
+
+    def serves(self, name: str) -> bool:
+        """Whether a request's ``model`` names this model or one of its adapters."""
+        return self.is_base(name) or name in self.adapter_names
 
     # -- loading ---------------------------------------------------------------------------------------------
     def load(self) -> bool:
@@ -64,10 +74,10 @@ class FalconModel(kserve.Model):
             self.config.limits, context_length=min(self.config.limits.context_length, self.engine.context_length))
         self._reserve_cache()
         self.engine.probe()  # the first request does not pay for lazy initialisation
-        self.batcher = Batcher(self.engine, self.config.max_batch_size, self.config.max_queue,
+        self.batcher = Batcher(self.engine, self.max_batch_size, self.config.max_queue,
                                self.config.request_timeout_s, prepare=self._compile if self.config.compile else None,
                                max_prefill_tokens=self.config.max_prefill_tokens,
-                               prefix_caching=self.config.prefix_caching)
+                               prefix_caching=self.config.prefix_caching, dead_after_s=self.config.dead_after_s)
         self.batcher.start()
         metrics.WAITING.set_function(lambda: self.batcher.waiting)
         metrics.RUNNING.set_function(lambda: self.batcher.running_sequences)
@@ -83,25 +93,32 @@ class FalconModel(kserve.Model):
         return self.ready
 
     def _reserve_cache(self) -> None:
-        """Reserve the KV cache: a row per sequence that may run at once, as many as the memory budget holds."""
+        """Reserve the KV cache: a row per sequence that may run at once. By default as many as the memory budget
+        holds, up to the device's cap (``default_row_cap``); ``--max_batch_size`` caps them explicitly."""
         engine, config = self.engine, self.config
-        # A request with more sequences than max_batch_size runs alone: the cache has rows for it.
-        wanted = max(config.max_batch_size, self.limits.max_num_return_sequences)
         budget = engine.kv_cache_budget(config.kv_cache_memory_gib)
         per_token = engine.cache_shape.bytes_per_token
         fit = engine.rows_that_fit(budget)
-        logger.info("KV cache: %s bytes per token (%d layers x %d K/V heads x %d); a budget of %.2f GiB holds "
-                    "%s tokens, %d full %d-token sequences", f"{per_token:,}", engine.cache_shape.layers,
-                    engine.shape.kv_heads, engine.shape.head_dim, budget / 2**30, f"{budget // per_token:,}", fit,
-                    engine.context_length)
+        logger.info("KV cache: %s bytes per token (%d layers x %d K/V heads x %d), %.1f MiB per %d-token row; a "
+                    "budget of %.2f GiB holds %d rows", f"{per_token:,}", engine.cache_shape.layers,
+                    engine.shape.kv_heads, engine.shape.head_dim, engine.row_bytes / 2**20, engine.context_length,
+                    budget / 2**30, fit)
         if fit < self.limits.max_num_return_sequences:
             raise SystemExit(f"the KV cache budget of {budget / 2**30:.2f} GiB holds {fit} full-context sequences, "
                              f"fewer than --max_num_return_sequences ({self.limits.max_num_return_sequences}): "
                              "raise --kv_cache_memory or lower --max_num_return_sequences")
-        rows = min(wanted, fit)
-        if rows < config.max_batch_size:
+        if config.max_batch_size is not None:
+            cap, why = config.max_batch_size, "--max_batch_size"
+        else:
+            cap, why = engine.row_cap()
+        self.max_batch_size = min(cap, fit)
+        logger.info("Running up to %d sequences at once: the KV cache budget holds %d rows, %s is %d",
+                    self.max_batch_size, fit, why, cap)
+        if config.max_batch_size is not None and fit < config.max_batch_size:
             logger.warning("The KV cache budget holds %d sequences: at most %d run at once, not --max_batch_size %d",
-                           fit, rows, config.max_batch_size)
+                           fit, fit, config.max_batch_size)
+        # A request with more sequences than the batch size runs alone: the cache has rows for it.
+        rows = max(self.max_batch_size, self.limits.max_num_return_sequences)
         cache = engine.reserve(rows, compile=config.compile)
         metrics.CACHE_CONFIG.labels(block_size=str(BLOCK_SIZE),
                                     num_gpu_blocks=str(rows * cache.capacity // BLOCK_SIZE)).set(1)
@@ -165,13 +182,10 @@ class FalconModel(kserve.Model):
         lora = self.engine.lora if self.engine is not None else None
         return lora.names() if lora is not None else []
 
-    def serves(self, name: str) -> bool:
-        return name == self.name or name in self.adapter_names
-
     def adapter_for(self, name: str | None, param: str | None = "model") -> str | None:
-        """The adapter a request's model name chooses: None for the served model's name (or none given);
+        """The adapter a request's model name chooses: None for the base model's names (or none given);
         ``ModelNotFound`` for a name that is neither."""
-        if name is None or name == self.name:
+        if name is None or self.is_base(name):
             return None
         if name in self.adapter_names:
             return name
@@ -203,6 +217,19 @@ class FalconModel(kserve.Model):
         ticket.on_settled(lambda: self._live.discard(ticket))
         return ticket
 
+    def submit_all(self, jobs: list[GenerationJob], *, stream: bool = False) -> list[Ticket]:
+        """Queue every job of a request with several prompts, or none: a full queue part way cancels those already
+        queued."""
+        tickets: list[Ticket] = []
+        try:
+            for job in jobs:
+                tickets.append(self.submit(job, stream=stream))
+        except BaseException:
+            for ticket in tickets:
+                ticket.cancel()
+            raise
+        return tickets
+
     def interrupt(self, reason: str) -> int:
         """End every request not yet answered with the text it has so far and ``reason`` as its finish reason;
         how many there were."""
@@ -218,8 +245,9 @@ class FalconModel(kserve.Model):
         """The Falcon /chat response: ``Result`` is a string, or a list for several sequences; ``details`` adds
         token counts, finish reasons and (when asked) per-token log-probabilities."""
         job, result = completion.job, completion.result
-        texts = [cut_at_stop(self.engine.continuation(job.prompt_ids, seq.token_ids, job.clean_up_tokenization_spaces),
-                             job.stop_texts) for seq in result.sequences]
+        texts = [cut_at_stop(detokenized(job, lambda: self.engine.continuation(
+            job.prompt_ids, seq.token_ids, job.clean_up_tokenization_spaces)), job.stop_texts)
+            for seq in result.sequences]
         if job.return_full_text:
             texts = [job.prompt + text for text in texts]
         details: dict[str, Any] = {
@@ -244,6 +272,18 @@ class FalconModel(kserve.Model):
         self.ready = False
         if self.batcher is not None:
             self.batcher.close()
+
+
+def detokenized(job: GenerationJob, decode: Callable[[], str]) -> str:
+    """The text ``decode`` makes of some of ``job``'s tokens; if that raises, this request alone fails, with a 500
+    that names the stage."""
+    try:
+        faults.inject("detokenization", job.prompt_ids)
+        return decode()
+    except Exception as exc:  # noqa: BLE001 - a tokenizer's fault on these ids, not the server's
+        logger.error("Detokenizing a request's tokens failed", exc_info=exc)
+        raise GenerationFailed(f"the generated tokens could not be turned into text ({type(exc).__name__})",
+                               stage="detokenization") from exc
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:

@@ -79,12 +79,17 @@ def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
 
     for path in ("/health", "/healthz"):
         app.add_api_route(path, health, methods=["GET"], tags=["falcon"],
-                          summary="200 once the model is loaded and serving; 503 while loading or draining")
+                          summary="200 once the model is loaded and serving; 503 while loading or draining, or "
+                                  "once the engine is broken or stopped")
 
     @app.get("/livez", tags=["falcon"],
-             summary="200 unless the engine has been broken for --dead_after seconds (then restart the pod)")
+             summary="200 unless the engine stopped (a worker died or hung) or has been broken for --dead_after "
+                     "seconds: then restart the pod")
     async def livez() -> JSONResponse:
-        broken_for = model.batcher.unhealthy_for if model.batcher is not None else 0.0
+        batcher = model.batcher
+        if batcher is not None and batcher.stopped is not None:
+            return JSONResponse({"status": "Dead", "cause": batcher.stopped}, status_code=503)
+        broken_for = batcher.unhealthy_for if batcher is not None else 0.0
         if broken_for > config.dead_after_s:
             return JSONResponse({"status": "Dead", "unhealthy_seconds": round(broken_for)}, status_code=503)
         return JSONResponse({"status": "Alive"})
@@ -101,6 +106,8 @@ def health_state(model: FalconModel) -> str:
         return "Draining"
     if not model.ready:
         return "Loading"
+    if model.batcher is not None and model.batcher.stopped is not None:
+        return "Stopped"
     if model.batcher is not None and not model.batcher.healthy:
         return "Unhealthy"
     return "Healthy"

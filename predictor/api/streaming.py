@@ -26,12 +26,13 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from .. import metrics
+from ..engine import faults
 from ..engine.options import GenerationJob
 from ..engine.runner import PROMPT_CONTEXT_TOKENS
 from ..engine.sampling import TokenLogprob
 from ..engine.tickets import Ticket, TokenEvent
-from ..errors import PredictorError
-from .model import FalconModel
+from ..errors import GenerationFailed, PredictorError
+from .model import FalconModel, detokenized
 
 logger = logging.getLogger(__name__)
 
@@ -142,13 +143,14 @@ async def stream_text(model: FalconModel, job: GenerationJob, ticket: Ticket) ->
     client went away) or an error was raised, so no generation outlives the response.
     """
     def decode(ids: list[int]) -> str:
-        return model.engine.decode(ids, job.clean_up_tokenization_spaces)
+        return detokenized(job, lambda: model.engine.decode(ids, job.clean_up_tokenization_spaces))
 
     sequences = [_SequenceText(IncrementalDecoder(decode, job.prompt_ids), StopMatcher(job.stop_texts))
                  for _ in range(job.options.num_return_sequences)]
     try:
         async with aclosing(ticket.events()) as events:
             async for event in events:
+                _check_streaming(job)
                 sequence = sequences[event.index]
                 if sequence.finish_reason is not None:
                     continue  # cut at a stop string while the engine went on
@@ -161,36 +163,53 @@ async def stream_text(model: FalconModel, job: GenerationJob, ticket: Ticket) ->
         ticket.cancel()  # a no-op once every sequence has finished in the engine
 
 
-def sse_response(payloads: AsyncIterator[Any], route: str,
-                 error_event: Callable[[PredictorError], Any]) -> StreamingResponse:
+def _check_streaming(job: GenerationJob) -> None:
+    """The stream's own stage (the fault-injection hook's ``streaming``): a failure there ends this stream alone."""
+    try:
+        faults.inject("streaming", job.prompt_ids)
+    except Exception as exc:  # noqa: BLE001
+        logger.error("Streaming a request's answer failed", exc_info=exc)
+        raise GenerationFailed(f"streaming the answer failed ({type(exc).__name__})", stage="streaming") from exc
+
+
+def sse_response(payloads: AsyncIterator[Any], route: str, error_event: Callable[[PredictorError], Any], *,
+                 typed: bool = False) -> StreamingResponse:
     """Server-sent events: one ``data:`` line per payload, then ``data: [DONE]``. An error raised while streaming
-    becomes the event ``error_event(error)`` before ``[DONE]``: the status line has been sent already."""
-    return StreamingResponse(_sse(payloads, route, error_event), media_type="text/event-stream",
+    becomes the event ``error_event(error)`` before ``[DONE]``: the status line has been sent already. ``typed``
+    events (OpenAI's Responses API) carry an ``event:`` line with the payload's ``type``, and no ``[DONE]``."""
+    return StreamingResponse(_sse(payloads, route, error_event, typed), media_type="text/event-stream",
                              headers=SSE_HEADERS)
 
 
-async def _sse(payloads: AsyncIterator[Any], route: str,
-               error_event: Callable[[PredictorError], Any]) -> AsyncIterator[str]:
+async def _sse(payloads: AsyncIterator[Any], route: str, error_event: Callable[[PredictorError], Any],
+               typed: bool) -> AsyncIterator[str]:
+    event = typed_sse_event if typed else sse_event
     outcome = "cancelled"  # unless it ends otherwise: the client went away
     try:
         async with aclosing(payloads):
             async for payload in payloads:
-                yield sse_event(payload)
+                yield event(payload)
         outcome = "success"
     except PredictorError as exc:
-        outcome = exc.error_type
-        yield sse_event(error_event(exc))
+        outcome = exc.outcome
+        yield event(error_event(exc))
     except Exception:  # noqa: BLE001 - a bug in shaping one answer must still end its stream properly
-        outcome = PredictorError.error_type
         logger.exception("Streaming an answer on %s failed", route)
-        yield sse_event(error_event(PredictorError("internal error while streaming the answer")))
+        failure = GenerationFailed("internal error while streaming the answer", stage="streaming")
+        outcome = failure.outcome
+        yield event(error_event(failure))
     finally:
         metrics.REQUESTS.labels(route, outcome).inc()
-    yield DONE_EVENT
+    if not typed:
+        yield DONE_EVENT
 
 
 def sse_event(data: Any) -> str:
     return f"data: {orjson.dumps(data).decode()}\n\n"
+
+
+def typed_sse_event(data: dict[str, Any]) -> str:
+    return f"event: {data['type']}\n{sse_event(data)}"
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> tuple[bool, T | None]:

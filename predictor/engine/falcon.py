@@ -3,13 +3,18 @@
 transformers' ``FalconAttention`` repeats the K/V groups to every query head before caching them (falcon-40b would
 cache 128 heads where it has 8), and its cache grows by concatenation. This forward uses the modules and weights
 ``from_pretrained`` loaded, unchanged, in both attention layouts (falcon-7b's multi-query, falcon-40b's "new
-decoder architecture"); it writes each new key and value into its sequence's row of ``KVCache`` and attends with
-PyTorch's SDPA, which expands the groups at compute time (``enable_gqa``).
+decoder architecture"); it writes each new key and value into its sequence's row of ``KVCache`` and expands the
+groups only at compute time (prefill chunks with PyTorch's SDPA and ``enable_gqa``).
 
-One call runs one scheduler step, packed: the decode tokens of the running rows first (one per row of the cache's
-first ``rows``, free rows included as padding so that shapes stay static), then each prefill chunk. Linear layers see
-all tokens at once; attention is per group: the decode rows against their rows' first ``columns`` columns, and each
-chunk against its own row, causally.
+One call runs one scheduler step, packed: the decode tokens of the running rows first (a compiled step pads them to
+a static count with tokens that write the scratch row), then each prefill chunk. Linear layers see all tokens at
+once; attention is per group: each decode token against the blocks of ``DECODE_BLOCK`` columns its own row holds
+(``DecodeBlocks``), and each chunk against its own row, causally.
+
+Decode attention goes block by block so that a step reads what the running rows hold, not rows x the longest row:
+beside one 1,900-token conversation, 63 short streams each still read one block. Every (token, block) pair is one
+small matmul of a batched one, the softmax is taken over each token's blocks together (its maximum and sum gathered
+with ``scatter_reduce`` and ``index_add``), and a token's result depends on its own row only, whatever runs beside it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import torch.nn.functional as F
 
 from .kv_cache import KVCache
 from .lora_bank import LoraStep
+
+DECODE_BLOCK = 64  # cache columns per block of decode attention: a row reads its length rounded up to this
 
 
 @dataclass(frozen=True)
@@ -35,13 +42,25 @@ class Chunk:
 
 
 @dataclass
+class DecodeBlocks:
+    """The cache blocks the decode tokens attend over: one entry per (decode token, block of its row) pair, each
+    token's pairs together. Padding pairs (for a static count) read the scratch row for a dummy token, ``tokens``."""
+
+    tokens: torch.Tensor  # [decode tokens]: their indexes, 0 .. tokens - 1 (its length is the decode token count)
+    rows: torch.Tensor  # [pairs] the cache row a block lies in
+    blocks: torch.Tensor  # [pairs] which block of that row
+    owners: torch.Tensor  # [pairs] the decode token it serves
+    mask: torch.Tensor  # [pairs, DECODE_BLOCK] True for the block's columns at or before its token's position
+
+
+@dataclass
 class StepTensors:
     """One step's inputs on the model's first device; every tensor is [tokens] unless noted."""
 
     ids: torch.Tensor
     positions: torch.Tensor  # each token's position, which is also its cache column
     write_rows: torch.Tensor  # the cache row each token's key and value go to (padding rows: the scratch row)
-    decode_mask: torch.Tensor | None  # [rows, columns] True where a decode row attends; None without decode rows
+    decode: DecodeBlocks | None  # None without decode tokens
     chunks: tuple[Chunk, ...]
     keep: torch.Tensor  # indexes of the tokens whose next-token logits are wanted
     lora: LoraStep | None = None  # each token's adapter; None: no token of the step uses one
@@ -122,12 +141,8 @@ def _attention(module: torch.nn.Module, shape: FalconShape, cache: KVCache, inde
     values[step.write_rows, :, step.positions] = v
     gqa = shape.kv_heads != shape.heads
     parts = []
-    if step.decode_mask is not None:
-        rows, columns = step.decode_mask.shape
-        out = F.scaled_dot_product_attention(q[:rows].unsqueeze(2), keys[:rows, :, :columns],
-                                             values[:rows, :, :columns], attn_mask=step.decode_mask[:, None, None],
-                                             enable_gqa=gqa)  # [rows, heads, 1, dim]
-        parts.append(out.squeeze(2))
+    if step.decode is not None:
+        parts.append(_decode_attention(shape, keys, values, q[:step.decode.tokens.shape[0]], step.decode))
     for chunk in step.chunks:
         end = chunk.start + chunk.length
         query = q[chunk.offset:chunk.offset + chunk.length].transpose(0, 1)[None]  # [1, heads, length, dim]
@@ -150,6 +165,34 @@ def _linear(block: torch.nn.Module, target: str, x: torch.Tensor, step: StepTens
     return step.lora.apply(index, target, x, out) if step.lora is not None else out
 
 
+def _decode_attention(shape: FalconShape, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor,
+                      plan: DecodeBlocks) -> torch.Tensor:
+    """Each decode token's attention over its own row's blocks [tokens, heads, dim] (see the module docstring)."""
+    tokens, heads, dim = q.shape
+    kv_heads, groups = shape.kv_heads, heads // shape.kv_heads
+    blocks_per_row = keys.shape[2] // DECODE_BLOCK
+    # Each pair's block of each K/V head, as one index into the cache seen as [row, head, block]: one plain copy
+    # of whole blocks (index_select), far cheaper than indexing two dimensions around a third.
+    heads_of_row = plan.rows[:, None] * kv_heads + torch.arange(kv_heads, device=q.device)  # [pairs, kv_heads]
+    index = (heads_of_row * blocks_per_row + plan.blocks[:, None]).flatten()
+    k = keys.view(-1, DECODE_BLOCK, dim).index_select(0, index).view(-1, kv_heads, DECODE_BLOCK, dim)
+    v = values.view(-1, DECODE_BLOCK, dim).index_select(0, index).view(-1, kv_heads, DECODE_BLOCK, dim)
+    q = torch.cat((q, q.new_zeros(1, heads, dim)))[plan.owners]  # [pairs, heads, dim]; the dummy token last
+    q = q.view(-1, kv_heads, groups, dim)  # query heads grouped by the K/V head they share
+    scores = (q @ k.transpose(-1, -2)).float() * dim**-0.5  # [pairs, kv_heads, groups, block]
+    scores = scores.masked_fill(~plan.mask[:, None, None, :], float("-inf"))
+    slots = (tokens + 1, kv_heads, groups)
+    block_top = scores.amax(-1)  # [pairs, kv_heads, groups]
+    top = scores.new_full(slots, float("-inf")).scatter_reduce_(0, plan.owners[:, None, None].expand_as(block_top),
+                                                                 block_top, "amax")
+    weights = torch.exp(scores - top[plan.owners][..., None])
+    total = scores.new_zeros(slots).index_add_(0, plan.owners, weights.sum(-1))
+    out = scores.new_zeros(*slots, dim).index_add_(0, plan.owners, (weights.to(v.dtype) @ v).float())
+    # A padding token of a compiled step has no blocks: 0 / 0 would be NaN, so its (unused) output is 0.
+    out = out[:tokens] / total[:tokens, ..., None].clamp_min(torch.finfo(torch.float).tiny)
+    return out.to(q.dtype).view(tokens, heads, dim)
+
+
 def _rotary(rotary: torch.nn.Module, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """Rotary cos and sin for each token's position [tokens, 1, dim], as ``FalconRotaryEmbedding`` makes them."""
     freqs = positions[:, None].float() * rotary.inv_freq.to(positions.device, torch.float)[None, :]
@@ -164,7 +207,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _on(step: StepTensors, device: torch.device) -> StepTensors:
-    mask = step.decode_mask.to(device) if step.decode_mask is not None else None
+    plan = step.decode
+    if plan is not None:
+        plan = DecodeBlocks(*(tensor.to(device) for tensor in (plan.tokens, plan.rows, plan.blocks, plan.owners,
+                                                               plan.mask)))
     lora = step.lora.to(device) if step.lora is not None else None
-    return StepTensors(step.ids.to(device), step.positions.to(device), step.write_rows.to(device), mask,
+    return StepTensors(step.ids.to(device), step.positions.to(device), step.write_rows.to(device), plan,
                        step.chunks, step.keep, lora)

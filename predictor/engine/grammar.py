@@ -71,3 +71,15 @@ def _unpack(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def _ll_tokenizer(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> llguidance.LLTokenizer:
     """llguidance's view of the vocabulary, built once per tokenizer."""
     return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
+
+
+@functools.lru_cache(maxsize=4)
+def grammar_support_error(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """Why llguidance cannot read this tokenizer's vocabulary (None: it can). It needs every token's bytes, which a
+    byte-level BPE or byte-fallback SentencePiece tokenizer has and a word-level one (whose decoder puts spaces
+    between tokens) has not."""
+    try:
+        llguidance.hf.from_tokenizer(tokenizer)
+    except Exception as exc:  # noqa: BLE001 - llguidance raises ValueError for decoders it does not know
+        return f"llguidance cannot read its tokenizer ({exc})"
+    return None

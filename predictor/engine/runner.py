@@ -3,7 +3,8 @@
 The engine knows nothing of HTTP or KServe. The batcher drives it step by step: ``reserve`` sets aside the KV cache
 once, ``step`` runs one forward pass for every running row's next token and any prompt chunks, writing their keys and
 values into their rows (``kv_cache``, ``falcon``). With ``compile`` the decode-only steps run a ``torch.compile``d
-forward over static shapes (CUDA graphs on a GPU), over the same cache. Beam search, which keeps several
+forward over static shapes (CUDA graphs on a GPU), over the same cache: a few decode token counts, each with a few
+counts of the cache blocks they read. Beam search, which keeps several
 hypotheses per request, runs through transformers' ``generate`` in ``generate_beams``.
 """
 
@@ -19,11 +20,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
-from .falcon import Chunk, FalconShape, StepTensors, forward
+from .falcon import DECODE_BLOCK, Chunk, DecodeBlocks, FalconShape, StepTensors, forward
 from .group_beam_search import group_beam_search
-from .kv_cache import CacheShape, KVCache, column_tiers, row_buckets, smallest_at_least
-from .lora_bank import BASE, AdapterBank
+from .kv_cache import CacheShape, KVCache, column_tiers, default_row_cap, row_buckets, smallest_at_least
+from .lora_bank import BASE, AdapterBank, LoraStep
 from .options import GenerationOptions, ModelInfo
+from .sampling import stop_string_criteria
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +75,6 @@ class Engine:
         self.cache: KVCache | None = None
         self._compiled: Callable[..., torch.Tensor] | None = None
         self._buckets: list[int] = []
-        self._tiers: list[int] = []
         self.lora: AdapterBank | None = None  # per-request adapters, when any are served
         self._row_slots: list[int] = []  # each cache row's adapter slot (BASE: none)
 
@@ -97,7 +98,18 @@ class Engine:
 
     def rows_that_fit(self, budget: int) -> int:
         """Full-context sequences (KV cache rows) a budget of ``budget`` bytes holds."""
-        return budget // (self.context_length * self.cache_shape.bytes_per_token)
+        return budget // self.row_bytes
+
+    @property
+    def row_bytes(self) -> int:
+        """What one row, a full-context sequence, takes in the KV cache."""
+        return self.context_length * self.cache_shape.bytes_per_token
+
+    def row_cap(self) -> tuple[int, str]:
+        """The most rows the cache gets by default on this engine's devices, and why (``default_row_cap``)."""
+        devices = {layer.self_attention.dense.weight.device for layer in self.model.transformer.h}
+        gpus = [torch.cuda.get_device_properties(d) for d in devices if d.type == "cuda"]
+        return default_row_cap([(gpu.name, gpu.total_memory) for gpu in gpus])
 
     def enable_lora(self, max_loras: int, max_rank: int) -> AdapterBank:
         """Serve per-request LoRA adapters: ``max_loras`` slots of up to ``max_rank`` (before ``reserve``)."""
@@ -108,9 +120,9 @@ class Engine:
         """The sequence in ``row`` runs with the adapter in ``slot`` (``BASE``: none)."""
         self._row_slots[row] = slot
 
-    def reserve(self, rows: int, compile: bool = False, smallest_tier: int = 128) -> KVCache:
+    def reserve(self, rows: int, compile: bool = False) -> KVCache:
         """Set aside the KV cache: ``rows`` sequences of the full context. With ``compile``, decode-only steps run
-        a compiled forward, over the rows and columns of one of a few static shapes (``warm_up`` records them)."""
+        a compiled forward, over one of a few static shapes (``warm_up`` records them)."""
         devices = [layer.self_attention.dense.weight.device for layer in self.model.transformer.h]
         self.cache = KVCache(self.cache_shape, rows, self.context_length, devices)
         self._row_slots = [BASE] * (rows + 1)
@@ -120,24 +132,29 @@ class Engine:
             # On a GPU "reduce-overhead" records a CUDA graph per shape and replays it.
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._compiled = torch.compile(forward, mode=mode, dynamic=True)
-            # Compiled graphs are cached per function: a few per model (one row or more, the full width or less),
-            # so a process compiling several models needs room for more than torch's default of 8.
+            # Compiled graphs are cached per function: a few per model (one token or more, ...), so a process
+            # compiling several models needs room for more than torch's default of 8.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
             self._buckets = row_buckets(rows)
-            self._tiers = column_tiers(self.context_length, smallest_tier)
         return self.cache
+
+    def _block_tiers(self, tokens: int) -> list[int]:
+        """Block counts a compiled step of ``tokens`` decode tokens may read: ``tokens`` (one block each), 1.5x
+        and 2x that, 3x, 4x, ... up to every token reading the whole context."""
+        return column_tiers(tokens * (self.context_length // DECODE_BLOCK), tokens)
 
     @property
     def compiled_shapes(self) -> list[tuple[int, int]]:
-        return [(rows, columns) for rows in self._buckets for columns in self._tiers]
+        """(decode tokens, blocks) of every shape a compiled decode step can take."""
+        return [(tokens, blocks) for tokens in self._buckets for blocks in self._block_tiers(tokens)]
 
     def warm_up(self, progress: Callable[[int, int], None] = lambda done, total: None) -> float:
         """Run (and so compile, and record) every static shape a decode step can take; seconds taken. Writes only
         the scratch row, so the cache's contents stay as they were."""
         started = time.monotonic()
         shapes = self.compiled_shapes
-        for done, (rows, columns) in enumerate(shapes, 1):
-            tensors = self._decode_tensors([], rows, columns, every_row=True)
+        for done, (tokens, blocks) in enumerate(shapes, 1):
+            tensors = self._decode_tensors([], tokens, blocks)
             for _ in range(3):  # CUDA graphs are recorded on a later call than the first
                 self._compiled(self.model, self.shape, self.cache, tensors)
             progress(done, len(shapes))
@@ -177,66 +194,61 @@ class Engine:
         logits of its last ``logits`` tokens (0, 1 at the end of a prompt, or all for prompt log-probabilities).
         Returns those logits [decode rows, then each chunk's, vocab]."""
         cache = self.cache
-        needed = max((row for row, _ in decode), default=-1) + 1
-        columns = max((cache.length(row) for row, _ in decode), default=-1) + 1
-        compiled = self._compiled is not None and not chunks and decode
-        if compiled:
-            needed = smallest_at_least(self._buckets, needed)
-            columns = smallest_at_least(self._tiers, columns)
-        tensors = self._decode_tensors(decode, needed, columns, chunks, every_row=compiled)
-        if compiled:
-            # Logits of every row of the bucket, so that one graph serves any number of running rows in it; the
-            # running rows are picked after the graph (its output is overwritten by the next replay anyway).
-            logits = self._compiled(self.model, self.shape, cache, tensors)
-            logits = logits[torch.tensor([row for row, _ in decode], device=logits.device)]
+        if self._compiled is not None and not chunks and decode:
+            # Padded to a static shape; the logits of every token are computed, so that one graph serves any
+            # number of running rows up to its own, and the running rows' are taken after it.
+            tokens = smallest_at_least(self._buckets, len(decode))
+            blocks = smallest_at_least(self._block_tiers(tokens), sum(map(self._blocks_of, decode)))
+            logits = self._compiled(self.model, self.shape, cache, self._decode_tensors(decode, tokens, blocks))
+            logits = logits[:len(decode)]
         else:
-            logits = forward(self.model, self.shape, cache, tensors)
+            logits = forward(self.model, self.shape, cache, self._decode_tensors(decode, len(decode), None, chunks))
         for row, token in decode:
             cache.extend(row, (token,))
         for row, tokens, _ in chunks:
             cache.extend(row, tokens)
         return logits
 
-    def _decode_tensors(self, decode: Sequence[tuple[int, int]], rows: int, columns: int,
-                        chunks: Sequence[tuple[int, Sequence[int], int]] = (), every_row: bool = False
-                        ) -> StepTensors:
-        """Host-built inputs of a step: ``rows`` decode rows (those not in ``decode`` are padding that writes the
-        scratch row), then the chunks' tokens. Logits are kept for the rows in ``decode`` (``every_row``: all
-        ``rows``) and the chunks that ask for them."""
-        cache = self.cache
-        ids = [self._pad_token_id] * rows
-        positions = [0] * rows
-        write_rows = [cache.scratch_row] * rows
-        keep, slots = [], [BASE] * rows
-        for row, token in decode:
-            ids[row], positions[row], write_rows[row] = token, cache.length(row), row
-            keep.append(row)
-            slots[row] = self._row_slots[row]
-        if every_row:
-            keep = list(range(rows))
+    def _blocks_of(self, decode: tuple[int, int]) -> int:
+        """Blocks of decode attention a running row reads: its columns and the new token's, in whole blocks."""
+        return self.cache.length(decode[0]) // DECODE_BLOCK + 1
+
+    def _decode_tensors(self, decode: Sequence[tuple[int, int]], tokens: int, blocks: int | None,
+                        chunks: Sequence[tuple[int, Sequence[int], int]] = ()) -> StepTensors:
+        """Host-built inputs of a step: ``tokens`` decode tokens (past ``decode``'s, padding that writes the
+        scratch row) reading ``blocks`` blocks (None: just those of ``decode``, an eager step; past them, padding),
+        then the chunks' tokens. Logits are kept for every decode token and the chunks that ask for them."""
+        cache, scratch = self.cache, self.cache.scratch_row
+        padding = tokens - len(decode)
+        ids = [token for _, token in decode] + [self._pad_token_id] * padding
+        positions = [cache.length(row) for row, _ in decode] + [0] * padding
+        write_rows = [row for row, _ in decode] + [scratch] * padding
+        slots = [self._row_slots[row] for row, _ in decode] + [BASE] * padding
+        keep = list(range(tokens))
         packed = []
-        offset = rows
-        for row, tokens, wants_logits in chunks:
+        offset = tokens
+        for row, chunk_tokens, wants_logits in chunks:
             start = cache.length(row)
-            packed.append(Chunk(row, start, len(tokens), offset))
-            ids += tokens
-            positions += range(start, start + len(tokens))
-            write_rows += [row] * len(tokens)
-            slots += [self._row_slots[row]] * len(tokens)
-            offset += len(tokens)
+            packed.append(Chunk(row, start, len(chunk_tokens), offset))
+            ids += chunk_tokens
+            positions += range(start, start + len(chunk_tokens))
+            write_rows += [row] * len(chunk_tokens)
+            slots += [self._row_slots[row]] * len(chunk_tokens)
+            offset += len(chunk_tokens)
             keep.extend(range(offset - int(wants_logits), offset))  # the chunk's last ``wants_logits`` tokens
         device = self.device
-        positions_t = torch.tensor(positions, device=device)
-        mask = None
-        if rows:
-            mask = torch.arange(columns, device=device)[None, :] <= positions_t[:rows, None]  # [rows, columns]
-        # A compiled step always takes the adapters' view, so that base-only steps replay the same graphs.
-        lora = None
-        if self.lora is not None and (every_row or any(slot != BASE for slot in slots)):
-            lora = self.lora.step(slots, static=every_row)
-        return StepTensors(ids=torch.tensor(ids, device=device), positions=positions_t,
-                           write_rows=torch.tensor(write_rows, device=device), decode_mask=mask,
-                           chunks=tuple(packed), keep=torch.tensor(keep, dtype=torch.long, device=device), lora=lora)
+        plan = _decode_blocks(positions[:len(decode)], write_rows[:len(decode)], tokens, blocks, scratch, device)
+        return StepTensors(ids=torch.tensor(ids, device=device), positions=torch.tensor(positions, device=device),
+                           write_rows=torch.tensor(write_rows, device=device), decode=plan, chunks=tuple(packed),
+                           keep=torch.tensor(keep, dtype=torch.long, device=device),
+                           lora=self._lora_step(slots, compiled=blocks is not None))
+
+    def _lora_step(self, slots: list[int], compiled: bool) -> LoraStep | None:
+        """The adapters' view of a step whose tokens use adapter ``slots``. A compiled step always takes it, every
+        slot and target, so that base-only steps replay the same graphs; an eager one only when a token uses one."""
+        if self.lora is None or not (compiled or any(slot != BASE for slot in slots)):
+            return None
+        return self.lora.step(slots, static=compiled)
 
     @torch.inference_mode()
     def probe(self) -> torch.Tensor:
@@ -245,7 +257,7 @@ class Engine:
         scratch = self.cache.scratch_row
         tensors = StepTensors(ids=torch.tensor([self.info.eos_token_id or 0], device=self.device),
                               positions=torch.zeros(1, dtype=torch.long, device=self.device),
-                              write_rows=torch.tensor([scratch], device=self.device), decode_mask=None,
+                              write_rows=torch.tensor([scratch], device=self.device), decode=None,
                               chunks=(Chunk(scratch, 0, 1, 0),), keep=torch.zeros(1, dtype=torch.long,
                                                                                    device=self.device))
         return forward(self.model, self.shape, self.cache, tensors)
@@ -257,8 +269,9 @@ class Engine:
         """Beam search (diverse when num_beam_groups > 1) for one prompt with transformers' ``generate``."""
         ids = torch.tensor([prompt_ids], device=self.device)
         kwargs = options.to_generate_kwargs()
-        if options.stop_strings:
-            kwargs["tokenizer"] = self.tokenizer  # generate matches stop strings with it
+        criteria = StoppingCriteriaList([_StopWhen(should_stop)])
+        if kwargs.pop("stop_strings", None):  # the batch's matcher, which reads every tokenizer
+            criteria.append(stop_string_criteria(self.tokenizer, options.stop_strings))
         if options.num_beam_groups > 1:
             kwargs["custom_generate"] = group_beam_search  # the project's own: transformers 5 moved it to the Hub
         devices = [self.device] if self.device.type == "cuda" else []
@@ -266,7 +279,7 @@ class Engine:
             if options.seed is not None:
                 torch.manual_seed(options.seed)
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
-                                      stopping_criteria=StoppingCriteriaList([_StopWhen(should_stop)]), **kwargs)
+                                      stopping_criteria=criteria, **kwargs)
         sequences = _strip(out.sequences[:, ids.shape[1]:], options)
         logprobs = None
         if options.logprobs:
@@ -276,6 +289,32 @@ class Engine:
         eos = set(options.eos_token_ids)
         finished = [bool(seq) and seq[-1] in eos for seq in sequences]
         return BeamOutput(sequences=sequences, logprobs=logprobs, finished=finished)
+
+
+def _decode_blocks(positions: list[int], rows: list[int], tokens: int, blocks: int | None, scratch: int,
+                   device: torch.device) -> DecodeBlocks | None:
+    """The blocks decode tokens at ``positions`` of cache ``rows`` read: each its row's blocks up to its own
+    column. ``tokens`` and ``blocks`` pad both counts (a compiled step's static shape); padding pairs read the
+    scratch row's first column for a dummy token, ``tokens``."""
+    if not tokens:
+        return None
+    pair_rows, pair_blocks, owners, limits = [], [], [], []  # limits: the last column each pair's token sees
+    for token, (position, row) in enumerate(zip(positions, rows)):
+        count = position // DECODE_BLOCK + 1
+        pair_rows += [row] * count
+        pair_blocks += range(count)
+        owners += [token] * count
+        limits += [position] * count
+    padding = (blocks if blocks is not None else len(owners)) - len(owners)
+    pair_rows += [scratch] * padding
+    pair_blocks += [0] * padding
+    owners += [tokens] * padding
+    limits += [0] * padding
+    block = torch.tensor(pair_blocks, dtype=torch.long)
+    mask = block[:, None] * DECODE_BLOCK + torch.arange(DECODE_BLOCK) <= torch.tensor(limits)[:, None]
+    return DecodeBlocks(tokens=torch.arange(tokens, device=device),
+                        rows=torch.tensor(pair_rows, dtype=torch.long, device=device), blocks=block.to(device),
+                        owners=torch.tensor(owners, dtype=torch.long, device=device), mask=mask.to(device))
 
 
 def _strip(generated: torch.Tensor, options: GenerationOptions) -> list[list[int]]:

@@ -14,7 +14,9 @@ The log-probabilities a request asks for (``/chat``'s ``output_scores``, OpenAI'
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -41,10 +43,15 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
     TypicalLogitsWarper,
 )
-from transformers.generation.stopping_criteria import StopStringCriteria
+from transformers.generation.stopping_criteria import StoppingCriteria, StopStringCriteria
 
-from .grammar import GrammarMask
+from ..errors import PredictorError, UnsupportedOption
+from . import faults
+from .grammar import GrammarMask, grammar_support_error
 from .options import GenerationOptions
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # temperature, top_h, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff
 WarpKey = tuple[float, float, int, float, float, float, float, float]
@@ -76,6 +83,29 @@ class OpenAIPenalties(LogitsProcessor):
         return scores - self.frequency_penalty * counts - self.presence_penalty * (counts > 0).to(scores.dtype)
 
 
+class TextStopCriteria(StoppingCriteria):
+    """Stop strings matched on decoded text, for the vocabularies transformers' ``StopStringCriteria`` cannot read
+    (a word-level tokenizer, whose decoder puts spaces between tokens). Same meaning: a row stops after the token
+    that completes a stop string, which stays in the text. Only the last ``maximum_token_len`` tokens are decoded:
+    a stop string of n characters that ends in the last token spans at most n tokens, one more gives the decoder
+    its context."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_strings: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop_strings = tuple(stop_strings)
+        self.maximum_token_len = max(map(len, self.stop_strings)) + 1
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor | None, **kwargs) -> torch.BoolTensor:
+        tails = input_ids[:, -self.maximum_token_len:].tolist()  # [rows, tail]
+        return torch.tensor([self._completed(tail) for tail in tails], dtype=torch.bool, device=input_ids.device)
+
+    def _completed(self, tail: list[int]) -> bool:
+        # Counted rather than located: a word-level decoder's text for fewer tokens need not be a prefix of its
+        # text for more, but a stop string the last token completed is one more occurrence either way.
+        text, before = self.tokenizer.decode(tail), self.tokenizer.decode(tail[:-1])
+        return any(text.count(stop) > before.count(stop) for stop in self.stop_strings)
+
+
 @dataclass
 class SequenceSampler:
     """How one sequence picks its tokens; built once when the sequence starts."""
@@ -88,7 +118,7 @@ class SequenceSampler:
     generator: torch.Generator | None  # set when the request gave a seed
     logprobs: bool
     top_logprobs: int = 0
-    stop_strings: StopStringCriteria | None = None  # transformers' own matcher, on token ids
+    stop_strings: StopStringCriteria | TextStopCriteria | None = None  # see ``stop_string_criteria``
 
     def stopped(self, tokens: list[int]) -> bool:
         """Whether the sequence now ends with one of its stop strings."""
@@ -103,62 +133,113 @@ def make_sampler(options: GenerationOptions, prompt_ids: list[int], sequence_ind
     """The sampler for sequence ``sequence_index`` of a request (several with num_return_sequences); stop strings
     and grammars read the ``tokenizer``'s vocabulary."""
     processors = _id_processors(options, prompt_ids, device)
-    if options.grammar is not None:
-        processors.append(GrammarMask(options.grammar, tokenizer, len(prompt_ids)))  # its state: this sequence's
+    if options.grammar is not None:  # its state: this sequence's
+        processors.append(_option("grammar", prompt_ids, lambda: _grammar_mask(options.grammar, tokenizer, prompt_ids)))
     generator = None
     if options.seed is not None and options.do_sample:
         generator = torch.Generator(device=device).manual_seed(sequence_seed(options.seed, sequence_index))
     warp_key = (options.temperature, options.top_h, options.top_k, options.top_p, options.min_p, options.typical_p,
                 options.epsilon_cutoff, options.eta_cutoff) if options.do_sample else None
-    stops = _stop_criteria(tokenizer, options.stop_strings) if options.stop_strings else None
+    stops = None
+    if options.stop_strings:
+        stops = _option("stop_strings", prompt_ids, lambda: stop_string_criteria(tokenizer, options.stop_strings))
     return SequenceSampler(prompt_len=len(prompt_ids), min_new_tokens=options.min_new_tokens,
                            eos_token_ids=options.eos_token_ids, processors=processors, warp_key=warp_key,
                            generator=generator, logprobs=options.logprobs, top_logprobs=options.top_logprobs,
                            stop_strings=stops)
 
 
+def _option(option: str, prompt_ids: Sequence[int], build: Callable[[], T]) -> T:
+    """What ``build`` makes for ``option``; if it raises, the request's option is at fault: a 422 naming it (the
+    cause is logged, not sent)."""
+    try:
+        faults.inject(option, prompt_ids)
+        return build()
+    except PredictorError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure here is this request's, not the worker's
+        logger.error("Building %s for a request failed", option, exc_info=exc)
+        raise UnsupportedOption(f"{option}: this model could not apply the value given ({type(exc).__name__})",
+                                param=option) from exc
+
+
+def _grammar_mask(grammar: str, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int]) -> GrammarMask:
+    if (error := grammar_support_error(tokenizer)) is not None:
+        raise UnsupportedOption(f"structured output is not available for this model: {error}", param="grammar")
+    return GrammarMask(grammar, tokenizer, len(prompt_ids))
+
+
+@functools.lru_cache(maxsize=4)
+def token_stop_matching_error(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """Why transformers' ``StopStringCriteria`` cannot match stop strings on this tokenizer's token ids (None: it
+    can), in which case ``stop_string_criteria`` matches them on decoded text."""
+    try:
+        # Reads the whole vocabulary, whatever the string; eos is a token of every vocabulary, so a failure here is
+        # the vocabulary's, not the string's.
+        StopStringCriteria(tokenizer, [tokenizer.eos_token or "e"])
+    except Exception as exc:  # noqa: BLE001 - transformers' clean_tokenizer_vocab expects each token to decode
+        # the same after a prefix; a word-level decoder puts a space between them (ValueError: substring not found)
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 @functools.lru_cache(maxsize=64)
-def _stop_criteria(tokenizer: PreTrainedTokenizerBase, stop_strings: tuple[str, ...]) -> StopStringCriteria:
-    """transformers' stop-string matcher, kept per set of strings: building one reads and sorts the whole vocabulary
-    (tens of milliseconds for Falcon's), on the thread that runs the batch. Matching keeps no state."""
-    return StopStringCriteria(tokenizer, list(stop_strings))
+def stop_string_criteria(tokenizer: PreTrainedTokenizerBase,
+                         stop_strings: tuple[str, ...]) -> StopStringCriteria | TextStopCriteria:
+    """The stop-string matcher for ``stop_strings``: transformers' own on token ids where it can read the
+    vocabulary, else one on decoded text. Kept per set of strings: building transformers' reads and sorts the whole
+    vocabulary (tens of milliseconds for Falcon's), on the thread that runs the batch. Matching keeps no state."""
+    if token_stop_matching_error(tokenizer) is None:
+        try:
+            return StopStringCriteria(tokenizer, list(stop_strings))
+        except ValueError:  # a string no token can produce: it never matches, on text as on ids
+            pass
+    return TextStopCriteria(tokenizer, stop_strings)
 
 
 def _id_processors(options: GenerationOptions, prompt_ids: list[int], device: torch.device) -> LogitsProcessorList:
-    """The processors that read the sequence's ids, in the order ``generate`` applies them."""
+    """The processors that read the sequence's ids, in the order ``generate`` applies them; each is built by
+    ``_option``, so one that cannot be built fails its request with its option's name."""
     processors = LogitsProcessorList()
+
+    def add(option: str, build: Callable[[], LogitsProcessor]) -> None:
+        processors.append(_option(option, prompt_ids, build))
+
+    eos = list(options.eos_token_ids)
     if options.sequence_bias:
-        processors.append(SequenceBiasLogitsProcessor([[list(ids), bias] for ids, bias in options.sequence_bias]))
+        add("sequence_bias",
+            lambda: SequenceBiasLogitsProcessor([[list(ids), bias] for ids, bias in options.sequence_bias]))
     if options.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(options.repetition_penalty))
+        add("repetition_penalty", lambda: RepetitionPenaltyLogitsProcessor(options.repetition_penalty))
     if options.no_repeat_ngram_size > 0:
-        processors.append(NoRepeatNGramLogitsProcessor(options.no_repeat_ngram_size))
+        add("no_repeat_ngram_size", lambda: NoRepeatNGramLogitsProcessor(options.no_repeat_ngram_size))
     if options.encoder_no_repeat_ngram_size > 0:
         # On a decoder-only model the "encoder input" is the prompt: its n-grams may not be repeated.
-        processors.append(EncoderNoRepeatNGramLogitsProcessor(options.encoder_no_repeat_ngram_size,
-                                                              torch.tensor([prompt_ids], device=device)))
+        add("encoder_no_repeat_ngram_size", lambda: EncoderNoRepeatNGramLogitsProcessor(
+            options.encoder_no_repeat_ngram_size, torch.tensor([prompt_ids], device=device)))
     if options.bad_words_ids:
-        processors.append(NoBadWordsLogitsProcessor([list(w) for w in options.bad_words_ids],
-                                                    list(options.eos_token_ids) or None))
+        add("bad_words_ids",
+            lambda: NoBadWordsLogitsProcessor([list(w) for w in options.bad_words_ids], eos or None))
     if options.forced_bos_token_id is not None:
-        processors.append(ForcedBOSTokenLogitsProcessor(options.forced_bos_token_id))
+        add("forced_bos_token_id", lambda: ForcedBOSTokenLogitsProcessor(options.forced_bos_token_id))
     if options.forced_eos_token_id:
-        processors.append(ForcedEOSTokenLogitsProcessor(len(prompt_ids) + options.max_new_tokens,
-                                                        list(options.forced_eos_token_id), device=device))
+        add("forced_eos_token_id", lambda: ForcedEOSTokenLogitsProcessor(
+            len(prompt_ids) + options.max_new_tokens, list(options.forced_eos_token_id), device=device))
     if options.remove_invalid_values:
-        processors.append(InfNanRemoveLogitsProcessor())
+        add("remove_invalid_values", InfNanRemoveLogitsProcessor)
     if options.exponential_decay_length_penalty is not None:
-        processors.append(ExponentialDecayLengthPenalty(options.exponential_decay_length_penalty,
-                                                        list(options.eos_token_ids), len(prompt_ids)))
+        add("exponential_decay_length_penalty", lambda: ExponentialDecayLengthPenalty(
+            options.exponential_decay_length_penalty, eos, len(prompt_ids)))
     if options.suppress_tokens:
-        processors.append(SuppressTokensLogitsProcessor(list(options.suppress_tokens), device=device))
+        add("suppress_tokens", lambda: SuppressTokensLogitsProcessor(list(options.suppress_tokens), device=device))
     if options.begin_suppress_tokens:
         # generate's first-token index: one later when a forced bos token follows a one-token prompt
         begin = len(prompt_ids) + (len(prompt_ids) == 1 and options.forced_bos_token_id is not None)
-        processors.append(SuppressTokensAtBeginLogitsProcessor(list(options.begin_suppress_tokens), begin,
-                                                               device=device))
+        add("begin_suppress_tokens", lambda: SuppressTokensAtBeginLogitsProcessor(
+            list(options.begin_suppress_tokens), begin, device=device))
     if options.presence_penalty or options.frequency_penalty:
-        processors.append(OpenAIPenalties(len(prompt_ids), options.presence_penalty, options.frequency_penalty))
+        add("presence_penalty" if options.presence_penalty else "frequency_penalty", lambda: OpenAIPenalties(
+            len(prompt_ids), options.presence_penalty, options.frequency_penalty))
     return processors
 
 

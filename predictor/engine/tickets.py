@@ -2,6 +2,12 @@
 worker threads fill it in; the plain records it resolves with (``GenerationResult``, ``SequenceOutput``) and the
 events it streams (``TokenEvent``). Every route's request passes through a ticket, so the request-level Prometheus
 metrics (time to first token, time per output token, latency, token counts) are recorded here.
+
+A ticket's watchdog runs on the event loop, not on a worker, so that a request is answered even when no worker is
+left to answer it: one still waiting when its time budget (``--request_timeout``) is spent gets a 504; one running
+is ended by its worker at the budget (finish reason ``time_limit``), and gets a 504 if that has not happened
+``WATCHDOG_GRACE_S`` later. A ticket is answered once: whichever of the worker, the watchdog or the engine's
+supervisor answers first.
 """
 
 from __future__ import annotations
@@ -13,8 +19,11 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from .. import metrics
+from ..errors import RequestTimeout
 from .options import GenerationJob
 from .sampling import TokenLogprob
+
+WATCHDOG_GRACE_S = 5.0  # past its budget, how long a running request's worker has to end it before the watchdog
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,10 @@ class Ticket:
         self._events: asyncio.Queue[TokenEvent] | None = asyncio.Queue() if stream else None
         self._cancelled = threading.Event()
         self._cancel_reason = "cancelled"
+        self._answered = False  # by resolve or fail, whichever came first
+        self._answer_lock = threading.Lock()
+        self._watchdog = loop.call_later(time_budget_s, self._expire)
+        self._future.add_done_callback(lambda _: self._watchdog.cancel())
 
     # -- the client's side (event loop) ----------------------------------------------------------------------
     async def result(self) -> GenerationResult:
@@ -97,6 +110,22 @@ class Ticket:
         """Call ``callback`` on the event loop once the request succeeded or failed."""
         self._future.add_done_callback(lambda _: callback())
 
+    def _expire(self) -> None:
+        """The budget is spent: a request that never started gets its 504 now; a running one is given
+        ``WATCHDOG_GRACE_S`` for its worker to end it."""
+        if self.started_at is None:
+            self._time_out(f"the request waited {self.time_budget_s:g} s (--request_timeout) for a free slot "
+                           "without starting; retry later")
+            return
+        overdue = self.started_at + self.time_budget_s + WATCHDOG_GRACE_S - time.monotonic()
+        self._watchdog = self._loop.call_later(max(0.0, overdue), self._time_out,
+                                               f"the request was not answered within its {self.time_budget_s:g} s "
+                                               "(--request_timeout)")
+
+    def _time_out(self, message: str) -> None:
+        self.cancel("time_limit")  # the worker drops it, if one ever gets to it
+        self.fail(RequestTimeout(message))
+
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
@@ -120,7 +149,7 @@ class Ticket:
         self._started_at = when
 
     def _stop_running(self) -> None:
-        if self._running:  # once: a request in a step that fails after its prefill failed is failed twice
+        if self._running:
             self._running = False
             metrics.RUNNING_REQUESTS.dec()
 
@@ -136,7 +165,15 @@ class Ticket:
         if self._events is not None:
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
 
+    def _answer(self) -> bool:
+        """Whether this is the request's first answer (the only one that counts)."""
+        with self._answer_lock:
+            first, self._answered = not self._answered, True
+        return first
+
     def resolve(self, sequences: list[SequenceOutput]) -> None:
+        if not self._answer():
+            return
         now = time.monotonic()
         started = self.started_at or now
         result = GenerationResult(tuple(sequences), len(self.job.prompt_ids), started - self.submitted_at,
@@ -145,6 +182,8 @@ class Ticket:
         self._loop.call_soon_threadsafe(_settle, self._future, result, None)
 
     def fail(self, error: BaseException) -> None:
+        if not self._answer():
+            return
         self._stop_running()
         self._loop.call_soon_threadsafe(_settle, self._future, None, error)
 

@@ -58,14 +58,19 @@ async def _chat(request: Request, model: FalconModel, route: str, model_name: st
             return stream_chat(model, job, ticket, route)
         finished, result = await unless_disconnected(request, ticket.result())
     except PredictorError as exc:
-        metrics.REQUESTS.labels(route, exc.error_type).inc()
+        metrics.REQUESTS.labels(route, exc.outcome).inc()
         raise
     if not finished:
         ticket.cancel()
         metrics.REQUESTS.labels(route, "cancelled").inc()
         return JSONResponse({"detail": "client disconnected"}, status_code=499)
+    try:
+        response = model.to_response(Completion(job, result))
+    except PredictorError as exc:  # its text could not be made: counted as the failure it is
+        metrics.REQUESTS.labels(route, exc.outcome).inc()
+        raise
     metrics.REQUESTS.labels(route, "success").inc()
-    return model.to_response(Completion(job, result))
+    return response
 
 
 def stream_chat(model: FalconModel, job: GenerationJob, ticket: Ticket, route: str = "/chat") -> StreamingResponse:

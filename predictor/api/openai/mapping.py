@@ -16,6 +16,8 @@ helpers), so an error names the OpenAI parameter and a new parameter touches thi
   stops at ``"\\nUser:"`` (``chat_format.CHAT_STOP``), so the model does not write the user's next turn.
 - ``response_format`` ``json_object`` or ``json_schema`` is compiled by llguidance into a grammar that masks every
   token that would leave it; a schema it cannot compile is a 400 saying why.
+- A completions request's prompts (a string, strings, token ids, lists of token ids) are a job each, run side by
+  side in the shared batch; prompts x ``n`` is bounded by ``--max_sequences_per_request`` (``check_sequences``).
 - ``logprobs`` (chat: with ``top_logprobs`` up to 20; completions: an integer up to 5) reports each generated
   token's log-probability under the distribution it was chosen from. ``echo`` puts the prompt in front of a
   completion; with ``logprobs`` too, the prompt's own tokens come first in ``logprobs`` (the first with ``null``),
@@ -24,7 +26,7 @@ helpers), so an error names the OpenAI parameter and a new parameter touches thi
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from ...engine.grammar import json_schema_grammar
 from ...engine.options import GenerationJob, GenerationOptions, Limits, ModelInfo
@@ -65,19 +67,29 @@ def to_generation_job(request: GenerationFields, prompt: str, prompt_ids: list[i
                          return_full_text=request.echo_prompt, stop_texts=tuple(stops))
 
 
-def resolve_max_tokens(asked: int | None, prompt_tokens: int, limits: Limits, prompt_param: str = "prompt") -> int:
-    """New tokens to generate: ``asked``, or (None) what the context has left up to the server's limit."""
+def check_sequences(prompts: int, n: int, limits: Limits) -> None:
+    """Several prompts run side by side, ``n`` choices each: together at most ``--max_sequences_per_request``."""
+    if prompts * n > limits.max_sequences:
+        raise InvalidRequest(f"prompt: {prompts} prompts x n {n} are {prompts * n} sequences, above this server's "
+                             f"limit of {limits.max_sequences} per request: send fewer prompts per request",
+                             param="prompt" if prompts > 1 else "n")
+
+
+def resolve_max_tokens(asked: int | None, prompt_tokens: int, limits: Limits, prompt_param: str = "prompt",
+                       tokens_param: str = "max_tokens") -> int:
+    """New tokens to generate: ``asked``, or (None) what the context has left up to the server's limit;
+    ``tokens_param`` is the field that asked."""
     room = limits.context_length - prompt_tokens
     if asked is None and room >= 1:
         return min(room, limits.max_new_tokens)
     if asked is None or asked > room:
         raise ContextLengthExceeded(
             f"this model's context holds {limits.context_length} tokens, but the prompt has {prompt_tokens} and "
-            f"{asked or 'at least 1'} more were asked for: shorten the prompt or lower max_tokens",
-            param=prompt_param if asked is None or room < 1 else "max_tokens")
+            f"{asked or 'at least 1'} more were asked for: shorten the prompt or lower {tokens_param}",
+            param=prompt_param if asked is None or room < 1 else tokens_param)
     if asked > limits.max_new_tokens:
-        raise InvalidRequest(f"max_tokens: {asked} is above this server's limit of {limits.max_new_tokens} new "
-                             "tokens per choice", param="max_tokens")
+        raise InvalidRequest(f"{tokens_param}: {asked} is above this server's limit of {limits.max_new_tokens} new "
+                             "tokens per choice", param=tokens_param)
     return asked
 
 
@@ -88,18 +100,26 @@ def logit_bias(bias: dict[str, float], model: ModelInfo) -> tuple[tuple[tuple[in
 
 def grammar(response_format: ResponseFormat | None) -> str | None:
     """The grammar ``response_format`` asks the text to follow (None: free text)."""
-    if response_format is None or response_format.type == "text":
+    if response_format is None:
         return None
-    if response_format.type == "json_object":
+    schema = response_format.json_schema.json_schema if response_format.json_schema is not None else None
+    return format_grammar(response_format.type, schema, "response_format",
+                          'a json_schema: {"name": ..., "schema": {...}}')
+
+
+def format_grammar(kind: str, schema: dict[str, Any] | None, param: str, how: str) -> str | None:
+    """The grammar of an output format: ``text`` (None: free text), ``json_object`` or ``json_schema`` with its
+    schema; ``param`` names the field at fault, ``how`` says how a missing schema is given."""
+    if kind == "text":
+        return None
+    if kind == "json_object":
         return json_schema_grammar({"type": "object"})
-    if response_format.json_schema is None:
-        raise InvalidRequest('response_format: type "json_schema" needs a json_schema: {"name": ..., "schema": '
-                             "{...}}", param="response_format")
+    if schema is None:
+        raise InvalidRequest(f'{param}: type "json_schema" needs {how}', param=param)
     try:
-        return json_schema_grammar(response_format.json_schema.json_schema)
+        return json_schema_grammar(schema)
     except ValueError as exc:
-        raise InvalidRequest(f"response_format: the JSON schema cannot be compiled: {exc}",
-                             param="response_format") from None
+        raise InvalidRequest(f"{param}: the JSON schema cannot be compiled: {exc}", param=param) from None
 
 
 def _check_n(n: int, do_sample: bool, limits: Limits) -> None:

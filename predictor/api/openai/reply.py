@@ -2,6 +2,8 @@
 
 ``CompletionsApi`` and ``ChatCompletionsApi`` hold what differs between the two (object names, how a choice and its
 log-probabilities look); ``Reply`` collects one answer's choices, finish reasons, token counts and log-probabilities.
+A completions request may hold several prompts (``ReplyPrompt``): choice ``index`` is prompt x ``n`` + sequence, in
+OpenAI's order, and ``usage`` sums over the prompts.
 """
 
 from __future__ import annotations
@@ -43,9 +45,10 @@ class CompletionsApi:
 
     chunk_choice = choice
 
-    def first_chunks(self, prefixes: list[str], logprobs: Any = None) -> list[dict[str, Any]]:
-        """What a stream starts with: an echoed prompt per choice (with its tokens' log-probabilities if asked)."""
-        return [self.choice(i, prefix, None, logprobs) for i, prefix in enumerate(prefixes) if prefix]
+    def first_chunks(self, prefixes: dict[int, str], logprobs: Any = None) -> list[dict[str, Any]]:
+        """What a stream starts with: an echoed prompt per choice index (with its tokens' log-probabilities if
+        asked)."""
+        return [self.choice(i, prefix, None, logprobs) for i, prefix in prefixes.items() if prefix]
 
     def logprobs(self, tokens: list[LoggedToken], token_text: TokenText) -> dict[str, Any]:
         """The legacy completions shape: parallel lists (``null`` for an echoed prompt's first token)."""
@@ -67,9 +70,9 @@ class ChatCompletionsApi(CompletionsApi):
         return {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
                 "finish_reason": finish_reason}
 
-    def first_chunks(self, prefixes: list[str], logprobs: Any = None) -> list[dict[str, Any]]:
+    def first_chunks(self, prefixes: dict[int, str], logprobs: Any = None) -> list[dict[str, Any]]:
         return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                for i in range(len(prefixes))]
+                for i in prefixes]
 
     def logprobs(self, tokens: list[LoggedToken], token_text: TokenText) -> dict[str, Any]:
         def entry(token_id: int, value: float) -> dict[str, Any]:
@@ -79,6 +82,17 @@ class ChatCompletionsApi(CompletionsApi):
         return {"content": [{**entry(t.token_id, t.logprob.logprob),
                              "top_logprobs": [entry(i, value) for i, value in t.logprob.top]} for t in tokens],
                 "refusal": None}
+
+
+@dataclass(frozen=True)
+class ReplyPrompt:
+    """One prompt of a request, as its answer needs it."""
+
+    tokens: int  # its token count, for usage
+    prefix: str = ""  # the text in front of each of its choices: the prompt when echoed
+    # for an echoed prompt with log-probabilities: its logged tokens, once the engine has them (the ticket's, set
+    # before its first token event)
+    echoed: Callable[[], list[LoggedToken]] | None = None
 
 
 @dataclass
@@ -92,30 +106,31 @@ class _Choice:
 
 class Reply:
     """One answer being put together: its id, each choice's text so far, finish reason, token count and (when
-    asked) log-probabilities."""
+    asked) log-probabilities. Choice ``i`` answers prompt ``i // n``."""
 
-    def __init__(self, api: CompletionsApi, model_name: str, prompt_tokens: int, prefixes: list[str],
-                 token_text: TokenText, logprobs: bool,
-                 echoed: Callable[[], list[LoggedToken]] | None = None) -> None:
-        """``echoed``, for an echoed prompt with log-probabilities: its logged tokens, once the engine has them
-        (the ticket's, set before its first token event)."""
+    def __init__(self, api: CompletionsApi, model_name: str, prompts: list[ReplyPrompt], n: int,
+                 token_text: TokenText, logprobs: bool) -> None:
         self.api = api
         self.id = f"{api.id_prefix}{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model_name = model_name
-        self.prompt_tokens = prompt_tokens
-        self.prefixes = prefixes
-        self.choices = [_Choice(prefix) for prefix in prefixes]
+        self.prompts = prompts
+        self.n = n
+        self.choices = [_Choice(prompt.prefix) for prompt in prompts for _ in range(n)]
         self.token_text = token_text
         self.wants_logprobs = logprobs
-        self.echoed = echoed
+
+    def prompt_of(self, index: int) -> ReplyPrompt:
+        return self.prompts[index // self.n]
 
     def add(self, delta: TextDelta) -> tuple[str | None, LoggedToken | None]:
-        """Record a delta; return its OpenAI finish reason if it ends its choice, and its logged token."""
+        """Record a delta (its ``index`` the choice's); return its OpenAI finish reason if it ends its choice, and
+        its logged token."""
         choice = self.choices[delta.index]
         logged = None
         if delta.logprob is not None and delta.token_id is not None:
-            logged = LoggedToken(delta.token_id, delta.logprob, len(self.prefixes[delta.index]) + choice.logged_chars)
+            offset = len(self.prompt_of(delta.index).prefix) + choice.logged_chars
+            logged = LoggedToken(delta.token_id, delta.logprob, offset)
             choice.logged.append(logged)
             choice.logged_chars += len(self.token_text(delta.token_id))
         choice.text += delta.text
@@ -128,17 +143,20 @@ class Reply:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model_name}
 
     def usage(self) -> dict[str, int]:
-        """The prompt counts once whatever ``n``; each choice's tokens up to where it ended (its stop included)."""
+        """Each prompt counts once whatever ``n``; each choice's tokens up to where it ended (its stop included)."""
+        prompt = sum(prompt.tokens for prompt in self.prompts)
         completion = sum(choice.tokens for choice in self.choices)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _logprobs(self, tokens: list[LoggedToken]) -> Any:
         return self.api.logprobs(tokens, self.token_text) if self.wants_logprobs else None
 
+    def _echoed(self, prompt: ReplyPrompt) -> list[LoggedToken]:
+        return prompt.echoed() if prompt.echoed is not None else []
+
     def body(self) -> dict[str, Any]:
-        echoed = self.echoed() if self.echoed is not None else []
-        choices = [self.api.choice(i, c.text, c.finish_reason, self._logprobs(echoed + c.logged))
+        choices = [self.api.choice(i, c.text, c.finish_reason,
+                                   self._logprobs(self._echoed(self.prompt_of(i)) + c.logged))
                    for i, c in enumerate(self.choices)]
         return {**self.head(self.api.object_name), "choices": choices, "usage": self.usage()}
 
@@ -151,15 +169,20 @@ class Reply:
                 self.add(delta)
         return self.body()
 
+    def _first_chunks(self, prompt_indexes: list[int], logprobs: Any = None) -> list[dict[str, Any]]:
+        return self.api.first_chunks({p * self.n + i: self.prompts[p].prefix
+                                      for p in prompt_indexes for i in range(self.n)}, logprobs)
+
     async def chunks(self, deltas: AsyncIterator[TextDelta], include_usage: bool) -> AsyncIterator[dict[str, Any]]:
-        # An echoed prompt with log-probabilities waits for the first token: the engine scores the prompt first.
-        if self.echoed is None and (first := self.api.first_chunks(self.prefixes)):
+        # An echoed prompt with log-probabilities waits for its first token: the engine scores the prompt first.
+        waiting = {p for p, prompt in enumerate(self.prompts) if prompt.echoed is not None}
+        if first := self._first_chunks([p for p in range(len(self.prompts)) if p not in waiting]):
             yield self.chunk(first)
         async with aclosing(deltas):
             async for delta in deltas:
-                if self.echoed is not None:
-                    yield self.chunk(self.api.first_chunks(self.prefixes, self._logprobs(self.echoed())))
-                    self.echoed = None
+                if (p := delta.index // self.n) in waiting:
+                    waiting.discard(p)
+                    yield self.chunk(self._first_chunks([p], self._logprobs(self._echoed(self.prompts[p]))))
                 finish_reason, logged = self.add(delta)
                 if delta.text or delta.finish_reason is not None or logged is not None:
                     logprobs = self._logprobs([logged]) if logged is not None else None

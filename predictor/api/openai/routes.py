@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: ``completions``, ``chat/completions`` and ``models`` under ``/openai/v1`` and ``/v1``.
+"""OpenAI-compatible routes: ``completions``, ``chat/completions``, ``responses`` and ``models`` under ``/openai/v1``
+and ``/v1``.
 
 ``/openai/v1`` is KServe's prefix (``$KSERVE_OPENAI_ROUTE_PREFIX``); ``/v1`` is where OpenAI-compatible servers
 (vLLM, ``transformers serve``, the Kubernetes AI Toolchain Operator's current one) serve them. The implementation is
@@ -30,18 +31,36 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from transformers import PreTrainedTokenizerBase
 
 from ... import metrics
-from ...errors import Draining, ModelNotFound, NotReady, PredictorError
+from ...engine.options import GenerationJob
+from ...engine.runner import Engine
+from ...engine.tickets import Ticket
+from ...errors import Draining, ModelNotFound, NotFound, NotReady, PredictorError
 from ..chat_format import CHAT_STOP, render_chat
 from ..json_body import decode_json_body
 from ..model import FalconModel
 from ..streaming import sse_response, stream_text, unless_disconnected
 from ..tracing import current_request_id
-from .mapping import to_generation_job
-from .reply import ChatCompletionsApi, CompletionsApi, Reply, echoed_tokens
-from .schema import ChatCompletionRequest, CompletionRequest, GenerationFields, parse_openai_request
+from .mapping import check_sequences, to_generation_job
+from .prompts import merge_streams, prompt_texts_and_ids
+from .reply import (
+    ChatCompletionsApi,
+    CompletionsApi,
+    LoggedToken,
+    Reply,
+    ReplyPrompt,
+    echoed_tokens,
+)
+from .response_reply import ResponseReply
+from .responses import ResponsesRequest, check_input_items
+from .responses import to_generation_job as to_response_job
+from .schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationFields,
+    parse_openai_request,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,28 +92,40 @@ def _install_under(app: FastAPI, model: FalconModel, base: str, started: int) ->
     async def create_chat_completion(request: Request) -> Response:
         return await create(request, model, chat, ChatCompletionRequest)
 
+    @router.post("/responses", summary="OpenAI's Responses API: a conversation's answer, whole or as typed events")
+    async def create_response(request: Request) -> Response:
+        return await respond(request, model, f"{base}/responses")
+
+    @router.get("/responses/{response_id}", summary="Stored responses: none are stored, so always 404")
+    async def retrieve_response(response_id: str) -> Response:
+        return openai_error_response(NotFound(
+            f"no response {response_id[:64]!r}: responses are not stored here (the answer to POST {base}/responses "
+            "is all there is)", param="response_id"))
+
     def card(name: str) -> dict[str, Any]:
         """A model's card; an adapter's names its base model as ``parent`` (vLLM's cards)."""
         card = {"id": name, "object": "model", "created": started, "owned_by": "kserve"}
-        if name != model.name:
+        if not model.is_base(name):
             card |= {"root": name, "parent": model.name}
         return card
 
     @router.get("/models", summary="The served model and its adapters, in OpenAI's shape and KServe's at once")
     async def list_models() -> dict[str, Any]:
-        names = [model.name, *model.adapter_names]
-        return {"object": "list", "data": [card(name) for name in names], "models": names}
+        # Each name a request may use, as vLLM lists each of its served names; KServe's list names the model once,
+        # and each adapter (a model of its own on KServe's routes).
+        adapters = model.adapter_names
+        names = [model.name, *model.config.model_aliases, *adapters]
+        return {"object": "list", "data": [card(name) for name in names], "models": [model.name, *adapters]}
 
     @router.get("/models/{model_id}", summary="The served model or an adapter: 200 once it is loaded, 503 before")
     async def retrieve_model(model_id: str) -> Response:
-        if not model.ready:
-            if model_id != model.name:
-                return openai_error_response(ModelNotFound(f"the model {model_id!r} does not exist", param="model"))
-            return openai_error_response(NotReady(f"model {model.name} is not loaded yet"))
         if not model.serves(model_id):
             return openai_error_response(ModelNotFound(f"the model {model_id!r} does not exist", param="model"))
+        if not model.ready:
+            return openai_error_response(NotReady(f"model {model.name} is not loaded yet"))
         # On /v1 this is also KServe's v1 readiness route: one body with both kinds of keys.
-        return JSONResponse({**card(model_id), "name": model_id, "ready": True})
+        shown = model.name if model.is_base(model_id) else model_id
+        return JSONResponse({**card(shown), "name": shown, "ready": True})
 
     app.include_router(router)
 
@@ -109,35 +140,33 @@ def openai_base(prefix: str | None = None) -> str:
 
 def openai_paths() -> tuple[str, ...]:
     """The path prefixes of the OpenAI generation routes, whose clients read OpenAI's error shape."""
-    return (openai_base() + "/", "/v1/completions", "/v1/chat/completions")
+    return (openai_base() + "/", "/v1/completions", "/v1/chat/completions", "/v1/responses")
 
 
 async def create(request: Request, model: FalconModel, api: CompletionsApi,
                  request_type: type[GenerationFields]) -> Response:
-    """Validate, map, queue, and answer with a JSON body or a stream of chunks."""
+    """Validate, map, queue every prompt, and answer with a JSON body or a stream of chunks."""
     try:
         if model.draining:
             raise Draining("the server is shutting down and takes no new requests")
         body = parse_openai_request(decode_json_body(await request.body()), request_type)
         adapter = model.adapter_for(body.model)
         engine = model.require_ready()
-        prompt, stops = _prompt(body, engine.tokenizer)
+        prompts, stops = await _prompts(body, engine)
+        check_sequences(len(prompts), body.n, model.limits)
         if model.config.log_prompts:
-            logger.info("prompt: %r", prompt)
-        prompt_ids = await asyncio.to_thread(engine.encode, prompt)
-        job = model.with_adapter(to_generation_job(body, prompt, prompt_ids, stops, engine.info, model.limits),
-                                 adapter)
-        ticket = model.submit(job, stream=True)
+            for prompt, _ in prompts:
+                logger.info("prompt: %r", prompt)
+        jobs = [model.with_adapter(to_generation_job(body, prompt, prompt_ids, stops, engine.info, model.limits),
+                                   adapter) for prompt, prompt_ids in prompts]
+        tickets = model.submit_all(jobs, stream=True)
     except PredictorError as exc:
         return _failed(api, exc)
-    prefixes = [prompt if job.return_full_text else ""] * body.n
     token_text = _token_id_text if body.return_tokens_as_token_ids else lambda token_id: engine.decode([token_id])
-    echoed = None  # an echoed prompt with log-probabilities: its tokens, scored by the engine before it generates
-    if job.options.prompt_logprobs is not None:
-        echoed = lambda: echoed_tokens(job.prompt_ids, ticket.prompt_logprobs,  # noqa: E731
-                                       lambda token_id: engine.decode([token_id]))
-    reply = Reply(api, body.model, len(job.prompt_ids), prefixes, token_text, job.options.logprobs, echoed)
-    deltas = stream_text(model, job, ticket)
+    reply_prompts = [_reply_prompt(job, ticket, engine) for job, ticket in zip(jobs, tickets, strict=True)]
+    reply = Reply(api, adapter or model.name, reply_prompts, body.n, token_text, jobs[0].options.logprobs)
+    deltas = merge_streams([stream_text(model, job, ticket) for job, ticket in zip(jobs, tickets, strict=True)],
+                           body.n)
     if body.stream:
         return sse_response(reply.chunks(deltas, body.include_usage), api.route, openai_error_body)
     try:
@@ -148,12 +177,59 @@ async def create(request: Request, model: FalconModel, api: CompletionsApi,
     return JSONResponse(answer) if finished else Response(status_code=499)  # 499: the client closed the request
 
 
-def _prompt(body: GenerationFields, tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[str]]:
-    """The text to generate from and the texts the answer stops before."""
+async def _prompts(body: GenerationFields, engine: Engine) -> tuple[list[tuple[str, list[int]]], list[str]]:
+    """Each prompt's text and token ids (a chat's one rendered conversation), and the texts the answer stops
+    before."""
     if isinstance(body, ChatCompletionRequest):
         messages = [{"role": message.role, "content": message.text()} for message in body.messages]
-        return render_chat(tokenizer, messages), [*body.stops(), CHAT_STOP]
-    return body.text(), body.stops()
+        prompt = render_chat(engine.tokenizer, messages)
+        return [(prompt, await asyncio.to_thread(engine.encode, prompt))], [*body.stops(), CHAT_STOP]
+    assert isinstance(body, CompletionRequest)
+    prompts = await prompt_texts_and_ids(body.prompts(), engine.encode, engine.decode, engine.info)
+    return prompts, body.stops()
+
+
+def _reply_prompt(job: GenerationJob, ticket: Ticket, engine: Engine) -> ReplyPrompt:
+    """A prompt as its answer needs it; an echoed prompt with log-probabilities is scored by the engine before it
+    generates, and its tokens are read from the ticket then."""
+    echoed = None
+    if job.options.prompt_logprobs is not None:
+        def echoed() -> list[LoggedToken]:
+            return echoed_tokens(job.prompt_ids, ticket.prompt_logprobs, lambda token_id: engine.decode([token_id]))
+    return ReplyPrompt(len(job.prompt_ids), job.prompt if job.return_full_text else "", echoed)
+
+
+async def respond(request: Request, model: FalconModel, route: str) -> Response:
+    """The Responses API: validate, render the conversation, queue, and answer with the response object or its
+    event stream."""
+    try:
+        if model.draining:
+            raise Draining("the server is shutting down and takes no new requests")
+        payload = decode_json_body(await request.body())
+        check_input_items(payload)
+        body = parse_openai_request(payload, ResponsesRequest)
+        adapter = model.adapter_for(body.model)
+        engine = model.require_ready()
+        prompt = render_chat(engine.tokenizer, body.messages())
+        if model.config.log_prompts:
+            logger.info("prompt: %r", prompt)
+        prompt_ids = await asyncio.to_thread(engine.encode, prompt)
+        job = model.with_adapter(to_response_job(body, prompt, prompt_ids, engine.info, model.limits), adapter)
+        ticket = model.submit(job, stream=True)
+    except PredictorError as exc:
+        metrics.REQUESTS.labels(route, exc.outcome).inc()
+        return openai_error_response(exc)
+    reply = ResponseReply(body, adapter or model.name, len(job.prompt_ids))
+    deltas = stream_text(model, job, ticket)
+    if body.stream:
+        return sse_response(reply.events(deltas), route, reply.error_event, typed=True)
+    try:
+        finished, answer = await unless_disconnected(request, reply.collect(deltas))
+    except PredictorError as exc:
+        metrics.REQUESTS.labels(route, exc.outcome).inc()
+        return openai_error_response(exc)
+    metrics.REQUESTS.labels(route, "success" if finished else "cancelled").inc()
+    return JSONResponse(answer) if finished else Response(status_code=499)
 
 
 def _token_id_text(token_id: int) -> str:
@@ -161,7 +237,7 @@ def _token_id_text(token_id: int) -> str:
 
 
 def _failed(api: CompletionsApi, exc: PredictorError) -> Response:
-    metrics.REQUESTS.labels(api.route, exc.error_type).inc()
+    metrics.REQUESTS.labels(api.route, exc.outcome).inc()
     return openai_error_response(exc)
 
 

@@ -127,7 +127,8 @@ class GenerationFields(BaseModel):
 class CompletionRequest(GenerationFields):
     prompt_param: ClassVar[str] = "prompt"
 
-    prompt: str | list[str]
+    # OpenAI's four shapes: a string, a list of strings, a list of token ids, a list of lists of token ids
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5, description="the top alternatives to each token's logprob")
     echo: bool = Field(False, description="the prompt in front of the completion")
@@ -139,18 +140,22 @@ class CompletionRequest(GenerationFields):
     def logprobs_asked(self) -> tuple[bool, int]:
         return self.logprobs is not None, self.logprobs or 0
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        prompts = [value] if isinstance(value, str) else value
-        if len(prompts) != 1:
-            raise ValueError(f"send one prompt per request (got {len(prompts)})")
-        if not prompts[0] or "\x00" in prompts[0]:
-            raise ValueError("must be a non-empty string without NUL characters")
-        return value
-
-    def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[tuple[str, str | list[int]]]:
+        """Each prompt, a text or token ids, with the name an error about it gives (``prompt``, ``prompt[1]``);
+        raise ``InvalidRequest`` naming an empty one."""
+        prompt = self.prompt
+        single = isinstance(prompt, str) or bool(prompt) and isinstance(prompt[0], int)
+        prompts = [prompt] if single else prompt
+        if not prompts:
+            raise InvalidRequest("prompt: an empty list holds no prompt; send a string, a list of strings, a list "
+                                 "of token ids or a list of lists of token ids", param="prompt")
+        for i, one in enumerate(prompts):
+            param = "prompt" if single else f"prompt[{i}]"
+            if not one:
+                raise InvalidRequest(f"{param}: a prompt must not be empty", param=param)
+            if isinstance(one, str) and "\x00" in one:
+                raise InvalidRequest(f"{param}: a prompt must not hold NUL characters", param=param)
+        return [("prompt" if single else f"prompt[{i}]", one) for i, one in enumerate(prompts)]
 
 
 class TextPart(BaseModel):
@@ -193,16 +198,18 @@ R = TypeVar("R", bound=BaseModel)
 
 def parse_openai_request(body: Any, request_type: type[R]) -> R:
     """Validate a decoded JSON body; raise ``InvalidRequest`` naming the first field at fault. ``null`` means the
-    field's default, as OpenAI's clients send it."""
+    field's default, as OpenAI's clients send it. A request type may name its own ``refused_fields`` and
+    ``neutral_values`` (the Responses API's differ)."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     body = {key: value for key, value in body.items() if value is not None}
-    for name, neutral in NEUTRAL_VALUES.items():
+    refused = getattr(request_type, "refused_fields", REFUSED)
+    for name, neutral in getattr(request_type, "neutral_values", NEUTRAL_VALUES).items():
         if name in body and _is_neutral(body[name], neutral):
             del body[name]
     for name in body:
-        if name in REFUSED:
-            raise UnknownParameter(f"{name}: {REFUSED[name]}", param=name)
+        if name in refused:
+            raise UnknownParameter(f"{name}: {refused[name]}", param=name)
     try:
         return request_type.model_validate(body)
     except ValidationError as exc:

@@ -10,7 +10,7 @@ request's ``parameters``: the /chat fields (``return_full_text``, ``prefix``, ``
      "parameters": {"max_new_tokens": 32, "temperature": 0, "return_full_text": false}}
 
 Each prompt is validated, mapped and generated exactly as /chat's ``prompt`` (same defaults, limits and errors),
-all of them concurrently in the shared batch, at most ``--max_batch_size`` per request. The answer is one BYTES
+all of them concurrently in the shared batch, at most the batch size per request. The answer is one BYTES
 output tensor ``text_output`` with a text per prompt (shape ``[prompts, n]`` when ``num_return_sequences`` is
 ``n`` > 1), and /chat's ``details`` per prompt as parameters::
 
@@ -74,14 +74,15 @@ def install_open_inference_route(app: FastAPI, model: FalconModel) -> None:
             if model.draining:
                 raise Draining("the server is shutting down and takes no new requests")
             body = parse_infer_request(decode_json_body(await request.body()))
-            chat_requests = to_chat_requests(body, model.config.max_batch_size)
+            model.require_ready()  # the batch size, which bounds the prompts, is decided by loading
+            chat_requests = to_chat_requests(body, model.max_batch_size)
             jobs = [await model.prepare(chat_request, model_name) for chat_request in chat_requests]
-            tickets = _submit_all(model, jobs)
+            tickets = model.submit_all(jobs)
             finished, results = await unless_disconnected(
                 request, asyncio.gather(*(ticket.result() for ticket in tickets)))
         except PredictorError as exc:
             _cancel(tickets)  # one prompt failed: the others need not go on
-            metrics.REQUESTS.labels(ROUTE, exc.error_type).inc()
+            metrics.REQUESTS.labels(ROUTE, exc.outcome).inc()
             raise
         if not finished:
             _cancel(tickets)
@@ -125,18 +126,6 @@ def to_chat_requests(body: InferRequestBody, max_prompts: int) -> list[ChatReque
                              param="parameters.stream")
     fields = {key: parameters.pop(key) for key in list(parameters) if key in CHAT_FIELDS}
     return [parse_chat_request({**fields, "prompt": prompt, "generate_kwargs": parameters}) for prompt in prompts]
-
-
-def _submit_all(model: FalconModel, jobs: list) -> list[Ticket]:
-    """Queue every prompt's job, or none: a full queue part way cancels those already queued."""
-    tickets: list[Ticket] = []
-    try:
-        for job in jobs:
-            tickets.append(model.submit(job))
-    except PredictorError:
-        _cancel(tickets)
-        raise
-    return tickets
 
 
 def _cancel(tickets: list[Ticket]) -> None:

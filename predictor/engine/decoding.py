@@ -1,0 +1,339 @@
+"""The running batch of the decode worker: admitted requests, each sequence in its own cache row, and one step
+of work on them all (``step``), with a failure at any stage ending the request it belongs to alone.
+
+A step computes prompt chunks beside the running sequences' next tokens, chooses each sequence's token, and retires
+what finished. When the shared forward pass raises, the prompts being computed are presumed at fault and fail;
+when the decode rows alone still fail, each request's rows run on their own and only those that fail again end.
+Token choice is redone request by request in the same way. Keys and values are committed only by a pass that
+succeeded (``Engine.step``), so a pass can be rerun. A request that cannot be admitted (its adapter, sampler, prefix
+lookup or rows) fails before it takes any row or adapter slot; one whose answer cannot be made fails at retirement,
+its rows and slot freed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .. import metrics
+from ..errors import GenerationFailed, ModelNotFound, PredictorError
+from . import faults
+from .health import EngineHealth
+from .lora_bank import BASE
+from .runner import Engine
+from .running import RunningRequest, RunningSequence
+from .sampling import TokenLogprob, choose_next_tokens, make_sampler
+from .tickets import Ticket, TokenEvent
+
+logger = logging.getLogger(__name__)
+
+
+class DecodeBatch:
+    """The requests admitted to the decode worker, in admission order, and the verbs that move them on."""
+
+    def __init__(self, engine: Engine, health: EngineHealth, rng: torch.Generator, max_prefill_tokens: int,
+                 prefix_caching: bool) -> None:
+        self.engine = engine
+        self.health = health
+        self.rng = rng  # unseeded requests sample from this
+        self.max_prefill_tokens = max_prefill_tokens
+        self.prefix_caching = prefix_caching
+        self.requests: list[RunningRequest] = []
+
+    @property
+    def running_sequences(self) -> int:
+        return sum(len(request.sequences) for request in self.requests)
+
+    def admit(self, ticket: Ticket) -> int | None:
+        """Start ``ticket``'s request in the batch; the rows it took (0 if it could not start: then it has its
+        answer, a 4xx naming its option or a 500), or None while every adapter slot is in use (it waits)."""
+        try:
+            slot = self._place_adapter(ticket)
+            if slot is None:
+                return None
+            try:
+                self.requests.append(self._start(ticket, self.running_sequences, slot))
+            except BaseException:
+                self._release_slot(slot)
+                raise
+        except Exception as exc:  # noqa: BLE001 - this request cannot start: it fails alone
+            self._fail_admission(ticket, exc)
+            return 0
+        return len(self.requests[-1].sequences)
+
+    def _place_adapter(self, ticket: Ticket) -> int | None:
+        """The bank slot of the ticket's adapter (``BASE`` without one), None while every slot is in use;
+        ModelNotFound when its adapter was unloaded after the request was accepted."""
+        name = ticket.job.adapter
+        if name is None:
+            return BASE
+        faults.inject("adapter", ticket.job.prompt_ids)
+        try:
+            return self.engine.lora.place(name)
+        except (KeyError, AttributeError):
+            raise ModelNotFound(f"the adapter {name!r} was unloaded before this request started") from None
+
+    def _start(self, ticket: Ticket, running: int, slot: int = BASE) -> RunningRequest:
+        """Give a request's sequences their samplers and rows, with its adapter's ``slot``; the leader's starts
+        from the longest prefix cached with the same adapter. If any of it fails, the rows it took are given
+        back."""
+        ticket.started_at = time.monotonic()
+        options, cache, prompt = ticket.job.options, self.engine.cache, list(ticket.job.prompt_ids)
+        samplers = [make_sampler(options, prompt, index, self.engine.device, self.engine.tokenizer)
+                    for index in range(options.num_return_sequences)]
+        salt = None  # keys and values computed with an adapter are that adapter's alone
+        if ticket.job.adapter is not None:
+            salt = self.engine.lora.key(ticket.job.adapter)
+            metrics.LORA_REQUESTS.labels(ticket.job.adapter).inc()
+        hit = None
+        # A prompt's log-probabilities come from computing it: a request that asks for them reuses no prefix.
+        if self.prefix_caching and options.prompt_logprobs is None:
+            faults.inject("prefix", prompt)
+            hit = cache.find_prefix(prompt, salt)
+            metrics.PREFIX_CACHE_QUERIES.inc(len(prompt))
+            metrics.PREFIX_CACHE_HITS.inc(hit.tokens if hit else 0)
+        sequences: list[RunningSequence] = []
+        try:
+            for index, sampler in enumerate(samplers):
+                row = cache.allocate(running + index, hit if index == 0 else None, salt)
+                self.engine.use_adapter(row, slot)
+                sequences.append(RunningSequence(ticket, index, row, list(prompt), sampler, len(prompt),
+                                                 computed=cache.length(row)))
+                faults.inject("rows", prompt)
+        except BaseException:
+            for seq in sequences:
+                cache.release(seq.row)
+            raise
+        return RunningRequest(ticket, sequences, slot)
+
+    def _fail_admission(self, ticket: Ticket, exc: Exception) -> None:
+        """A request that could not start: a 4xx naming its option when one was at fault, else a 500."""
+        if isinstance(exc, PredictorError):
+            error = exc
+        else:
+            logger.error("Starting a request failed", exc_info=exc)
+            error = GenerationFailed(f"the request could not be started: {type(exc).__name__}", stage="admission")
+        ticket.fail(error)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        self._drop_unstarted()
+        decoding = [seq for request in self.requests if not request.leader.prefilling for seq in request.sequences
+                    if seq.finish_reason is None]
+        prefilling = self._plan_prefill()
+        if decoding or prefilling:
+            forwarded = self._forward(decoding, prefilling)
+            if forwarded is None:  # every request in the pass failed: nothing to choose, no sign of health
+                return
+            logits, decoding, prefilling = forwarded
+            finishing, row = [], len(decoding)
+            for request, take, wanted in prefilling:
+                request.note_prompt_logprobs(take, logits[row:row + wanted])
+                request.leader.computed += take
+                row += wanted
+                if not request.leader.prefilling:
+                    finishing.append((request, row - 1))  # its first token comes from its last row of logits
+            self._choose_first_and_next(decoding, finishing, logits)
+        self._retire()
+        self.health.succeeded()
+
+    def _forward(self, decoding: list[RunningSequence], prefilling: list[tuple[RunningRequest, int, int]]
+                 ) -> tuple[torch.Tensor, list[RunningSequence], list[tuple[RunningRequest, int, int]]] | None:
+        """One forward pass for the decoding sequences and the planned prompt chunks: (logits, and the sequences
+        and chunks they are for), None if every request in it failed. If the pass raises, the prompts are presumed
+        at fault and fail; if the decode rows alone fail too, each request's rows run on their own, and only the
+        requests whose rows fail again end. Keys and values are committed only by a pass that succeeded, so a
+        pass can be rerun."""
+        try:
+            return self._run_step(decoding, prefilling), decoding, prefilling
+        except Exception as exc:  # noqa: BLE001 - fail the prompts, keep the others
+            error = exc
+        if prefilling:
+            self._fail_requests([request for request, _, _ in prefilling], error)
+            if not decoding:
+                return None
+            try:
+                return self._run_step(decoding, []), decoding, []
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+        requests = self._requests_of(decoding)
+        if len(requests) == 1:
+            self._fail_requests(requests, error)
+            return None
+        kept, parts = [], []
+        for request in requests:
+            rows = [seq for seq in decoding if seq.ticket is request.ticket]
+            try:
+                parts.append(self._run_step(rows, []))
+                kept += rows
+            except Exception as exc:  # noqa: BLE001
+                self._fail_requests([request], exc)
+        return (torch.cat(parts), kept, []) if parts else None
+
+    def _run_step(self, decoding: list[RunningSequence], prefilling: list[tuple[RunningRequest, int, int]]
+                  ) -> torch.Tensor:
+        for seq in decoding:
+            faults.inject("decode", seq.ticket.job.prompt_ids)
+        for request, _, _ in prefilling:
+            faults.inject("prefill", request.ticket.job.prompt_ids)
+        decode = [(seq.row, seq.tokens[-1]) for seq in decoding]
+        chunks = [(r.leader.row, r.leader.tokens[r.leader.computed:r.leader.computed + take], wanted)
+                  for r, take, wanted in prefilling]
+        return self.engine.step(decode, chunks)
+
+    def _requests_of(self, sequences: list[RunningSequence]) -> list[RunningRequest]:
+        tickets = {id(seq.ticket) for seq in sequences}
+        return [request for request in self.requests if id(request.ticket) in tickets]
+
+    def _choose_first_and_next(self, decoding: list[RunningSequence], finishing: list[tuple[RunningRequest, int]],
+                               logits: torch.Tensor) -> None:
+        """Pick the decoding sequences' next tokens, and the first tokens of the requests whose prompts are now
+        complete: every sequence of such a request picks from its leader's row of logits, after copying its
+        prompt."""
+        choosers, rows = list(decoding), list(range(len(decoding)))
+        for request, row in finishing:
+            for seq in request.sequences[1:]:
+                self.engine.cache.copy_prefix(request.leader.row, seq.row, seq.prompt_len)
+                seq.computed = seq.prompt_len
+            choosers += request.sequences
+            rows += [row] * len(request.sequences)
+        if choosers:
+            if rows != list(range(logits.shape[0])):
+                logits = logits[torch.tensor(rows, device=logits.device)]
+            self._choose(choosers, logits)
+
+    def _plan_prefill(self) -> list[tuple[RunningRequest, int, int]]:
+        """This step's prompt chunks, oldest request first, within ``max_prefill_tokens``: (request, tokens, logits
+        wanted)."""
+        budget, planned = self.max_prefill_tokens, []
+        for request in self.requests:
+            if budget <= 0:
+                break
+            if (chunk := request.next_chunk(budget)) is not None:
+                planned.append((request, *chunk))
+                budget -= chunk[0]
+        return planned
+
+    def _drop_unstarted(self) -> None:
+        """Requests cancelled or out of time before their prompt was computed end now, with no tokens."""
+        for request in self.requests:
+            if request.leader.prefilling and request.ticket.should_stop():
+                reason = request.ticket.cancel_reason if request.ticket.cancelled else "time_limit"
+                for seq in request.sequences:
+                    seq.finish_reason = reason
+
+    @torch.inference_mode()
+    def _choose(self, sequences: list[RunningSequence], logits: torch.Tensor) -> None:
+        try:
+            for seq in sequences:
+                faults.inject("sampling", seq.ticket.job.prompt_ids)
+            tokens, logprobs = choose_next_tokens(logits, [s.sampler for s in sequences],
+                                                  [s.tokens for s in sequences], self.rng)
+        except Exception:  # noqa: BLE001 - find whose choice fails: each request's rows on their own
+            sequences, tokens, logprobs = self._choose_each(sequences, logits)
+        for seq, token, logprob in zip(sequences, tokens, logprobs):
+            seq.tokens.append(token)
+            if logprob is not None:
+                seq.logprobs.append(logprob)
+            seq.finish_reason = seq.finish_reason_after(token)
+            seq.ticket.emit(TokenEvent(seq.index, token, seq.finish_reason, logprob))
+
+    def _choose_each(self, sequences: list[RunningSequence], logits: torch.Tensor
+                     ) -> tuple[list[RunningSequence], list[int], list[TokenLogprob | None]]:
+        """Token choice request by request, after it failed for the batch: the requests it fails for again end,
+        the others get their tokens."""
+        kept, tokens, logprobs = [], [], []
+        for request in self._requests_of(sequences):
+            rows = [i for i, seq in enumerate(sequences) if seq.ticket is request.ticket]
+            mine = [sequences[i] for i in rows]
+            try:
+                for seq in mine:
+                    faults.inject("sampling", seq.ticket.job.prompt_ids)
+                chosen, scored = choose_next_tokens(logits[torch.tensor(rows, device=logits.device)],
+                                                    [s.sampler for s in mine], [s.tokens for s in mine], self.rng)
+            except Exception as exc:  # noqa: BLE001
+                self._fail_requests([request], exc, stage="sampling")
+                continue
+            kept += mine
+            tokens += chosen
+            logprobs += scored
+        return kept, tokens, logprobs
+
+    def _retire(self) -> None:
+        """Free the rows of finished sequences; answer a request once all of its sequences are done. A request
+        whose answer cannot be made fails alone."""
+        remaining = []
+        for request in self.requests:
+            try:
+                self._release_finished(request)
+                if not request.finished:
+                    remaining.append(request)
+                    continue
+                self._release_adapter(request)
+                faults.inject("retirement", request.ticket.job.prompt_ids)
+                request.ticket.resolve(request.outputs())
+            except Exception as exc:  # noqa: BLE001
+                for seq in request.sequences:
+                    seq.finish_reason = seq.finish_reason or "failed"
+                self._release_finished(request)
+                self._release_adapter(request)
+                fail_tickets(self.health, [request.ticket], exc, stage="retirement")
+        self.requests = remaining
+
+    def _release_finished(self, request: RunningRequest) -> None:
+        for seq in request.sequences:
+            if seq.finish_reason is not None and seq.row >= 0:
+                self.engine.cache.release(seq.row)
+                seq.row = -1
+
+    def fail_all(self, exc: Exception) -> None:
+        """Fail every running request, forget what the broken step may have half-written, and keep serving."""
+        tickets = [request.ticket for request in self.requests]
+        for request in self.requests:
+            self._release_adapter(request)
+        self.requests = []
+        self.engine.cache.clear()
+        fail_tickets(self.health, tickets, exc)
+
+    def _fail_requests(self, requests: list[RunningRequest], exc: Exception, stage: str = "generation") -> None:
+        """Fail ``requests`` and free their rows; the others go on."""
+        for request in requests:
+            self._release_adapter(request)
+            for seq in request.sequences:
+                if seq.row >= 0:
+                    self.engine.cache.release(seq.row)
+                    seq.row = -1
+        self.requests = [request for request in self.requests if request not in requests]
+        fail_tickets(self.health, [request.ticket for request in requests], exc, stage)
+
+    def _release_adapter(self, request: RunningRequest) -> None:
+        """Give back the request's adapter slot, once."""
+        self._release_slot(request.adapter_slot)
+        request.adapter_slot = BASE
+
+    def _release_slot(self, slot: int) -> None:
+        if slot != BASE:
+            self.engine.lora.release(slot)
+
+
+def fail_tickets(health: EngineHealth, tickets: list[Ticket], exc: Exception, stage: str = "generation") -> None:
+    """Answer ``tickets`` with the failure ``exc`` at ``stage`` (a 500 naming the stage; the cause is logged, not
+    sent); a failed forward pass or token choice counts towards the engine's health."""
+    if stage in ("generation", "sampling"):  # where a device fault shows (a CUDA error surfaces at a sync)
+        health.failed()
+    logger.error("%s failed for %d request(s): %s", stage.capitalize(), len(tickets), exc, exc_info=exc)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    for ticket in tickets:
+        ticket.fail(_as_generation_failure(exc, stage))
+
+
+def _as_generation_failure(exc: BaseException, stage: str = "generation") -> PredictorError:
+    if isinstance(exc, PredictorError):  # already says what the client should know
+        return exc
+    if isinstance(exc, torch.OutOfMemoryError):
+        return GenerationFailed("the accelerator ran out of memory for this batch; retry, or ask for fewer or "
+                                "shorter sequences", stage=stage)
+    return GenerationFailed(f"{stage} failed: {type(exc).__name__}", stage=stage)

@@ -1,0 +1,170 @@
+"""Every tokenizer kind transformers loads is served: byte-level BPE (Falcon's), word-level, WordPiece, and Unigram
+with byte fallback (SentencePiece's). Stop strings mean the same on each (generation ends after the token that
+completes one); where transformers' matcher cannot read the vocabulary (word-level) they are matched on decoded text.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import torch
+from transformers import AutoTokenizer
+from transformers.generation.stopping_criteria import StopStringCriteria
+
+from predictor.engine.sampling import TextStopCriteria, stop_string_criteria, token_stop_matching_error
+from predictor.tiny import TOKENIZER_KINDS, build_tiny_falcon, build_tokenizer
+
+TEXT = "Return the value of the first argument, or the default when it is missing."
+STOPS = ("value", "first argument", "default", "missing.", "the")
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("tokenizers")
+    loaded = {}
+    for kind in TOKENIZER_KINDS:
+        build_tokenizer(root / kind, kind)
+        loaded[kind] = AutoTokenizer.from_pretrained(root / kind)
+    return loaded
+
+
+def first_stop(criteria, ids: list[int]) -> int | None:
+    """How many tokens of ``ids`` are generated when ``criteria`` ends generation (None: never)."""
+    for end in range(1, len(ids) + 1):
+        if criteria(torch.tensor([ids[:end]]), None)[0]:
+            return end
+    return None
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+@pytest.mark.parametrize("stop", STOPS)
+def test_generation_ends_after_the_token_that_completes_a_stop_string(tokenizers, kind: str, stop: str) -> None:
+    tokenizer = tokenizers[kind]
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    end = first_stop(stop_string_criteria(tokenizer, (stop,)), ids)
+    if stop not in tokenizer.decode(ids):  # a word-level decoder writes "missing ." (or <unk>): never generated
+        assert end is None
+        return
+    assert end is not None, (kind, stop)
+    assert stop in tokenizer.decode(ids[:end]) and stop not in tokenizer.decode(ids[:end - 1])
+
+
+def test_a_word_level_vocabulary_is_matched_on_text_the_others_by_transformers(tokenizers) -> None:
+    with pytest.raises(ValueError):  # what broke the batch thread: transformers cannot read this vocabulary
+        StopStringCriteria(tokenizers["wordlevel"], ["value"])
+    assert token_stop_matching_error(tokenizers["wordlevel"]) is not None
+    assert isinstance(stop_string_criteria(tokenizers["wordlevel"], ("value",)), TextStopCriteria)
+    for kind in ("bpe", "wordpiece", "unigram"):
+        assert token_stop_matching_error(tokenizers[kind]) is None
+        assert isinstance(stop_string_criteria(tokenizers[kind], ("value",)), StopStringCriteria)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_text_matching_agrees_with_transformers(tokenizers, kind: str) -> None:
+    """Where both can run, the text matcher stops at the same token as transformers' own."""
+    tokenizer = tokenizers[kind]
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    for stop in STOPS:
+        assert (first_stop(TextStopCriteria(tokenizer, (stop,)), ids)
+                == first_stop(StopStringCriteria(tokenizer, [stop]), ids)), stop
+
+
+# -- over HTTP, on a checkpoint with a word-level tokenizer --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def word_level(start_server, tmp_path_factory):
+    model_dir = build_tiny_falcon(tmp_path_factory.mktemp("word-level") / "7b", "7b", tokenizer="wordlevel")
+    return start_server(model_dir, model_name="tiny-falcon-words")
+
+
+def openai(server, route: str, **body) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/{route}", json={"model": server.model_name, **body}, timeout=60)
+
+
+def chat(server, payload: dict) -> httpx.Response:
+    return httpx.post(f"{server.url}/chat", json=payload, timeout=60)
+
+
+def assert_plain_request_served(server) -> None:
+    response = chat(server, {"prompt": "Return the value", "generate_kwargs": {"max_new_tokens": 4}})
+    assert response.status_code == 200, response.text
+
+
+def test_word_level_chat_completion_is_answered(word_level) -> None:
+    """The request that stopped the engine: a chat completion, whose format stops at the next "User:" turn."""
+    response = openai(word_level, "chat/completions", messages=[{"role": "user", "content": "Return the value"}],
+                      max_tokens=8)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    log = word_level.log()
+    assert "Traceback" not in log and "Exception in thread" not in log, log[-3000:]
+    assert log.count("matched on the decoded text") == 1  # said once, at start-up
+    assert_plain_request_served(word_level)
+
+
+def test_word_level_stop_strings_end_generation_after_the_completing_token(word_level) -> None:
+    greedy = {"do_sample": False, "max_new_tokens": 12, "min_new_tokens": 12}
+    free = chat(word_level, {"prompt": "Return the value", "return_full_text": False, "generate_kwargs": greedy})
+    words = free.json()["Result"].split()
+    stop = words[3]
+    # the first generated word whose text contains the stop: generation ends with it
+    at = next(i for i, word in enumerate(words) if stop in word)
+    stopped = chat(word_level, {"prompt": "Return the value", "return_full_text": False,
+                                "generate_kwargs": {**greedy, "min_new_tokens": 0, "stop_strings": [stop]}})
+    assert stopped.status_code == 200, stopped.text
+    assert stopped.json()["details"]["finish_reasons"] == ["stop"]
+    assert stopped.json()["Result"].split() == words[:at + 1]
+    response = openai(word_level, "completions", prompt="Return the value", max_tokens=12, temperature=0,
+                      stop=[stop])
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["finish_reason"] == "stop"
+    assert_plain_request_served(word_level)
+
+
+def test_word_level_streams_penalties_and_beams_are_answered(word_level) -> None:
+    with httpx.stream("POST", f"{word_level.url}/chat", timeout=60, json={
+            "prompt": "Return the value", "stream": True,
+            "generate_kwargs": {"max_new_tokens": 8, "stop_strings": ["the"], "repetition_penalty": 1.3}}) as stream:
+        events = [line[len("data: "):] for line in stream.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and "Result" in json.loads(events[-2]), events
+    penalised = openai(word_level, "completions", prompt="Return the value", max_tokens=8, presence_penalty=1.5,
+                       frequency_penalty=0.5, stream=True)
+    assert penalised.status_code == 200 and penalised.text.rstrip().endswith("data: [DONE]"), penalised.text
+    assert '"error"' not in penalised.text
+    beams = chat(word_level, {"prompt": "Return the value", "generate_kwargs": {
+        "num_beams": 2, "do_sample": False, "max_new_tokens": 8, "stop_strings": ["the"]}})
+    assert beams.status_code == 200, beams.text
+    assert_plain_request_served(word_level)
+
+
+def test_word_level_structured_output_is_refused_naming_it(word_level) -> None:
+    """llguidance needs each token's bytes, which a word-level vocabulary (spaces put between words by its
+    decoder) does not have: a clear 4xx, and the server goes on."""
+    response = openai(word_level, "chat/completions", messages=[{"role": "user", "content": "JSON please"}],
+                      max_tokens=8, response_format={"type": "json_object"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_option" and error["param"] == "grammar", error
+    assert "structured output" in error["message"]
+    assert_plain_request_served(word_level)
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "unigram"])
+def test_other_tokenizer_kinds_serve_stop_strings_and_structured_output(start_server, tmp_path_factory,
+                                                                        kind: str) -> None:
+    model_dir = build_tiny_falcon(tmp_path_factory.mktemp(kind) / "7b", "7b", tokenizer=kind)
+    server = start_server(model_dir, model_name=f"tiny-falcon-{kind}")
+    stopped = openai(server, "chat/completions", messages=[{"role": "user", "content": "Return the value"}],
+                     max_tokens=8, stop=["the"])
+    assert stopped.status_code == 200, stopped.text
+    structured = openai(server, "chat/completions", messages=[{"role": "user", "content": "JSON please"}],
+                        max_tokens=40, temperature=0, response_format={"type": "json_object"})
+    if kind == "unigram":  # byte fallback: llguidance reads it, and the answer parses
+        assert structured.status_code == 200, structured.text
+        assert isinstance(json.loads(structured.json()["choices"][0]["message"]["content"]), dict)
+    else:
+        assert structured.status_code == 400 and structured.json()["error"]["param"] == "grammar", structured.text
+    assert_plain_request_served(server)
+    assert server.stop() == 0
