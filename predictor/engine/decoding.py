@@ -70,9 +70,12 @@ class DecodeBatch:
         if name is None:
             return BASE
         faults.inject("adapter", ticket.job.prompt_ids)
+        bank = self.engine.lora
         try:
-            return self.engine.lora.place(name)
-        except (KeyError, AttributeError):
+            if bank is None:
+                raise KeyError(name)
+            return bank.place(name)
+        except KeyError:
             raise ModelNotFound(f"the adapter {name!r} was unloaded before this request started") from None
 
     def _start(self, ticket: Ticket, running: int, slot: int = BASE) -> RunningRequest:
@@ -83,10 +86,8 @@ class DecodeBatch:
         options, cache, prompt = ticket.job.options, self.engine.cache, list(ticket.job.prompt_ids)
         samplers = [make_sampler(options, prompt, index, self.engine.device, self.engine.tokenizer)
                     for index in range(options.num_return_sequences)]
-        salt = None  # keys and values computed with an adapter are that adapter's alone
-        if ticket.job.adapter is not None:
-            salt = self.engine.lora.key(ticket.job.adapter)
-            metrics.LORA_REQUESTS.labels(ticket.job.adapter).inc()
+        # Keys and values computed with an adapter are that adapter's alone.
+        salt = self.engine.lora.key(slot) if slot != BASE else None
         hit = None
         # A prompt's log-probabilities come from computing it: a request that asks for them reuses no prefix.
         if self.prefix_caching and options.prompt_logprobs is None:
@@ -106,6 +107,8 @@ class DecodeBatch:
             for seq in sequences:
                 cache.release(seq.row)
             raise
+        if ticket.job.adapter is not None:
+            metrics.LORA_REQUESTS.labels(ticket.job.adapter).inc()
         return RunningRequest(ticket, sequences, slot)
 
     def _fail_admission(self, ticket: Ticket, exc: Exception) -> None:

@@ -102,12 +102,6 @@ class AdapterBank:
             entry = self._registered.get(name)
         return entry[1] if entry else None
 
-    def key(self, name: str) -> int | None:
-        """The current registration of ``name``: a prefix cache salt that changes when its weights do."""
-        with self._lock:
-            entry = self._registered.get(name)
-        return entry[0] if entry else None
-
     # -- placement (the decode thread) ------------------------------------------------------------------------
     def place(self, name: str) -> int | None:
         """A slot holding adapter ``name`` for one more request: its own if placed, else a free one, into which it
@@ -125,6 +119,11 @@ class AdapterBank:
         self._copy_in(index, adapter)
         self._slots[index] = _Slot(adapter, key, 1)
         return index
+
+    def key(self, slot: int) -> int:
+        """Which registration the adapter in ``slot`` was copied from: a prefix cache salt that changes when the
+        adapter's weights do, and stays with the slot even if its name is unloaded meanwhile."""
+        return self._slots[slot].key
 
     def release(self, slot: int) -> None:
         if slot != BASE:
