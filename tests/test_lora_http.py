@@ -82,6 +82,30 @@ def test_base_and_adapters_concurrently_each_equal_alone(served):
         assert ids == expected[name][i], (name, i)
 
 
+def test_several_prompts_and_the_responses_api_choose_the_adapter(served):
+    server, expected, _ = served
+    response = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+        "model": "qkv", "prompt": PROMPTS, "max_tokens": N, "min_tokens": N, "temperature": 0, "logprobs": 0,
+        "return_tokens_as_token_ids": True})
+    assert response.status_code == 200, response.text
+    choices = sorted(response.json()["choices"], key=lambda choice: choice["index"])
+    assert [[int(token.split(":")[1]) for token in c["logprobs"]["tokens"]] for c in choices] == expected["qkv"]
+
+    def respond(model: str) -> dict:
+        answer = httpx.post(f"{server.url}/v1/responses", timeout=60, json={
+            "model": model, "input": PROMPTS[1], "max_output_tokens": N, "temperature": 0})
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    chat = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+        "model": "qkv", "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": N, "temperature": 0})
+    adapted, base = respond("qkv"), respond(server.model_name)
+    assert adapted["model"] == "qkv" and base["model"] == server.model_name
+    text = adapted["output"][0]["content"][0]["text"]
+    assert text == chat.json()["choices"][0]["message"]["content"]
+    assert text != base["output"][0]["content"][0]["text"]
+
+
 def test_model_cards_name_the_adapters_with_their_parent(served):
     server, _, _ = served
     body = httpx.get(f"{server.url}/v1/models", timeout=10).json()
