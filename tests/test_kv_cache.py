@@ -319,9 +319,16 @@ def test_compiled_steps_give_each_request_the_eager_tokens(arch, tiny_dirs):
 
     compiled = reserved_engine(tiny_dirs[arch], rows=0)
     compiled.reserve(4, compile=True)
-    progress = []
+    progress, graphs = [], []
+
+    def warm_up() -> None:
+        compiled.warm_up(lambda done, total: progress.append((done, total)))
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
     got = run(compiled, [make_job(compiled, p, **dict(o)) for p, o in zip(PROMPTS, options)], max_batch_size=4,
-              stagger_s=0.02, prepare=lambda: compiled.warm_up(lambda done, total: progress.append((done, total))))
+              stagger_s=0.02, prepare=warm_up)
+    # The warm-up compiled every graph the steps replay (in the same inference mode): none is compiled while serving.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs[0]
     shapes = len(compiled.compiled_shapes)
     # Per decode token count (1, 2, 4): one block each, 1.5x, 2x, ... up to every token reading 2048 columns.
     assert progress[-1] == (shapes, shapes) and shapes == sum(len(column_tiers(t * 2048 // DECODE_BLOCK, t))

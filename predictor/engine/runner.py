@@ -148,6 +148,7 @@ class Engine:
         """(decode tokens, blocks) of every shape a compiled decode step can take."""
         return [(tokens, blocks) for tokens in self._buckets for blocks in self._block_tiers(tokens)]
 
+    @torch.inference_mode()  # as ``step`` runs: compiled graphs are guarded on it, and would compile again
     def warm_up(self, progress: Callable[[int, int], None] = lambda done, total: None) -> float:
         """Run (and so compile, and record) every static shape a decode step can take; seconds taken. Writes only
         the scratch row, so the cache's contents stay as they were."""
