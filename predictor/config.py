@@ -14,6 +14,7 @@ from .variants import VARIANTS, closest_variant, find_variant
 DEMO_MODEL_NAME = "falcon-tiny-demo"
 KSERVE_DEFAULT_MODEL_NAME = "model"  # KServe's default --model_name: no model was named
 SHUTDOWN_AFTER_DRAIN_S = 10  # the most the process takes to exit once --drain_timeout is over
+DEFAULT_ADAPTER_DIR = "/mnt/adapter"  # where Kaito mounts a workspace's adapters
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,12 @@ class ServerConfig:
     prefix_caching: bool  # reuse the KV cache of a prompt's cached prefix
     log_format: str  # "text" or "json" (one object per line); either way each line names its request
     log_requests: bool  # a log line per request (uvicorn's access log and KServe's timings)
+    adapter_dir: str  # Kaito's adapter directory: every adapter in it is merged into the weights, when it exists
+    lora_modules: tuple[tuple[str, str], ...] = ()  # (name, path): adapters a request chooses by its model name
+    max_loras: int = 4  # adapters one step serves
+    max_lora_rank: int = 16
+    runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
+    lora_root: str | None = None  # where those may load from; None: adapter_dir
     tensor_parallel_size: int = 1  # ranks (processes, one per GPU) every layer is split over
     collective_timeout_s: float = 60.0  # how long a rank may keep the others waiting before the server ends
 
@@ -161,6 +168,23 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
                              "conversation, a shared system prompt) copies its keys and values instead of "
                              "computing them again; cached prefixes live in free rows only")
 
+    adapters = parser.add_argument_group("LoRA adapters")
+    adapters.add_argument("--adapter_dir", default=DEFAULT_ADAPTER_DIR,
+                          help="Kaito's adapter directory, used when it exists: each subfolder holding "
+                               "adapter_config.json is a PEFT LoRA adapter, weighted by the environment variable "
+                               "named after the folder (default 1.0), all combined as Kaito's server combines them "
+                               "and merged into the weights for every request")
+    adapters.add_argument("--lora_modules", nargs="+", default=[], metavar="NAME=PATH",
+                          help="PEFT LoRA adapters a request chooses by name (OpenAI's and /chat's 'model', "
+                               "KServe's model routes), each served beside the base model in the shared batch")
+    adapters.add_argument("--max_loras", type=int, default=4,
+                          help="adapters one step serves; requests for further adapters wait for a slot")
+    adapters.add_argument("--max_lora_rank", type=int, default=16, help="largest adapter rank served")
+    adapters.add_argument("--runtime_lora_updating", action=argparse.BooleanOptionalAction, default=False,
+                          help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's routes)")
+    adapters.add_argument("--lora_root", default=None,
+                          help="the folder runtime loading may read adapters from; default: --adapter_dir")
+
     security = parser.add_argument_group("security")
     security.add_argument("--api_key", default=None,
                           help="if set (or $PREDICTOR_API_KEY), /chat and inference routes need "
@@ -204,6 +228,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                  "max_batch_size", "max_queue", "max_body_bytes", "max_header_bytes", "max_prefill_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SystemExit(f"--{flag} must be at least 1")
+    for flag in ("max_loras", "max_lora_rank"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag} must be at least 1")
+    lora_modules = parse_lora_modules(args.lora_modules, (model_name, *args.model_alias))
     if args.header_timeout <= 0:
         raise SystemExit("--header_timeout must be above 0 seconds")
     if args.tensor_parallel_size < 1:
@@ -222,8 +250,23 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         api_key=args.api_key or os.environ.get("PREDICTOR_API_KEY") or None, log_prompts=args.log_prompts,
         load_in_8bit=args.load_in_8bit, compile=args.compile, kv_cache_memory_gib=args.kv_cache_memory,
         max_prefill_tokens=args.max_prefill_tokens, prefix_caching=args.prefix_caching,
-        log_format=args.log_format, log_requests=args.log_requests,
+        log_format=args.log_format, log_requests=args.log_requests, adapter_dir=args.adapter_dir,
+        lora_modules=lora_modules, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+        runtime_lora_updating=args.runtime_lora_updating, lora_root=args.lora_root,
         tensor_parallel_size=args.tensor_parallel_size, collective_timeout_s=args.collective_timeout)
+
+
+def parse_lora_modules(values: Sequence[str], model_names: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``NAME=PATH`` pairs, each name new and none of the served model's ``model_names`` (its name, aliases)."""
+    modules: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--lora_modules {value}: expected NAME=PATH")
+        if name in model_names or name in modules:
+            raise SystemExit(f"--lora_modules {value}: the name {name} is already served")
+        modules[name] = path
+    return tuple(modules.items())
 
 
 def unknown_variant_message(model_name: str) -> str:

@@ -46,6 +46,13 @@ class UnknownParameter(InvalidRequest):
     error_type = "unknown_parameter"
 
 
+class Forbidden(PredictorError):
+    """A request the server understood and will not carry out (a path outside what it may read)."""
+
+    status = 403
+    error_type = "forbidden"
+
+
 class NotFound(PredictorError):
     status = 404
     error_type = "not_found"

@@ -8,7 +8,11 @@ passes through, streamed or not.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import time
+from typing import Callable, Iterator
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 _TOKEN_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _SECOND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -49,3 +53,29 @@ CACHE_CONFIG = Gauge("falcon_cache_config_info", "The KV cache's layout: block s
 PREFIX_CACHE_QUERIES = Counter("falcon_prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
 PREFIX_CACHE_HITS = Counter("falcon_prefix_cache_hits", "Prompt tokens whose keys and values were reused from the "
                             "prefix cache instead of computed")
+
+# -- LoRA adapters ----------------------------------------------------------------------------------------------
+LORA_REQUESTS = Counter("falcon_lora_requests", "Requests started with each LoRA adapter", ["adapter"])
+
+
+class LoraRequestsInfo:
+    """``falcon_lora_requests_info{running_lora_adapters, waiting_lora_adapters, max_lora}``, vLLM's
+    ``vllm:lora_requests_info``: the adapters running requests use and those queued requests wait for (each
+    comma-separated), the adapters one step serves; the value is the time of the update, read at each scrape (the
+    Inference Extension's LoRA-affinity scorer reads the labels). No sample while no adapters are served by name."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], tuple[list[str], list[str], int]] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("falcon_lora_requests_info", "Running and waiting LoRA adapters (labels); value: "
+                                   "time of the update", labels=["running_lora_adapters", "waiting_lora_adapters",
+                                                                  "max_lora"])
+        if self.source is not None:
+            running, waiting, max_lora = self.source()
+            family.add_metric([",".join(running), ",".join(waiting), str(max_lora)], time.time())
+        yield family
+
+
+LORA_INFO = LoraRequestsInfo()
+REGISTRY.register(LORA_INFO)

@@ -12,7 +12,7 @@ makes the engine raise while it works on that prompt, as a lost or full accelera
 
 Through the engine's fault-injection hook (``predictor.engine.faults``), a prompt that contains
 ``<<raise:STAGE>>`` makes the work on that request raise ``RuntimeError`` at that stage (an option's name such as
-``stop_strings``, ``prefix``, ``rows``, ``prefill``, ``decode``, ``sampling``, ``retirement``, ``beams``,
+``stop_strings``, ``adapter``, ``prefix``, ``rows``, ``prefill``, ``decode``, ``sampling``, ``retirement``, ``beams``,
 ``detokenization``, ``streaming``: see ``predictor/engine/faults.py``); ``<<kill:STAGE>>`` raises an exception no stage may catch (``WorkerKilled``, a ``BaseException``),
 which ends the worker thread; ``<<hang:STAGE>>`` blocks the worker there for good.
 

@@ -58,9 +58,27 @@ def kserve_container(pod: Doc) -> Doc:
 
 
 def storage_uri(isvc: Doc, container: Doc) -> str | None:
-    model = isvc["spec"]["predictor"].get("model", {})
+    """Where the weights come from: the model's storageUri, the predictor's storageUris entry for /mnt/models, or
+    the container's STORAGE_URI."""
+    predictor = isvc["spec"]["predictor"]
     env = {e["name"]: e.get("value") for e in container.get("env", [])}
-    return model.get("storageUri") or env.get("STORAGE_URI")
+    mounted = {entry.get("mountPath", MODEL_DIR): entry["uri"] for entry in predictor.get("storageUris", [])}
+    return predictor.get("model", {}).get("storageUri") or mounted.get(MODEL_DIR) or env.get("STORAGE_URI")
+
+
+def adapter_problems(isvc: Doc, docs: list[Doc]) -> list[str]:
+    """Each adapter the predictor serves by name (--lora_modules) is fetched to its path by a storageUris entry,
+    and no two entries share a mount path."""
+    predictor = isvc["spec"]["predictor"]
+    mounts = [entry.get("mountPath", MODEL_DIR) for entry in predictor.get("storageUris", [])]
+    problems = [f"mount path {m} is used twice" for m in sorted(set(mounts)) if mounts.count(m) > 1]
+    if predictor.get("storageUris") and predictor.get("model", {}).get("storageUri"):
+        problems.append("the model's storageUri and the predictor's storageUris cannot both be set")
+    config, _ = parse_args(kserve_container(pod_of(isvc, docs)).get("args", []))
+    for name, path in config.lora_modules if config is not None else ():
+        if path not in mounts or path == MODEL_DIR:
+            problems.append(f"adapter {name}: {path} is not the mount path of a storageUris entry")
+    return problems
 
 
 # ---- schemas -------------------------------------------------------------------------------------------------------

@@ -129,6 +129,32 @@ def test_an_openai_request_whose_sampling_fails_gets_a_server_error_and_the_next
     assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).status_code == 200
 
 
+@pytest.fixture(scope="module")
+def adapter_server(start_server, tiny_dir, tmp_path_factory):
+    """Two LoRA adapters and one slot for them: a request for the second runs only once the first's is free."""
+    from lora_adapters import make_adapter
+
+    root = tmp_path_factory.mktemp("fault-adapters")
+    paths = {name: make_adapter(tiny_dir, root / name, seed=seed) for seed, name in enumerate(("one", "two"), 1)}
+    return start_server(tiny_dir, "--lora_modules", *(f"{name}={path}" for name, path in paths.items()),
+                        "--max_loras", "1", "--adapter_dir", str(root / "none"), "--request_timeout", "60",
+                        module="tests.fault_server")
+
+
+@pytest.mark.parametrize("stage, error_type", [
+    ("adapter", "admission_failed"), ("rows", "admission_failed"), ("prefill", "generation_failed"),
+    ("decode", "generation_failed"), ("sampling", "sampling_failed"), ("retirement", "retirement_failed")])
+def test_a_request_failing_with_an_adapter_fails_alone_and_frees_its_slot(adapter_server, stage: str,
+                                                                           error_type: str) -> None:
+    response = chat(adapter_server, {**marked(f"<<raise:{stage}>>"), "model": "one"})
+    assert response.status_code == 500, response.text
+    assert response.json()["error_type"] == error_type and SECRET not in response.text
+    other = {"prompt": "Hello", "model": "two", "generate_kwargs": {"max_new_tokens": 4, "min_new_tokens": 4}}
+    response = chat(adapter_server, other, timeout=30)  # waits for the only slot if the failed request kept it
+    assert response.status_code == 200, response.text
+    assert response.json()["details"]["generated_tokens"] == [4]
+
+
 # -- the engine stops: a worker died or hangs ---------------------------------------------------------------------
 
 LONG = {"prompt": "Once upon a time", "generate_kwargs": {"max_new_tokens": 2000, "min_new_tokens": 2000}}

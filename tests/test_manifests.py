@@ -24,6 +24,7 @@ import yaml
 from manifest_checks import (
     MANIFESTS,
     Doc,
+    adapter_problems,
     all_problems,
     expand,
     kserve_container,
@@ -258,6 +259,37 @@ def test_kustomize_renders_the_pvc_overlay() -> None:
         assert model["storageUri"] == f"pvc://falcon-models/{isvc['metadata']['name']}"
         assert "ephemeral-storage" not in model["resources"]["requests"]  # nothing is downloaded
         assert schema_problems(isvc) == [] and all_problems(isvc, rendered) == []
+
+
+def test_kustomize_renders_the_adapters_overlay() -> None:
+    rendered = kustomize(MANIFESTS / "adapters")
+    isvc = named(of_kind(rendered, "InferenceService"), "falcon-7b")
+    predictor = isvc["spec"]["predictor"]
+    assert "storageUri" not in predictor["model"]
+    assert [entry["mountPath"] for entry in predictor["storageUris"]] == ["/mnt/models", "/mnt/lora/sql",
+                                                                          "/mnt/lora/support"]
+    for doc in rendered:
+        assert schema_problems(doc) == []
+    assert all_problems(isvc, rendered) == [] and adapter_problems(isvc, rendered) == []
+
+
+@pytest.mark.parametrize("drift, words", [
+    ("unmounted", "adapter sql: /mnt/lora/other is not the mount path"),
+    ("twice", "mount path /mnt/lora/sql is used twice"),
+    ("both", "cannot both be set"),
+])
+def test_adapter_drift_is_reported(drift: str, words: str) -> None:
+    rendered = kustomize(MANIFESTS / "adapters")
+    isvc = named(of_kind(rendered, "InferenceService"), "falcon-7b")
+    predictor = isvc["spec"]["predictor"]
+    if drift == "unmounted":
+        args = predictor["model"]["args"]
+        args[args.index("sql=/mnt/lora/sql")] = "sql=/mnt/lora/other"
+    elif drift == "twice":
+        predictor["storageUris"][2]["mountPath"] = "/mnt/lora/sql"
+    else:
+        predictor["model"]["storageUri"] = predictor["storageUris"][0]["uri"]
+    assert any(words in problem for problem in adapter_problems(isvc, rendered))
 
 
 def test_expand_prints_the_explicit_form_of_each_inferenceservice(docs: list[Doc]) -> None:

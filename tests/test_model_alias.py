@@ -32,6 +32,14 @@ def test_the_model_serves_its_name_and_its_aliases_only(tmp_path):
     assert not model.serves("publishers/other/models/falcon-7b") and not model.serves("falcon-40b")
 
 
+def test_an_alias_means_the_base_model_and_no_adapter_may_take_it(tmp_path):
+    flags = ["--model_dir", str(tmp_path), "--model_name", "falcon-7b", "--model_alias", "fine"]
+    model = FalconModel(parse_config(flags))
+    assert model.is_base("fine") and model.adapter_for("fine") is None
+    with pytest.raises(SystemExit, match="the name fine is already served"):
+        parse_config([*flags, "--lora_modules", f"fine={tmp_path}"])
+
+
 @pytest.fixture(scope="module")
 def aliased(start_server, tiny_dir):
     return start_server(tiny_dir, "--model_alias", ALIAS)

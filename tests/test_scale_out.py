@@ -117,13 +117,13 @@ def test_the_inference_pool_overlay_renders_and_validates_strictly(pooled: list[
     assert pool_problems(pooled, families) == []
 
 
-def test_the_endpoint_picker_scores_queue_kv_cache_and_prefix(pooled: list[Doc]) -> None:
+def test_the_endpoint_picker_scores_queue_kv_cache_prefix_and_lora_affinity(pooled: list[Doc]) -> None:
     pool = of_kind(pooled, "InferencePool")[0]
     config = epp_config(pooled, pool["spec"]["endpointPickerRef"]["name"])
     assert config["kind"] == "EndpointPickerConfig"
     weighted = {p["pluginRef"] for profile in config["schedulingProfiles"] for p in profile["plugins"]
                 if p.get("weight")}
-    assert weighted == {"queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer"}
+    assert weighted == {"queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer", "lora-affinity-scorer"}
     assert {p["pluginRef"] for p in config["schedulingProfiles"][0]["plugins"]} <= {p["type"] for p in config["plugins"]}
 
 

@@ -41,7 +41,7 @@ LOADING_GENERATE_KWARGS = {
     "watermarking_config": {"greenlist_ratio": 0.5},
 }
 LOADING_TOP_LEVEL = {
-    "model": "tiiuae/falcon-40b", "model_id": "tiiuae/falcon-40b", "model_dir": "/mnt/models", "revision": "main",
+    "model_id": "tiiuae/falcon-40b", "model_dir": "/mnt/models", "revision": "main",
     "trust_remote_code": True, "cache_dir": "/tmp", "adapter": "lora/evil", "custom_generate": "x",
     "tokenizer": "/etc/passwd", "load_in_8bit": True, "device": "cuda:1",
 }
@@ -78,6 +78,15 @@ def test_top_level_fields_cannot_name_code_or_models_to_load(tiny_server, key: s
         assert response.status_code == 400, response.text
         body = response.json()
         assert body["error_type"] == "unknown_parameter" and body["param"] == key, body
+
+
+def test_the_model_field_only_chooses_among_what_is_served(tiny_server) -> None:
+    """``model`` names the served model or one of its adapters; any other name, a Hub id included, is a 404 and
+    loads nothing."""
+    for path in ("/chat", predict_path(tiny_server)):
+        response = httpx.post(tiny_server.url + path, json={**NORMAL, "model": "tiiuae/falcon-40b"}, timeout=30)
+        assert response.status_code == 404, response.text
+        assert response.json()["error_type"] == "model_not_found"
 
 
 # -- the API key -------------------------------------------------------------------------------------------------

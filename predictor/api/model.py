@@ -28,11 +28,12 @@ from ..engine.options import GenerationJob, Limits
 from ..engine.parallel import ParallelSpec, ShardedEngine, load_sharded_engine
 from ..engine.runner import Engine, LoadSpec, load_engine
 from ..engine.tickets import GenerationResult, Ticket
-from ..errors import GenerationFailed, ModelNotFound, NotReady
+from ..errors import GenerationFailed, InvalidRequest, ModelNotFound, NotReady
 from ..tiny import build_tiny_falcon, default_cache_dir
 from ..variants import cpu_memory_warning, find_variant
 from .chat.mapping import to_generation_job
 from .chat.schema import ChatRequest, parse_chat_request
+from .adapters import load_adapters
 from .chat_format import CHAT_STOP, render_chat
 from .json_body import decode_json_body
 
@@ -62,9 +63,13 @@ class FalconModel(kserve.Model):
         self.draining = False
         self._live: set[Ticket] = set()  # submitted and not yet answered
 
-    def serves(self, name: str) -> bool:
-        """Whether a request's ``model`` names this model: its served name or one of its ``--model_alias``es."""
+    def is_base(self, name: str) -> bool:
+        """Whether ``name`` names the base model: its served name or one of its ``--model_alias``es."""
         return name == self.name or name in self.config.model_aliases
+
+    def serves(self, name: str) -> bool:
+        """Whether a request's ``model`` names this model or one of its adapters."""
+        return self.is_base(name) or name in self.adapter_names
 
     # -- loading ---------------------------------------------------------------------------------------------
     def load(self) -> bool:
@@ -76,6 +81,7 @@ class FalconModel(kserve.Model):
             self.engine.on_lost = self._engine_lost
         else:
             self.engine = load_engine(spec)
+        load_adapters(self.engine, self.config)
         self.limits = dataclasses.replace(
             self.config.limits, context_length=min(self.config.limits.context_length, self.engine.context_length))
         self._reserve_cache()
@@ -88,6 +94,8 @@ class FalconModel(kserve.Model):
         metrics.WAITING.set_function(lambda: self.batcher.waiting)
         metrics.RUNNING.set_function(lambda: self.batcher.running_sequences)
         metrics.KV_CACHE_USAGE.set_function(lambda: self.engine.cache.usage)
+        if (lora := self.engine.lora) is not None:
+            metrics.LORA_INFO.source = lambda: (lora.running(), self.batcher.waiting_adapters, lora.max_loras)
         # The loaded model and libraries are ~500k long-lived objects: a full garbage collection over them stops
         # every thread for ~200 ms, health probes included. Freezing them keeps collections to new objects.
         gc.collect()
@@ -176,10 +184,12 @@ class FalconModel(kserve.Model):
             payload = decode_json_body(payload.encode() if isinstance(payload, str) else payload)
         return await self.prepare(parse_chat_request(payload))
 
-    async def prepare(self, request: ChatRequest) -> GenerationJob:
+    async def prepare(self, request: ChatRequest, model_name: str | None = None) -> GenerationJob:
         """Render ``messages`` in the conversation format, tokenize (off the event loop: prompts can be long) and
-        map the request onto a job. A conversation's answer is the assistant's reply, up to its next turn."""
+        map the request onto a job, with the adapter the request's ``model`` (else the route's ``model_name``)
+        names. A conversation's answer is the assistant's reply, up to its next turn."""
         engine = self.require_ready()
+        adapter = self.adapter_for(request.model if request.model is not None else model_name)
         prompt, stops = request.prompt or "", ()
         if request.messages is not None:
             prompt = render_chat(engine.tokenizer, [message.model_dump() for message in request.messages])
@@ -187,7 +197,39 @@ class FalconModel(kserve.Model):
         prompt_ids = await asyncio.to_thread(engine.encode, (request.prefix or "") + prompt)
         if self.config.log_prompts:
             logger.info("prompt: %r", prompt)
-        return to_generation_job(request, prompt_ids, engine.info, self.limits, prompt, stops)
+        return self.with_adapter(to_generation_job(request, prompt_ids, engine.info, self.limits, prompt, stops),
+                                 adapter)
+
+    # -- adapters --------------------------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        """The adapters a request may choose by name."""
+        lora = self.engine.lora if self.engine is not None else None
+        return lora.names() if lora is not None else []
+
+    def adapter_for(self, name: str | None, param: str | None = "model") -> str | None:
+        """The adapter a request's model name chooses: None for the base model's names (or none given);
+        ``ModelNotFound`` for a name that is neither."""
+        if name is None or self.is_base(name):
+            return None
+        if name in self.adapter_names:
+            return name
+        if not self.ready:
+            raise NotReady(f"model {self.name} is not loaded yet")
+        raise ModelNotFound(unknown_model(name, self.name).message + self._adapters_note(), param=param)
+
+    def _adapters_note(self) -> str:
+        names = self.adapter_names
+        return f" and the adapters {', '.join(names)}" if names else ""
+
+    @staticmethod
+    def with_adapter(job: GenerationJob, adapter: str | None) -> GenerationJob:
+        if adapter is None:
+            return job
+        if job.options.uses_beams:
+            raise InvalidRequest("num_beams: beam search is not served with a LoRA adapter; choose the base model "
+                                 "or num_beams 1", param="num_beams")
+        return dataclasses.replace(job, adapter=adapter)
 
     async def predict(self, job: GenerationJob, headers: dict[str, str] | None = None) -> Completion:
         ticket = self.submit(job)

@@ -42,6 +42,7 @@ from ..errors import (
 from .chat.routes import install_chat_routes
 from .connections import ConnectionLimits, configure_connections
 from .model import FalconModel, unknown_model
+from .openai.lora_routes import install_lora_routes
 from .openai.routes import install_openai_routes, openai_error_response, openai_paths
 from .openai.tokenize import install_tokenizer_routes
 from .tracing import RequestIdMiddleware, current_request_id
@@ -97,6 +98,7 @@ def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
     install_open_inference_route(app, model)
     install_openai_routes(app, model)
     install_tokenizer_routes(app, model)
+    install_lora_routes(app, model, config)
 
 
 def health_state(model: FalconModel) -> str:
@@ -177,7 +179,7 @@ class RequestGuard:
             # Answered here because KServe's handlers for its ModelNotFound and ModelNotReady log an ERROR with a
             # traceback: a client asking for a model this server does not have, or a probe while it loads, is not
             # a server fault.
-            if named.group(1) != self.model.name:
+            if not self.model.serves(named.group(1)):
                 return await error_response(unknown_model(named.group(1), self.model.name))(scope, receive, send)
             if not self.model.ready and _is_readiness(path):
                 return await error_response(_not_ready(self.model))(scope, receive, send)

@@ -235,12 +235,25 @@ class Batcher:
                 # A request with more sequences than max_batch_size runs alone (the cache has rows for it).
                 if rows and (rows + need > self.max_batch_size or need > cache.free_rows):
                     break
-                self._waiting.popleft()
                 if ticket.cancelled:
+                    self._waiting.popleft()
                     ticket.resolve([SequenceOutput((), ticket.cancel_reason)] * need)
                     continue
-                rows += self._batch.admit(ticket)  # a request that cannot start is answered and takes no row
+                # A request that cannot start is answered and takes no row. First come, first served: one whose
+                # adapter finds no free slot waits at the head of the queue, so it is never overtaken for good
+                # (the slots free up as running requests end).
+                taken = self._batch.admit(ticket)
+                if taken is None:
+                    break
+                self._waiting.popleft()
+                rows += taken
             return True
+
+    @property
+    def waiting_adapters(self) -> list[str]:
+        """Adapters that queued requests ask for."""
+        with self._lock:
+            return list(dict.fromkeys(t.job.adapter for t in self._waiting if t.job.adapter is not None))
 
     @torch.inference_mode()
     def _self_check(self) -> None:

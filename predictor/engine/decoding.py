@@ -5,8 +5,9 @@ A step computes prompt chunks beside the running sequences' next tokens, chooses
 what finished. When the shared forward pass raises, the prompts being computed are presumed at fault and fail;
 when the decode rows alone still fail, each request's rows run on their own and only those that fail again end.
 Token choice is redone request by request in the same way. Keys and values are committed only by a pass that
-succeeded (``Engine.step``), so a pass can be rerun. A request that cannot be admitted (its sampler, prefix lookup or
-rows) fails before it takes any row; one whose answer cannot be made fails at retirement, its rows freed.
+succeeded (``Engine.step``), so a pass can be rerun. A request that cannot be admitted (its adapter, sampler, prefix
+lookup or rows) fails before it takes any row or adapter slot; one whose answer cannot be made fails at retirement,
+its rows and slot freed.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import time
 import torch
 
 from .. import metrics
-from ..errors import GenerationFailed, PredictorError
+from ..errors import GenerationFailed, ModelNotFound, PredictorError
 from . import faults
 from .health import EngineHealth
+from .lora_bank import BASE
 from .runner import Engine
 from .running import RunningRequest, RunningSequence
 from .sampling import TokenLogprob, choose_next_tokens, make_sampler
@@ -44,34 +46,60 @@ class DecodeBatch:
     def running_sequences(self) -> int:
         return sum(len(request.sequences) for request in self.requests)
 
-    def admit(self, ticket: Ticket) -> int:
+    def admit(self, ticket: Ticket) -> int | None:
         """Start ``ticket``'s request in the batch; the rows it took (0 if it could not start: then it has its
-        answer, a 4xx naming its option or a 500)."""
+        answer, a 4xx naming its option or a 500), or None while every adapter slot is in use (it waits)."""
         try:
-            self.requests.append(self._start(ticket, self.running_sequences))
+            slot = self._place_adapter(ticket)
+            if slot is None:
+                return None
+            try:
+                self.requests.append(self._start(ticket, self.running_sequences, slot))
+            except BaseException:
+                self._release_slot(slot)
+                raise
         except Exception as exc:  # noqa: BLE001 - this request cannot start: it fails alone
             self._fail_admission(ticket, exc)
             return 0
         return len(self.requests[-1].sequences)
 
-    def _start(self, ticket: Ticket, running: int) -> RunningRequest:
-        """Give a request's sequences their samplers and rows; the leader's starts from the longest cached prefix.
-        If any of it fails, the rows it took are given back."""
+    def _place_adapter(self, ticket: Ticket) -> int | None:
+        """The bank slot of the ticket's adapter (``BASE`` without one), None while every slot is in use;
+        ModelNotFound when its adapter was unloaded after the request was accepted."""
+        name = ticket.job.adapter
+        if name is None:
+            return BASE
+        faults.inject("adapter", ticket.job.prompt_ids)
+        bank = self.engine.lora
+        try:
+            if bank is None:
+                raise KeyError(name)
+            return bank.place(name)
+        except KeyError:
+            raise ModelNotFound(f"the adapter {name!r} was unloaded before this request started") from None
+
+    def _start(self, ticket: Ticket, running: int, slot: int = BASE) -> RunningRequest:
+        """Give a request's sequences their samplers and rows, with its adapter's ``slot``; the leader's starts
+        from the longest prefix cached with the same adapter. If any of it fails, the rows it took are given
+        back."""
         ticket.started_at = time.monotonic()
         options, cache, prompt = ticket.job.options, self.engine.cache, list(ticket.job.prompt_ids)
         samplers = [make_sampler(options, prompt, index, self.engine.device, self.engine.tokenizer)
                     for index in range(options.num_return_sequences)]
+        # Keys and values computed with an adapter are that adapter's alone.
+        salt = self.engine.lora.key(slot) if slot != BASE else None
         hit = None
         # A prompt's log-probabilities come from computing it: a request that asks for them reuses no prefix.
         if self.prefix_caching and options.prompt_logprobs is None:
             faults.inject("prefix", prompt)
-            hit = cache.find_prefix(prompt)
+            hit = cache.find_prefix(prompt, salt)
             metrics.PREFIX_CACHE_QUERIES.inc(len(prompt))
             metrics.PREFIX_CACHE_HITS.inc(hit.tokens if hit else 0)
         sequences: list[RunningSequence] = []
         try:
             for index, sampler in enumerate(samplers):
-                row = cache.allocate(running + index, hit if index == 0 else None)
+                row = cache.allocate(running + index, hit if index == 0 else None, salt)
+                self.engine.use_adapter(row, slot)
                 sequences.append(RunningSequence(ticket, index, row, list(prompt), sampler, len(prompt),
                                                  computed=cache.length(row)))
                 faults.inject("rows", prompt)
@@ -79,7 +107,9 @@ class DecodeBatch:
             for seq in sequences:
                 cache.release(seq.row)
             raise
-        return RunningRequest(ticket, sequences)
+        if ticket.job.adapter is not None:
+            metrics.LORA_REQUESTS.labels(ticket.job.adapter).inc()
+        return RunningRequest(ticket, sequences, slot)
 
     def _fail_admission(self, ticket: Ticket, exc: Exception) -> None:
         """A request that could not start: a 4xx naming its option when one was at fault, else a 500."""
@@ -244,12 +274,14 @@ class DecodeBatch:
                 if not request.finished:
                     remaining.append(request)
                     continue
+                self._release_adapter(request)
                 faults.inject("retirement", request.ticket.job.prompt_ids)
                 request.ticket.resolve(request.outputs())
             except Exception as exc:  # noqa: BLE001
                 for seq in request.sequences:
                     seq.finish_reason = seq.finish_reason or "failed"
                 self._release_finished(request)
+                self._release_adapter(request)
                 fail_tickets(self.health, [request.ticket], exc, stage="retirement")
         self.requests = remaining
 
@@ -262,6 +294,8 @@ class DecodeBatch:
     def fail_all(self, exc: Exception) -> None:
         """Fail every running request, forget what the broken step may have half-written, and keep serving."""
         tickets = [request.ticket for request in self.requests]
+        for request in self.requests:
+            self._release_adapter(request)
         self.requests = []
         self.engine.cache.clear()
         fail_tickets(self.health, tickets, exc)
@@ -269,12 +303,22 @@ class DecodeBatch:
     def _fail_requests(self, requests: list[RunningRequest], exc: Exception, stage: str = "generation") -> None:
         """Fail ``requests`` and free their rows; the others go on."""
         for request in requests:
+            self._release_adapter(request)
             for seq in request.sequences:
                 if seq.row >= 0:
                     self.engine.cache.release(seq.row)
                     seq.row = -1
         self.requests = [request for request in self.requests if request not in requests]
         fail_tickets(self.health, [request.ticket for request in requests], exc, stage)
+
+    def _release_adapter(self, request: RunningRequest) -> None:
+        """Give back the request's adapter slot, once."""
+        self._release_slot(request.adapter_slot)
+        request.adapter_slot = BASE
+
+    def _release_slot(self, slot: int) -> None:
+        if slot != BASE:
+            self.engine.lora.release(slot)
 
 
 def fail_tickets(health: EngineHealth, tickets: list[Ticket], exc: Exception, stage: str = "generation") -> None:

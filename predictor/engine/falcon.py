@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import KVCache
+from .lora_bank import LoraStep
 
 DECODE_BLOCK = 64  # cache columns per block of decode attention: a row reads its length rounded up to this
 
@@ -63,6 +64,7 @@ class StepTensors:
     decode: DecodeBlocks | None  # None without decode tokens
     chunks: tuple[Chunk, ...]
     keep: torch.Tensor  # indexes of the tokens whose next-token logits are wanted
+    lora: LoraStep | None = None  # each token's adapter; None: no token of the step uses one
 
 
 class FalconShape:
@@ -127,7 +129,8 @@ def _layer(layer: torch.nn.Module, shape: FalconShape, cache: KVCache, index: in
     if not shape.new_decoder_architecture and not shape.parallel_attn:
         residual = attention + residual
         mlp_in = layer.post_attention_layernorm(residual)
-    out = layer.mlp(mlp_in)
+    mlp = layer.mlp  # FalconMLP's forward, with each linear layer open to LoRA
+    out = _linear(mlp, "dense_4h_to_h", mlp.act(_linear(mlp, "dense_h_to_4h", mlp_in, step, index)), step, index)
     if shape.new_decoder_architecture or shape.parallel_attn:
         out = out + attention
     if shape.reduce is not None:
@@ -137,7 +140,7 @@ def _layer(layer: torch.nn.Module, shape: FalconShape, cache: KVCache, index: in
 
 def _attention(module: torch.nn.Module, shape: FalconShape, cache: KVCache, index: int, hidden: torch.Tensor,
                cos: torch.Tensor, sin: torch.Tensor, step: StepTensors) -> torch.Tensor:
-    q, k, v = shape.split(module.query_key_value(hidden))  # [tokens, heads | kv_heads, dim]
+    q, k, v = shape.split(_linear(module, "query_key_value", hidden, step, index))  # [tokens, heads | kv_heads, dim]
     q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
     keys, values = cache.keys[index], cache.values[index]  # [rows + 1, kv_heads, capacity, dim]
     keys[step.write_rows, :, step.positions] = k
@@ -159,7 +162,13 @@ def _attention(module: torch.nn.Module, shape: FalconShape, cache: KVCache, inde
                                                  enable_gqa=gqa)
         parts.append(out[0].transpose(0, 1))  # [length, heads, dim]
     out = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return module.dense(out.reshape(out.shape[0], -1))
+    return _linear(module, "dense", out.reshape(out.shape[0], -1), step, index)
+
+
+def _linear(block: torch.nn.Module, target: str, x: torch.Tensor, step: StepTensors, index: int) -> torch.Tensor:
+    """Linear layer ``target`` of ``block`` in layer ``index``, plus what the step's LoRA adapters add to it."""
+    out = getattr(block, target)(x)
+    return step.lora.apply(index, target, x, out) if step.lora is not None else out
 
 
 def _decode_attention(shape: FalconShape, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor,
@@ -208,5 +217,6 @@ def _on(step: StepTensors, device: torch.device) -> StepTensors:
     if plan is not None:
         plan = DecodeBlocks(*(tensor.to(device) for tensor in (plan.tokens, plan.rows, plan.blocks, plan.owners,
                                                                plan.mask)))
+    lora = step.lora.to(device) if step.lora is not None else None
     return StepTensors(step.ids.to(device), step.positions.to(device), step.write_rows.to(device), plan,
-                       step.chunks, step.keep)
+                       step.chunks, step.keep, lora)

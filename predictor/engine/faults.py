@@ -5,10 +5,10 @@ Nothing in the server installs an injector, so in production ``inject`` is a cal
 fault server (``tests/fault_server.py``) installs one that raises when a request's prompt carries a marker. The
 stages, in the order a request meets them:
 
-- on the decode worker: an option's name (``stop_strings``, ``grammar``, ``repetition_penalty``... : building its
-  sampler, where a failure is the option's), ``prefix`` and ``rows`` (its prefix lookup and cache rows),
-  ``prefill`` and ``decode`` (a forward pass computing its prompt or its next token), ``sampling`` (choosing its
-  next token), ``retirement`` (answering it once finished);
+- on the decode worker: ``adapter`` (placing its LoRA adapter), an option's name (``stop_strings``, ``grammar``,
+  ``repetition_penalty``... : building its sampler, where a failure is the option's), ``prefix`` and ``rows`` (its
+  prefix lookup and cache rows), ``prefill`` and ``decode`` (a forward pass computing its prompt or its next
+  token), ``sampling`` (choosing its next token), ``retirement`` (answering it once finished);
 - on the beam worker: ``beams``;
 - on the event loop: ``detokenization`` and ``streaming``.
 """

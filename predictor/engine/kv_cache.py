@@ -76,6 +76,8 @@ class KVCache:
         self._tokens: list[list[int]] = [[] for _ in range(rows)]  # those tokens, for the prefix index
         self._blocks: dict[int, set[int]] = {}  # hash of a chain of blocks -> rows that hold it
         self._row_blocks: list[list[int]] = [[] for _ in range(rows)]  # the chain hashes a row is indexed under
+        # What a row's chain starts from: keys and values computed with a LoRA adapter are that adapter's alone.
+        self._salts: list[object] = [None] * rows
         self._last_used = [0] * rows
         self._clock = itertools.count(1)
         self.used_tokens = 0  # tokens held by running rows
@@ -91,8 +93,9 @@ class KVCache:
         """Reserved token room that running sequences hold, 0-1."""
         return self.used_tokens / (self.rows * self.capacity)
 
-    def allocate(self, running: int, prefix: PrefixHit | None = None) -> int:
-        """A free row for a new sequence, holding ``prefix`` already when one is given.
+    def allocate(self, running: int, prefix: PrefixHit | None = None, salt: object = None) -> int:
+        """A free row for a new sequence, holding ``prefix`` already when one is given (found with the same
+        ``salt``: the sequence's adapter, None for the base model).
 
         Rows are handed out low first (see the module docstring): the row is
         the prefix's own when that is among the rows a step of ``running + 1`` sequences computes (nothing to copy),
@@ -110,6 +113,7 @@ class KVCache:
                 prefix = PrefixHit(moved, prefix.tokens) if moved is not None else None
         self._free.discard(row)
         self._forget(row, keep=keep)
+        self._salts[row] = salt
         self.used_tokens += keep
         if prefix is not None and row != prefix.row:
             self.copy_prefix(prefix.row, row, prefix.tokens)
@@ -132,6 +136,7 @@ class KVCache:
         self.copy_columns(row, target, length)
         self._tokens[target], self._tokens[row] = self._tokens[row], []
         self._row_blocks[target], self._row_blocks[row] = self._row_blocks[row], []
+        self._salts[target] = self._salts[row]
         for key in self._row_blocks[target]:
             holders = self._blocks[key]
             holders.discard(row)
@@ -163,17 +168,17 @@ class KVCache:
             self.used_tokens += len(tokens)
         chain = self._row_blocks[row]
         for start in range(len(chain) * BLOCK_SIZE, len(held) - BLOCK_SIZE + 1, BLOCK_SIZE):
-            key = hash((chain[-1] if chain else None, tuple(held[start:start + BLOCK_SIZE])))
+            key = hash((chain[-1] if chain else self._salts[row], tuple(held[start:start + BLOCK_SIZE])))
             chain.append(key)
             self._blocks.setdefault(key, set()).add(row)
 
     def length(self, row: int) -> int:
         return self._lengths[row]
 
-    def find_prefix(self, prompt: list[int] | tuple[int, ...]) -> PrefixHit | None:
-        """The longest cached prefix of ``prompt`` in whole blocks, leaving at least its last token to compute (its
-        logits pick the first new token)."""
-        best, parent = None, None
+    def find_prefix(self, prompt: list[int] | tuple[int, ...], salt: object = None) -> PrefixHit | None:
+        """The longest cached prefix of ``prompt`` in whole blocks computed with ``salt``'s adapter, leaving at
+        least its last token to compute (its logits pick the first new token)."""
+        best, parent = None, salt
         for start in range(0, len(prompt) - BLOCK_SIZE, BLOCK_SIZE):
             key = hash((parent, tuple(prompt[start:start + BLOCK_SIZE])))
             rows = self._blocks.get(key)
@@ -184,7 +189,7 @@ class KVCache:
             return None
         rows, tokens = best
         row = min(rows)
-        if self._tokens[row][:tokens] != list(prompt[:tokens]):  # a hash collision: compute it instead
+        if self._tokens[row][:tokens] != list(prompt[:tokens]) or self._salts[row] != salt:  # a hash collision
             return None
         return PrefixHit(row=row, tokens=tokens)
 

@@ -120,3 +120,4 @@ class GenerationJob:
     truncated_tokens: int = 0  # prompt tokens cut from the left by handle_long_generation="hole"
     stop_texts: tuple[str, ...] = ()  # the answer's text is cut before the first of these (OpenAI's stop, a chat's
     #                                    next turn); the tokens up to it count as generated
+    adapter: str | None = None  # the LoRA adapter to generate with; None: the base model

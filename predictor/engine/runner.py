@@ -23,6 +23,7 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 from .falcon import DECODE_BLOCK, Chunk, DecodeBlocks, FalconShape, StepTensors, forward
 from .group_beam_search import group_beam_search
 from .kv_cache import CacheShape, KVCache, column_tiers, default_row_cap, row_buckets, smallest_at_least
+from .lora_bank import BASE, AdapterBank, LoraStep
 from .options import GenerationOptions, ModelInfo
 from .sampling import stop_string_criteria
 
@@ -74,6 +75,8 @@ class Engine:
         self.cache: KVCache | None = None
         self._compiled: Callable[..., torch.Tensor] | None = None
         self._buckets: list[int] = []
+        self.lora: AdapterBank | None = None  # per-request adapters, when any are served
+        self._row_slots: list[int] = []  # each cache row's adapter slot (BASE: none)
 
     @property
     def cache_shape(self) -> CacheShape:
@@ -108,13 +111,23 @@ class Engine:
         gpus = [torch.cuda.get_device_properties(d) for d in devices if d.type == "cuda"]
         return default_row_cap([(gpu.name, gpu.total_memory) for gpu in gpus])
 
+    def enable_lora(self, max_loras: int, max_rank: int) -> AdapterBank:
+        """Serve per-request LoRA adapters: ``max_loras`` slots of up to ``max_rank`` (before ``reserve``)."""
+        self.lora = AdapterBank(self.model, max_loras, max_rank)
+        return self.lora
+
+    def use_adapter(self, row: int, slot: int) -> None:
+        """The sequence in ``row`` runs with the adapter in ``slot`` (``BASE``: none)."""
+        self._row_slots[row] = slot
+
     def reserve(self, rows: int, compile: bool = False) -> KVCache:
         """Set aside the KV cache: ``rows`` sequences of the full context. With ``compile``, decode-only steps run
         a compiled forward, over one of a few static shapes (``warm_up`` records them)."""
         devices = [layer.self_attention.dense.weight.device for layer in self.model.transformer.h]
         self.cache = KVCache(self.cache_shape, rows, self.context_length, devices)
+        self._row_slots = [BASE] * (rows + 1)
         if compile:
-            for buffer in self.cache.keys + self.cache.values:
+            for buffer in self.cache.keys + self.cache.values + (self.lora.tensors if self.lora else []):
                 torch._dynamo.mark_static_address(buffer)
             # On a GPU "reduce-overhead" records a CUDA graph per shape and replays it.
             mode = "reduce-overhead" if self.device.type == "cuda" else None
@@ -209,13 +222,14 @@ class Engine:
     def _decode_tensors(self, decode: Sequence[tuple[int, int]], tokens: int, blocks: int | None,
                         chunks: Sequence[tuple[int, Sequence[int], int]] = ()) -> StepTensors:
         """Host-built inputs of a step: ``tokens`` decode tokens (past ``decode``'s, padding that writes the
-        scratch row) reading ``blocks`` blocks (None: just those of ``decode``; past them, padding), then the
-        chunks' tokens. Logits are kept for every decode token and the chunks that ask for them."""
+        scratch row) reading ``blocks`` blocks (None: just those of ``decode``, an eager step; past them, padding),
+        then the chunks' tokens. Logits are kept for every decode token and the chunks that ask for them."""
         cache, scratch = self.cache, self.cache.scratch_row
         padding = tokens - len(decode)
         ids = [token for _, token in decode] + [self._pad_token_id] * padding
         positions = [cache.length(row) for row, _ in decode] + [0] * padding
         write_rows = [row for row, _ in decode] + [scratch] * padding
+        slots = [self._row_slots[row] for row, _ in decode] + [BASE] * padding
         keep = list(range(tokens))
         packed = []
         offset = tokens
@@ -225,13 +239,22 @@ class Engine:
             ids += chunk_tokens
             positions += range(start, start + len(chunk_tokens))
             write_rows += [row] * len(chunk_tokens)
+            slots += [self._row_slots[row]] * len(chunk_tokens)
             offset += len(chunk_tokens)
             keep.extend(range(offset - int(wants_logits), offset))  # the chunk's last ``wants_logits`` tokens
         device = self.device
         plan = _decode_blocks(positions[:len(decode)], write_rows[:len(decode)], tokens, blocks, scratch, device)
         return StepTensors(ids=torch.tensor(ids, device=device), positions=torch.tensor(positions, device=device),
                            write_rows=torch.tensor(write_rows, device=device), decode=plan, chunks=tuple(packed),
-                           keep=torch.tensor(keep, dtype=torch.long, device=device))
+                           keep=torch.tensor(keep, dtype=torch.long, device=device),
+                           lora=self._lora_step(slots, compiled=blocks is not None))
+
+    def _lora_step(self, slots: list[int], compiled: bool) -> LoraStep | None:
+        """The adapters' view of a step whose tokens use adapter ``slots``. A compiled step always takes it, every
+        slot and target, so that base-only steps replay the same graphs; an eager one only when a token uses one."""
+        if self.lora is None or not (compiled or any(slot != BASE for slot in slots)):
+            return None
+        return self.lora.step(slots, static=compiled)
 
     @torch.inference_mode()
     def probe(self) -> torch.Tensor:

@@ -57,6 +57,7 @@ class RunningRequest:
 
     ticket: Ticket
     sequences: list[RunningSequence]
+    adapter_slot: int = -1  # the slot of its LoRA adapter in the engine's bank (-1: the base model)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # of prompt tokens 1.., when asked
 
     @property

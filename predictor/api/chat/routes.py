@@ -25,7 +25,7 @@ from ...engine.options import GenerationJob
 from ...engine.tickets import Ticket
 from ...errors import Draining, PredictorError
 from ..json_body import decode_json_body
-from ..model import Completion, FalconModel, unknown_model
+from ..model import Completion, FalconModel
 from ..streaming import sse_response, stream_text, unless_disconnected
 from ..tracing import current_request_id
 from .schema import parse_chat_request
@@ -47,12 +47,12 @@ def install_chat_routes(app: FastAPI, model: FalconModel) -> None:
 
 async def _chat(request: Request, model: FalconModel, route: str, model_name: str | None = None) -> Any:
     try:
-        if model_name is not None and model_name != model.name:
-            raise unknown_model(model_name, model.name)
+        if model_name is not None:
+            model.adapter_for(model_name, param=None)  # an unknown name: 404 before the body is read
         if model.draining:
             raise Draining("the server is shutting down and takes no new requests")
         chat_request = parse_chat_request(decode_json_body(await request.body()))
-        job = await model.prepare(chat_request)
+        job = await model.prepare(chat_request, model_name)
         ticket = model.submit(job, stream=chat_request.stream)
         if chat_request.stream:
             return stream_chat(model, job, ticket, route)

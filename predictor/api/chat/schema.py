@@ -155,6 +155,7 @@ class ChatRequest(BaseModel):
     generate_kwargs: GenerateKwargs = Field(default_factory=GenerateKwargs)
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="makes sampling reproducible")
     stream: bool = False
+    model: str | None = Field(None, description="the served model's name or a LoRA adapter's (extension)")
 
     @field_validator("generate_kwargs", mode="before")
     @classmethod

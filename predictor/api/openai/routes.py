@@ -102,23 +102,30 @@ def _install_under(app: FastAPI, model: FalconModel, base: str, started: int) ->
             f"no response {response_id[:64]!r}: responses are not stored here (the answer to POST {base}/responses "
             "is all there is)", param="response_id"))
 
-    def card(name: str = model.name) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": started, "owned_by": "kserve"}
+    def card(name: str) -> dict[str, Any]:
+        """A model's card; an adapter's names its base model as ``parent`` (vLLM's cards)."""
+        card = {"id": name, "object": "model", "created": started, "owned_by": "kserve"}
+        if not model.is_base(name):
+            card |= {"root": name, "parent": model.name}
+        return card
 
-    @router.get("/models", summary="The served model, in OpenAI's shape and KServe's at once")
+    @router.get("/models", summary="The served model and its adapters, in OpenAI's shape and KServe's at once")
     async def list_models() -> dict[str, Any]:
-        # Each name a request may use, as vLLM lists each of its served names; KServe's list names the model once.
-        names = [model.name, *model.config.model_aliases]
-        return {"object": "list", "data": [card(name) for name in names], "models": [model.name]}
+        # Each name a request may use, as vLLM lists each of its served names; KServe's list names the model once,
+        # and each adapter (a model of its own on KServe's routes).
+        adapters = model.adapter_names
+        names = [model.name, *model.config.model_aliases, *adapters]
+        return {"object": "list", "data": [card(name) for name in names], "models": [model.name, *adapters]}
 
-    @router.get("/models/{model_id}", summary="The served model: 200 once it is loaded, 503 before")
+    @router.get("/models/{model_id}", summary="The served model or an adapter: 200 once it is loaded, 503 before")
     async def retrieve_model(model_id: str) -> Response:
         if not model.serves(model_id):
             return openai_error_response(ModelNotFound(f"the model {model_id!r} does not exist", param="model"))
         if not model.ready:
             return openai_error_response(NotReady(f"model {model.name} is not loaded yet"))
         # On /v1 this is also KServe's v1 readiness route: one body with both kinds of keys.
-        return JSONResponse({**card(), "name": model.name, "ready": True})
+        shown = model.name if model.is_base(model_id) else model_id
+        return JSONResponse({**card(shown), "name": shown, "ready": True})
 
     app.include_router(router)
 
@@ -143,23 +150,21 @@ async def create(request: Request, model: FalconModel, api: CompletionsApi,
         if model.draining:
             raise Draining("the server is shutting down and takes no new requests")
         body = parse_openai_request(decode_json_body(await request.body()), request_type)
-        if not model.serves(body.model):
-            raise ModelNotFound(f"the model {body.model!r} does not exist; this server serves {model.name!r}",
-                                param="model")
+        adapter = model.adapter_for(body.model)
         engine = model.require_ready()
         prompts, stops = await _prompts(body, engine)
         check_sequences(len(prompts), body.n, model.limits)
         if model.config.log_prompts:
             for prompt, _ in prompts:
                 logger.info("prompt: %r", prompt)
-        jobs = [to_generation_job(body, prompt, prompt_ids, stops, engine.info, model.limits)
-                for prompt, prompt_ids in prompts]
+        jobs = [model.with_adapter(to_generation_job(body, prompt, prompt_ids, stops, engine.info, model.limits),
+                                   adapter) for prompt, prompt_ids in prompts]
         tickets = model.submit_all(jobs, stream=True)
     except PredictorError as exc:
         return _failed(api, exc)
     token_text = _token_id_text if body.return_tokens_as_token_ids else lambda token_id: engine.decode([token_id])
     reply_prompts = [_reply_prompt(job, ticket, engine) for job, ticket in zip(jobs, tickets, strict=True)]
-    reply = Reply(api, model.name, reply_prompts, body.n, token_text, jobs[0].options.logprobs)
+    reply = Reply(api, adapter or model.name, reply_prompts, body.n, token_text, jobs[0].options.logprobs)
     deltas = merge_streams([stream_text(model, job, ticket) for job, ticket in zip(jobs, tickets, strict=True)],
                            body.n)
     if body.stream:
@@ -203,20 +208,18 @@ async def respond(request: Request, model: FalconModel, route: str) -> Response:
         payload = decode_json_body(await request.body())
         check_input_items(payload)
         body = parse_openai_request(payload, ResponsesRequest)
-        if body.model != model.name:
-            raise ModelNotFound(f"the model {body.model!r} does not exist; this server serves {model.name!r}",
-                                param="model")
+        adapter = model.adapter_for(body.model)
         engine = model.require_ready()
         prompt = render_chat(engine.tokenizer, body.messages())
         if model.config.log_prompts:
             logger.info("prompt: %r", prompt)
         prompt_ids = await asyncio.to_thread(engine.encode, prompt)
-        job = to_response_job(body, prompt, prompt_ids, engine.info, model.limits)
+        job = model.with_adapter(to_response_job(body, prompt, prompt_ids, engine.info, model.limits), adapter)
         ticket = model.submit(job, stream=True)
     except PredictorError as exc:
         metrics.REQUESTS.labels(route, exc.outcome).inc()
         return openai_error_response(exc)
-    reply = ResponseReply(body, model.name, len(job.prompt_ids))
+    reply = ResponseReply(body, adapter or model.name, len(job.prompt_ids))
     deltas = stream_text(model, job, ticket)
     if body.stream:
         return sse_response(reply.events(deltas), route, reply.error_event, typed=True)

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ... import metrics
 from ...engine.tickets import Ticket
-from ...errors import Draining, InvalidRequest, ModelNotFound, PredictorError
+from ...errors import Draining, InvalidRequest, PredictorError
 from ..chat.schema import ChatRequest, parse_chat_request
 from ..json_body import decode_json_body
 from ..model import Completion, FalconModel
@@ -70,14 +70,13 @@ def install_open_inference_route(app: FastAPI, model: FalconModel) -> None:
     async def infer(model_name: str, request: Request) -> Response:
         tickets: list[Ticket] = []
         try:
-            if model_name != model.name:
-                raise ModelNotFound(f"the model {model_name!r} is not served here; this server serves {model.name!r}")
+            model.adapter_for(model_name, param=None)  # an unknown name: 404
             if model.draining:
                 raise Draining("the server is shutting down and takes no new requests")
             body = parse_infer_request(decode_json_body(await request.body()))
             model.require_ready()  # the batch size, which bounds the prompts, is decided by loading
             chat_requests = to_chat_requests(body, model.max_batch_size)
-            jobs = [await model.prepare(chat_request) for chat_request in chat_requests]
+            jobs = [await model.prepare(chat_request, model_name) for chat_request in chat_requests]
             tickets = model.submit_all(jobs)
             finished, results = await unless_disconnected(
                 request, asyncio.gather(*(ticket.result() for ticket in tickets)))
@@ -91,7 +90,7 @@ def install_open_inference_route(app: FastAPI, model: FalconModel) -> None:
             return JSONResponse({"detail": "client disconnected"}, status_code=499)
         metrics.REQUESTS.labels(ROUTE, "success").inc()
         answers = [model.to_response(Completion(job, result)) for job, result in zip(jobs, results, strict=True)]
-        return JSONResponse(to_infer_response(model.name, body.id, answers))
+        return JSONResponse(to_infer_response(model_name, body.id, answers))
 
 
 def parse_infer_request(payload: Any) -> InferRequestBody:
