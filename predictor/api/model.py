@@ -33,7 +33,7 @@ from ..tiny import build_tiny_falcon, default_cache_dir
 from ..variants import cpu_memory_warning, find_variant
 from .chat.mapping import to_generation_job
 from .chat.schema import ChatRequest, parse_chat_request
-from .adapters import load_adapters
+from .adapters import merged_adapters, register_adapters
 from .chat_format import CHAT_STOP, render_chat
 from .json_body import decode_json_body
 
@@ -81,7 +81,7 @@ class FalconModel(kserve.Model):
             self.engine.on_lost = self._engine_lost
         else:
             self.engine = load_engine(spec)
-        load_adapters(self.engine, self.config)
+        register_adapters(self.engine, self.config)
         self.limits = dataclasses.replace(
             self.config.limits, context_length=min(self.config.limits.context_length, self.engine.context_length))
         self._reserve_cache()
@@ -163,7 +163,7 @@ class FalconModel(kserve.Model):
                            "(or falcon-7b-instruct, falcon-40b, falcon-40b-instruct), or --model_dir DIR with a "
                            "Hugging Face-format Falcon checkpoint.", source)
         return LoadSpec(source=source, revision=revision, dtype=config.dtype, device=config.device,
-                        load_in_8bit=config.load_in_8bit)
+                        load_in_8bit=config.load_in_8bit, merged_adapters=merged_adapters(config.adapter_dir))
 
     def _compile(self) -> None:
         """Compile the decode step for every static shape it can take (on the batcher's decode thread: CUDA graphs

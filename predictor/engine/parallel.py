@@ -4,7 +4,8 @@ Rank 0 is the serving process: its batcher, scheduler, prefix index and sampling
 the other ranks itself (no ``torchrun``), each a process that loads the checkpoint, keeps its shard of every layer
 (``sharding``) and then follows: before every forward pass rank 0 sends each follower the step's input tensors
 (and the KV-cache row copies made since the last step, so that every rank's cache holds the same rows), over a pipe
-of its own; all ranks then run the same forward, meeting once per decoder layer in an all-reduce (NCCL on GPUs,
+of its own, and each per-request LoRA adapter copied into a slot, cut to the follower's shard (each step's tokens'
+slots travel with its inputs); all ranks then run the same forward, meeting once per decoder layer in an all-reduce (NCCL on GPUs,
 gloo on the CPU). The followers' logits are dropped: rank 0 samples.
 
 Failure is loud and bounded. A follower that exits is seen at once by a watchdog on its process; one that hangs
@@ -37,8 +38,10 @@ import torch.distributed as dist
 from ..errors import EngineStopped, UnsupportedOption
 from .falcon import FalconShape, StepTensors
 from .kv_cache import KVCache
+from .lora import LoraAdapter
+from .lora_bank import AdapterBank
 from .runner import Engine, LoadSpec, load_engine, resolve_device_and_dtype
-from .sharding import shard_model, tensor_parallel_refusal
+from .sharding import shard_adapter, shard_model, tensor_parallel_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +95,7 @@ def load_sharded_engine(spec: LoadSpec, parallel: ParallelSpec) -> ShardedEngine
         followers.append(_Follower(rank, process, ours))
     try:
         _set_threads(device, parallel)
-        model, tokenizer, shape = _load_shard(shard_spec, 0, parallel.world)
+        model, tokenizer, shape, adapter_shapes = _load_shard(shard_spec, 0, parallel.world)
         for follower in followers:  # one at a time: each holds the whole checkpoint in host memory while it loads
             follower.conn.send_bytes(pickle.dumps(("load",)))
             _await_loaded(follower)
@@ -105,16 +108,18 @@ def load_sharded_engine(spec: LoadSpec, parallel: ParallelSpec) -> ShardedEngine
         raise
     logger.info("Tensor parallelism: %d ranks, each with %d of %d K/V groups per layer (%s)", parallel.world,
                 shape.kv_heads, shape.kv_heads * parallel.world, dist.get_backend())
-    return ShardedEngine(model, tokenizer, shape, followers, parallel.collective_timeout_s)
+    return ShardedEngine(model, tokenizer, shape, adapter_shapes, followers, parallel.collective_timeout_s)
 
 
 class ShardedEngine(Engine):
     """Rank 0's engine: the single engine's scheduling and sampling over a shard of the model, sending each step
     to the followers before running it."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, shape: FalconShape, followers: list[_Follower],
+    def __init__(self, model: torch.nn.Module, tokenizer, shape: FalconShape,
+                 adapter_shapes: list[dict[str, tuple[int, int]]], followers: list[_Follower],
                  collective_timeout_s: float) -> None:
         super().__init__(model, tokenizer)
+        self.adapter_shapes = adapter_shapes  # the whole model's: adapters are read whole, then cut per rank
         self.collective_timeout_s = collective_timeout_s
         self.shape = _reducing(shape)
         self.world = len(followers) + 1
@@ -125,6 +130,11 @@ class ShardedEngine(Engine):
         self._closing = False
         threading.Thread(target=self._watch, name="tensor-parallel-watchdog", daemon=True).start()
         atexit.register(self.close)
+
+    def enable_lora(self, max_loras: int, max_rank: int) -> AdapterBank:
+        self._send("enable_lora", max_loras, max_rank)
+        self.lora = _ShardedBank(self, max_loras, max_rank)
+        return self.lora
 
     def reserve(self, rows: int, compile: bool = False) -> KVCache:
         self._send("reserve", rows, compile)
@@ -145,7 +155,7 @@ class ShardedEngine(Engine):
         if self.lost is not None:
             raise self._lost_error()
         copies, self.cache.copies = self.cache.copies, []
-        self._send("step", _to(tensors, torch.device("cpu")), compiled, copies)
+        self._send("step", _outgoing(tensors), compiled, copies)
         try:
             return super()._forward(tensors, compiled)
         except Exception as exc:  # noqa: BLE001 - the ranks ran this step apart: none can go on
@@ -159,9 +169,13 @@ class ShardedEngine(Engine):
 
     def _send(self, *message) -> None:
         data = pickle.dumps(message)
+        self._send_each(lambda rank: data)
+
+    def _send_each(self, data_for: Callable[[int], bytes]) -> None:
+        """Send each follower its own message, ``data_for(its rank)`` pickled."""
         try:
             for follower in self._followers:
-                follower.conn.send_bytes(data)
+                follower.conn.send_bytes(data_for(follower.rank))
         except OSError as exc:  # its pipe closed: the follower is gone
             self._lose(f"a follower stopped listening: {exc}")
             raise self._lost_error() from exc
@@ -219,6 +233,20 @@ class ShardedEngine(Engine):
         return [follower.process.pid for follower in self._followers]
 
 
+class _ShardedBank(AdapterBank):
+    """Rank 0's adapter bank: an adapter copied into a slot is cut to every rank's shard, each follower sent its
+    own before the step that first uses it (placement and steps share the decode thread, so they arrive in order)."""
+
+    def __init__(self, engine: ShardedEngine, max_loras: int, max_rank: int) -> None:
+        super().__init__(engine.model, max_loras, max_rank)
+        self._engine = engine
+
+    def copy_in(self, index: int, adapter: LoraAdapter) -> None:
+        world = self._engine.world
+        self._engine._send_each(lambda rank: pickle.dumps(("lora_slot", index, shard_adapter(adapter, rank, world))))
+        super().copy_in(index, shard_adapter(adapter, 0, world))
+
+
 def follow(spec: LoadSpec, parallel: ParallelSpec, rank: int, port: int,
            conn: multiprocessing.connection.Connection) -> None:
     """A follower rank's life: load its shard, connect, then run every step rank 0 sends until told to stop or
@@ -229,7 +257,7 @@ def follow(spec: LoadSpec, parallel: ParallelSpec, rank: int, port: int,
     try:
         _set_threads(spec.device, parallel)
         _expect(conn, "load")
-        model, tokenizer, shape = _load_shard(spec, rank, parallel.world)
+        model, tokenizer, shape, _ = _load_shard(spec, rank, parallel.world)
         conn.send_bytes(pickle.dumps(("loaded",)))
         _expect(conn, "connect")
         _connect(spec.device, rank, parallel, port)
@@ -256,17 +284,26 @@ def _follow_steps(engine: Engine, conn: multiprocessing.connection.Connection) -
             engine.reserve(*args)
         elif kind == "timeout":
             _set_timeout(*args)
+        elif kind == "enable_lora":
+            engine.enable_lora(*args)
+        elif kind == "lora_slot":
+            engine.lora.copy_in(*args)
         elif kind == "step":
             tensors, compiled, copies = args
             for source, target, tokens in copies:
                 engine.cache.copy_columns(source, target, tokens)
-            engine._forward(_to(tensors, engine.device), compiled)
+            tensors = _to(tensors, engine.device)
+            if tensors.lora is not None:  # the tokens' slots, over this rank's shard of the adapters
+                tensors = dataclasses.replace(tensors, lora=dataclasses.replace(tensors.lora, bank=engine.lora))
+            engine._forward(tensors, compiled)
         else:
             raise RuntimeError(f"unknown message from rank 0: {kind!r}")
 
 
-def _load_shard(spec: LoadSpec, rank: int, world: int) -> tuple[torch.nn.Module, object, FalconShape]:
-    """Load the whole checkpoint on the CPU, keep this rank's shard and move it to the rank's device.
+def _load_shard(spec: LoadSpec, rank: int, world: int
+                ) -> tuple[torch.nn.Module, object, FalconShape, list[dict[str, tuple[int, int]]]]:
+    """Load the whole checkpoint on the CPU (with ``spec``'s merged adapters), keep this rank's shard and move it to
+    the rank's device; also the whole model's linear shapes, which adapters are checked against.
 
     Every rank reads the whole checkpoint once, the ranks one after another so that host memory holds one whole
     copy at a time (falcon-40b: 83 GB in bfloat16), and the page cache serves the file to the later ranks; only
@@ -274,7 +311,7 @@ def _load_shard(spec: LoadSpec, rank: int, world: int) -> tuple[torch.nn.Module,
     engine = load_engine(dataclasses.replace(spec, device="cpu"))
     shape = shard_model(engine.model, engine.shape, rank, world)
     device = torch.device("cuda", rank) if spec.device == "cuda" else torch.device("cpu")
-    return engine.model.to(device), engine.tokenizer, shape
+    return engine.model.to(device), engine.tokenizer, shape, engine.adapter_shapes
 
 
 def _await_loaded(follower: _Follower) -> None:
@@ -314,6 +351,13 @@ def _all_reduce(partial: torch.Tensor) -> torch.Tensor:
 def _reducing(shape: FalconShape) -> FalconShape:
     shape.reduce = _all_reduce
     return shape
+
+
+def _outgoing(step: StepTensors) -> StepTensors:
+    """``step`` as sent to the followers: on the CPU, its adapters' view without rank 0's bank (each follower reads
+    its own shard of the same slots)."""
+    sent = _to(step, torch.device("cpu"))
+    return sent if sent.lora is None else dataclasses.replace(sent, lora=dataclasses.replace(sent.lora, bank=None))
 
 
 def _to(step: StepTensors, device: torch.device) -> StepTensors:

@@ -23,7 +23,9 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 from .falcon import DECODE_BLOCK, Chunk, DecodeBlocks, FalconShape, StepTensors, forward
 from .group_beam_search import group_beam_search
 from .kv_cache import CacheShape, KVCache, column_tiers, default_row_cap, row_buckets, smallest_at_least
+from .lora import AdapterError, linear_shapes
 from .lora_bank import BASE, AdapterBank, LoraStep
+from .lora_merge import merge_adapters
 from .options import GenerationOptions, ModelInfo
 from .sampling import stop_string_criteria
 
@@ -45,6 +47,9 @@ class LoadSpec:
     dtype: str = "auto"
     device: str = "auto"
     load_in_8bit: bool = False
+    # (name, folder, strength) of adapters merged into the weights as they load (Kaito's adapter directory):
+    # before any tensor-parallel split, so each rank cuts its shard out of the merged weights
+    merged_adapters: tuple[tuple[str, str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,8 @@ class Engine:
         self._compiled: Callable[..., torch.Tensor] | None = None
         self._buckets: list[int] = []
         self.lora: AdapterBank | None = None  # per-request adapters, when any are served
+        # what an adapter's layers must fit: the whole model's (a tensor-parallel rank's layers are cut down)
+        self.adapter_shapes = linear_shapes(model)
         self._row_slots: list[int] = []  # each cache row's adapter slot (BASE: none)
 
     @property
@@ -379,5 +386,10 @@ def load_engine(spec: LoadSpec) -> Engine:
     if device == "cpu":
         model = model.to("cpu")
     model.eval()
+    if spec.merged_adapters:
+        try:
+            merge_adapters(model, spec.merged_adapters)
+        except AdapterError as exc:
+            raise SystemExit(str(exc)) from None
     logger.info("Loaded %s: %s parameters", type(model).__name__, f"{sum(p.numel() for p in model.parameters()):,}")
     return Engine(model, tokenizer)

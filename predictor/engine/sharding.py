@@ -11,17 +11,23 @@ Each of N ranks keeps, per decoder layer (as text-generation-inference's ``flash
 ``dense`` and ``dense_4h_to_h`` then give partial sums. Falcon adds attention and MLP outputs (parallel attention),
 so one all-reduce of their sum per layer (``FalconShape.reduce``) completes it. Embeddings, layer norms and
 ``lm_head`` are replicated: the sampler on rank 0 needs the whole vocabulary's logits, which a vocabulary split
-would have to gather every step. Each rank's ``FalconShape`` names its own heads and groups, so its KV cache holds
-only its groups: 1/N of the cache per rank.
+would have to gather every step. A per-request LoRA adapter is cut the same way (``shard_adapter``). Each rank's
+``FalconShape`` names its own heads and groups, so its KV cache holds only its groups: 1/N of the cache per rank.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 
 from .falcon import FalconShape
+from .lora import TARGETS, LoraAdapter
+
+# Whether each linear layer is split by output rows (else by input columns). ``query_key_value``'s rows are laid out
+# per K/V group, so equal parts of them are whole groups; ``dense`` takes the matching heads' outputs as its columns.
+SPLIT_BY_OUTPUT = {"query_key_value": True, "dense": False, "dense_h_to_4h": True, "dense_4h_to_h": False}
 
 
 def tensor_parallel_refusal(config, world: int, device: str, gpus: int) -> str | None:
@@ -52,20 +58,39 @@ def tensor_parallel_refusal(config, world: int, device: str, gpus: int) -> str |
 def shard_model(model: torch.nn.Module, shape: FalconShape, rank: int, world: int) -> FalconShape:
     """Cut ``model``'s layers down, in place, to rank ``rank``'s share of ``world`` (module docstring); its shape.
     Biases of the row-split layers stay on rank 0 only, so that the all-reduce adds each once."""
-    groups = shape.kv_heads // world
-    per_group = shape.heads // shape.kv_heads
     for layer in model.transformer.h:
-        attention, mlp = layer.self_attention, layer.mlp
-        rows = (per_group + 2) * shape.head_dim * groups  # fused rows of this rank's groups
-        _keep_rows(attention.query_key_value, rank * rows, rows)
-        columns = per_group * shape.head_dim * groups  # the query heads of those groups
-        _keep_columns(attention.dense, rank * columns, columns, rank)
-        width = mlp.dense_h_to_4h.out_features // world
-        _keep_rows(mlp.dense_h_to_4h, rank * width, width)
-        _keep_columns(mlp.dense_4h_to_h, rank * width, width, rank)
+        for target, block in TARGETS.items():
+            linear = getattr(getattr(layer, block), target)
+            if SPLIT_BY_OUTPUT[target]:
+                _keep_rows(linear, *_part(linear.out_features, rank, world))
+            else:
+                _keep_columns(linear, *_part(linear.in_features, rank, world), rank)
     sharded = copy.copy(shape)
-    sharded.heads, sharded.kv_heads = shape.heads // world, groups
+    sharded.heads, sharded.kv_heads = shape.heads // world, shape.kv_heads // world
     return sharded
+
+
+def shard_adapter(adapter: LoraAdapter, rank: int, world: int) -> LoraAdapter:
+    """Rank ``rank``'s part of ``adapter``, cut as the layers are: ``B``'s rows of a layer split by output rows
+    (``A`` whole: its input is the whole hidden state), ``A``'s columns of a layer split by input columns (``B``
+    whole). A split-input layer's ranks then each give ``(x_r @ A_r.T) @ B.T``, which the layer's all-reduce adds
+    up to ``(x @ A.T) @ B.T``, once, as it adds their partial outputs."""
+    weights = {}
+    for (layer, target), (a, b) in adapter.weights.items():
+        if SPLIT_BY_OUTPUT[target]:
+            start, count = _part(b.shape[0], rank, world)
+            b = b[start:start + count]
+        else:
+            start, count = _part(a.shape[1], rank, world)
+            a = a[:, start:start + count]
+        weights[(layer, target)] = (a.clone(), b.clone())  # their own storage: a view pickles its whole base
+    return dataclasses.replace(adapter, weights=weights)
+
+
+def _part(size: int, rank: int, world: int) -> tuple[int, int]:
+    """(start, count) of rank ``rank``'s equal part of ``size``."""
+    count = size // world
+    return rank * count, count
 
 
 def _keep_rows(linear: torch.nn.Linear, start: int, count: int) -> None:
