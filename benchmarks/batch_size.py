@@ -1,8 +1,9 @@
 """How many sequences run at once, and what a decode step costs beside a long row (issue 21), in one run, on the CPU:
 
 1. **128 clients**: closed-loop clients of short greedy /chat requests against the default server, one started with
-   ``--max_batch_size 32`` and one with ``128`` (and, with ``--before DIR``, that checkout's default server):
-   requests/s, tokens/s and the peak of ``falcon_running_sequences`` (polled on ``/metrics``).
+   ``--max_batch_size 32`` and one with ``128`` (and, with ``--before DIR``, that checkout's default server), all
+   started first and measured in turns: requests/s, tokens/s and the peak of ``falcon_running_sequences`` (polled
+   on ``/metrics``).
 2. **Mixed lengths**, on the engine without HTTP, both tiny shapes, 64 rows: the median decode step (every stream's
    gap between tokens) with 63 short rows beside one 1,900-token row, against beside a short one; the ratio. Steps
    of the two batches alternate, so both see the same load on the machine.
@@ -126,24 +127,45 @@ class RunningPeak:
                 time.sleep(0.05)
 
 
-def http_figures(repo: Path, model_dir: Path, workdir: Path, max_batch_size: int | None, clients: int,
-                 new_tokens: int, seconds: float) -> dict[str, Any]:
+def http_figures(servers: list[tuple[Path, int | None]], model_dir: Path, workdir: Path, clients: int,
+                 new_tokens: int, seconds: float, rounds: int) -> list[dict[str, Any]]:
+    """Every server is started first, then measured in turns, ``rounds`` times ``seconds / rounds`` each: the load
+    others put on a shared machine drifts over minutes, and taking turns spreads it over all of them alike. Each
+    server's figures are the medians of its rounds; ``vs_first`` is the median of its per-round ratio to the first
+    server's requests/s (the round's neighbour in time)."""
     from loadgen import closed_loop, start_server, stop_server
 
-    name = f"batch-{os.getpid()}-{max_batch_size or 'default'}"
-    server = start_server(model_dir, name=name, dtype="float32", device="cpu", max_batch_size=max_batch_size,
-                          threads=None, log_dir=workdir, cwd=repo)
     prompts = [f"Tell me about falcons, number {i}." for i in range(clients)]
+    started = []
     try:
-        asyncio.run(closed_loop(server.url, prompts, clients, new_tokens, 1, 0.0))  # warm-up
-        with RunningPeak(server.url) as peak:
-            load = asyncio.run(closed_loop(server.url, prompts, clients, new_tokens, 1, seconds))
-        rows = re.search(r"Running up to (\d+) sequences", server.log_tail(200_000))
+        for repo, size in servers:
+            name = f"batch-{os.getpid()}-{len(started)}-{size or 'default'}"
+            started.append(start_server(model_dir, name=name, dtype="float32", device="cpu", max_batch_size=size,
+                                        threads=None, log_dir=workdir, cwd=repo))
+        for server in started:
+            asyncio.run(closed_loop(server.url, prompts, clients, new_tokens, 1, 0.0))  # warm-up
+        measured: list[list[dict[str, float]]] = [[] for _ in started]
+        for _ in range(rounds):
+            for figures, server in zip(measured, started):
+                with RunningPeak(server.url) as peak:
+                    load = asyncio.run(closed_loop(server.url, prompts, clients, new_tokens, 1, seconds / rounds))
+                figures.append(dict(requests_per_s=load["sequences_per_s"], tokens_per_s=load["tokens_per_s"],
+                                    peak_running=peak.peak, requests=load["requests"]))
+        logs = [server.log_tail(200_000) for server in started]
     finally:
-        stop_server(server)
-    return dict(repo=str(repo), max_batch_size=max_batch_size or "default",
-                rows=int(rows.group(1)) if rows else max_batch_size or 32, requests_per_s=load["sequences_per_s"],
-                tokens_per_s=load["tokens_per_s"], peak_running=peak.peak, requests=load["requests"])
+        for server in started:
+            stop_server(server)
+    results = []
+    for (repo, size), figures, log in zip(servers, measured, logs):
+        rows = re.search(r"Running up to (\d+) sequences", log)
+        ratios = [mine["requests_per_s"] / first["requests_per_s"] for mine, first in zip(figures, measured[0])]
+        results.append(dict(
+            repo=str(repo), max_batch_size=size or "default", rows=int(rows.group(1)) if rows else size or 32,
+            requests_per_s=statistics.median(f["requests_per_s"] for f in figures),
+            tokens_per_s=statistics.median(f["tokens_per_s"] for f in figures),
+            peak_running=max(f["peak_running"] for f in figures), requests=sum(f["requests"] for f in figures),
+            vs_first=statistics.median(ratios), rounds=figures))
+    return results
 
 
 def main() -> None:
@@ -151,7 +173,8 @@ def main() -> None:
     parser.add_argument("--before", type=Path, help="another checkout measured the same way in the same run")
     parser.add_argument("--clients", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--seconds", type=float, default=20.0, help="measured time per server")
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured time per server, over its rounds")
+    parser.add_argument("--rounds", type=int, default=4, help="turns each server takes, alternating with the others")
     parser.add_argument("--skip-http", action="store_true", help="only the engine scenarios")
     parser.add_argument("--engine-child", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "batch-size.json")
@@ -167,9 +190,9 @@ def main() -> None:
     checkouts = [REPO] + ([args.before.resolve()] if args.before else [])
     results: dict[str, Any] = {"engine": {str(repo): run_engine_child(repo, model_dirs) for repo in checkouts}}
     if not args.skip_http:
-        servers = [(REPO, None), (REPO, 32), (REPO, 128)] + ([(args.before.resolve(), None)] if args.before else [])
-        results["http"] = [http_figures(repo, Path(model_dirs["7b"]), workdir, size, args.clients, args.new_tokens,
-                                        args.seconds) for repo, size in servers]
+        servers = [(REPO, 128), (REPO, None), (REPO, 32)] + ([(args.before.resolve(), None)] if args.before else [])
+        results["http"] = http_figures(servers, Path(model_dirs["7b"]), workdir, args.clients, args.new_tokens,
+                                       args.seconds, args.rounds)
     args.out.write_text(json.dumps(results, indent=2))
     for repo, figures in results["engine"].items():
         for shape, row in figures["mixed"].items():
@@ -180,7 +203,7 @@ def main() -> None:
     for row in results.get("http", []):
         print(f"{row['repo']} --max_batch_size {row['max_batch_size']} ({row['rows']} rows): "
               f"{row['requests_per_s']:.2f} requests/s, {row['tokens_per_s']:.0f} tokens/s, peak running "
-              f"{row['peak_running']:.0f}")
+              f"{row['peak_running']:.0f}, {row['vs_first']:.2f}x the --max_batch_size 128 server's requests/s")
     print(f"Wrote {args.out}")
 
 
