@@ -10,6 +10,8 @@ least predictable, and whatever time the others leave goes to it):
    memory holds, up to 1,024 on an H200), the same figures at concurrency 1, 8, 32 and 64, then 128 and 256;
 4. ``falcon-40b-direct`` and 5. ``falcon-40b-server``: the KV cache, single stream, tokens/s at 16 (the server at
    64 too);
+5b. ``falcon-40b-server-tp``: the same server with ``--tensor_parallel_size 2``, when 2 GPUs are visible (else its
+   status says how many are: skipped); the dry run runs it on the CPU over gloo;
 6. ``falcon-7b-server-compile``: the server with ``--compile``: its warm-up, memory, single stream and tokens/s.
 
 Every stage writes its figures into the results JSON (and the Markdown beside it) as it measures them, so a stage
@@ -86,11 +88,12 @@ TINY_7B = dict(TINY, multi_query=True, new_decoder_architecture=False)
 TINY_40B = dict(TINY, num_kv_heads=2, new_decoder_architecture=True)
 
 STAGES = ("gpu-tests", "falcon-7b-direct", "falcon-7b-server", "falcon-40b-direct", "falcon-40b-server",
-          "falcon-7b-server-compile")
+          "falcon-40b-server-tp", "falcon-7b-server-compile")
 # Seconds per stage on the H200, estimated from the expected figures (benchmarks/README.md); the compiled server
-# gets the rest of GPU_TOTAL_S, at least 145 s. The device allows 600 s per command: gpu.sh kills everything at 580.
+# gets the rest of GPU_TOTAL_S: at least 145 s on one GPU, where the tensor-parallel stage skips at once, and 65 s
+# with two GPUs. The device allows 600 s per command: gpu.sh kills everything at 580.
 GPU_BUDGETS_S = {"gpu-tests": 60, "falcon-7b-direct": 60, "falcon-7b-server": 125, "falcon-40b-direct": 55,
-                 "falcon-40b-server": 85}
+                 "falcon-40b-server": 85, "falcon-40b-server-tp": 80}
 GPU_TOTAL_S = 530
 DRY_BUDGETS_S = {name: 60 for name in STAGES}
 DRY_TOTAL_S = 240
@@ -186,12 +189,26 @@ def run_server(name: str, compile: bool) -> Callable[[Plan, StageRecord, float],
                                                          deadline, compile)
 
 
+def run_tensor_parallel_server(name: str) -> Callable[[Plan, StageRecord, float], None]:
+    """The server over ``gpu_report.TP_RANKS`` GPUs, one rank each; skipped (saying why) with fewer visible."""
+    def run(plan: Plan, record: StageRecord, deadline: float) -> None:
+        import torch
+
+        ranks, gpus = gpu_report.TP_RANKS, torch.cuda.device_count()
+        if plan.device == "cuda" and gpus < ranks:
+            record["skipped_because"] = f"{gpus} GPU(s) visible: --tensor_parallel_size {ranks} needs {ranks}"
+            return
+        measure.server(plan, plan.models[name], checkpoint(plan, name), record, deadline, False, ranks=ranks)
+    return run
+
+
 STAGE_FUNCTIONS: dict[str, Callable[[Plan, StageRecord, float], None]] = {
     "gpu-tests": run_gpu_tests,
     "falcon-7b-direct": run_direct("falcon-7b"),
     "falcon-7b-server": run_server("falcon-7b", compile=False),
     "falcon-40b-direct": run_direct("falcon-40b"),
     "falcon-40b-server": run_server("falcon-40b", compile=False),
+    "falcon-40b-server-tp": run_tensor_parallel_server("falcon-40b"),
     "falcon-7b-server-compile": run_server("falcon-7b", compile=True),
 }
 
@@ -237,7 +254,8 @@ def run_stage(plan: Plan, stage: str, budget_s: float) -> None:
     finally:
         record["seconds"] = time.monotonic() - started
     status = load_results(plan.out)["stages"][stage]
-    record["status"] = "partial: out of time" if status.get("skipped_for_time") else "ok"
+    record["status"] = ("partial: out of time" if status.get("skipped_for_time") else
+                        f"skipped: {status['skipped_because']}" if status.get("skipped_because") else "ok")
 
 
 # -- the whole run -----------------------------------------------------------------------------------------------

@@ -115,9 +115,9 @@ def timed_generate(model, prompts: list[list[int]], new_tokens: int, pad: int) -
 
 
 # -- the server side -------------------------------------------------------------------------------------------
-def server(plan, model_plan, model_dir: Path, record, deadline: float, compile: bool) -> None:
-    """``python -m predictor --model_dir`` on the checkpoint: ready time, memory, first tokens, single stream,
-    closed-loop throughput per concurrency."""
+def server(plan, model_plan, model_dir: Path, record, deadline: float, compile: bool, ranks: int = 1) -> None:
+    """``python -m predictor --model_dir`` on the checkpoint (``--tensor_parallel_size ranks``): ready time, memory,
+    first tokens, single stream, closed-loop throughput per concurrency."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -132,6 +132,9 @@ def server(plan, model_plan, model_dir: Path, record, deadline: float, compile: 
         concurrency, max_batch = [*model_plan.concurrency, *model_plan.server_concurrency], None
     flags = ["--drain_timeout", "5", *model_plan.server_flags] + (["--compile"] if compile else [])
     name = f"gpu-{model_plan.name}-{'compiled' if compile else 'eager'}"
+    if ranks > 1:
+        flags += ["--tensor_parallel_size", str(ranks)]
+        name += f"-tp{ranks}"
     record["flags"] = (["--max_batch_size", str(max_batch)] if max_batch else []) + flags
     record["log"] = str(plan.workdir / f"server-{name}.log")
     before = used_memory(plan.device)

@@ -14,7 +14,11 @@ from typing import Any
 H200_BYTES_PER_S = 4.8e12
 H200_BF16_FLOPS = 989e12
 MODELS = ("falcon-7b", "falcon-40b")
-SIDES = (("direct", "-direct"), ("server", "-server"), ("server --compile", "-server-compile"))
+# The tensor-parallel side is held to the same floors, one GPU's: its own bound (each GPU reads half the weights)
+# is half of them.
+TP_RANKS = 2
+SIDES = (("direct", "-direct"), ("server", "-server"), ("server --compile", "-server-compile"),
+         (f"server --tensor_parallel_size {TP_RANKS}", "-server-tp"))
 
 
 @dataclass(frozen=True)

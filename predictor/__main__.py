@@ -14,7 +14,7 @@ import warnings
 
 from .config import parse_config
 from .logs import name_requests
-from .preflight import check_accelerator, check_model_source
+from .preflight import check_accelerator, check_model_source, check_tensor_parallel
 
 logger = logging.getLogger("predictor")
 
@@ -23,6 +23,7 @@ def main() -> None:
     given = parse_config()
     config = check_model_source(given)
     check_accelerator(config)
+    check_tensor_parallel(config)
     from kserve import model_server  # noqa: PLC0415 - KServe builds its app on import: after parsing
 
     from .api.model import FalconModel

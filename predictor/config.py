@@ -53,6 +53,8 @@ class ServerConfig:
     max_lora_rank: int = 16
     runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
     lora_root: str | None = None  # where those may load from; None: adapter_dir
+    tensor_parallel_size: int = 1  # ranks (processes, one per GPU) every layer is split over
+    collective_timeout_s: float = 60.0  # how long a rank may keep the others waiting before the server ends
 
     @property
     def is_demo(self) -> bool:
@@ -151,6 +153,16 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt tokens computed in one step beside the running sequences' next tokens: a "
                              "longer prompt is computed in chunks over several steps, so running streams never "
                              "wait long for it; larger values reach a long prompt's first token sooner")
+    engine.add_argument("--tensor_parallel_size", type=int, default=1, metavar="N",
+                        help="split every layer over N processes, one per GPU, started by this server (rank 0 "
+                             "serves, the others follow each step; NCCL on GPUs, gloo on the CPU): the K/V groups "
+                             "of attention and the MLP are divided, so each GPU holds 1/N of the weights and of the "
+                             "KV cache. N must divide the model's K/V groups (falcon-40b: 1, 2, 4, 8); falcon-7b "
+                             "(one K/V head) scales by replicas instead. Beam search is refused when N > 1")
+    engine.add_argument("--collective_timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="with --tensor_parallel_size above 1: how long a rank may keep the others waiting in a "
+                             "step; a rank that dies or hangs fails the running requests with 503 and ends the "
+                             "server non-zero")
     engine.add_argument("--prefix_caching", action=argparse.BooleanOptionalAction, default=True,
                         help="a prompt that begins with a prefix the KV cache still holds (an earlier turn of a "
                              "conversation, a shared system prompt) copies its keys and values instead of "
@@ -209,7 +221,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     limits = Limits(
         context_length=variant.context_length if variant else Limits.context_length,
         max_new_tokens=args.max_new_tokens, max_num_beams=args.max_num_beams,
-        max_num_return_sequences=args.max_num_return_sequences, max_sequences=args.max_sequences_per_request)
+        max_num_return_sequences=args.max_num_return_sequences, max_sequences=args.max_sequences_per_request,
+        beams_refused=(f"beam search is not served with --tensor_parallel_size {args.tensor_parallel_size}: use "
+                       "num_beams 1 (greedy or sampling)" if args.tensor_parallel_size > 1 else None))
     for flag in ("max_new_tokens", "max_num_beams", "max_num_return_sequences", "max_sequences_per_request",
                  "max_batch_size", "max_queue", "max_body_bytes", "max_header_bytes", "max_prefill_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -220,6 +234,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     lora_modules = parse_lora_modules(args.lora_modules, (model_name, *args.model_alias))
     if args.header_timeout <= 0:
         raise SystemExit("--header_timeout must be above 0 seconds")
+    if args.tensor_parallel_size < 1:
+        raise SystemExit(f"--tensor_parallel_size must be at least 1, not {args.tensor_parallel_size}")
+    if args.collective_timeout <= 0:
+        raise SystemExit("--collective_timeout must be above 0 seconds")
     if any(not alias.strip() for alias in args.model_alias):
         raise SystemExit("--model_alias must not be empty")
     return ServerConfig(
@@ -234,7 +252,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_prefill_tokens=args.max_prefill_tokens, prefix_caching=args.prefix_caching,
         log_format=args.log_format, log_requests=args.log_requests, adapter_dir=args.adapter_dir,
         lora_modules=lora_modules, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-        runtime_lora_updating=args.runtime_lora_updating, lora_root=args.lora_root)
+        runtime_lora_updating=args.runtime_lora_updating, lora_root=args.lora_root,
+        tensor_parallel_size=args.tensor_parallel_size, collective_timeout_s=args.collective_timeout)
 
 
 def parse_lora_modules(values: Sequence[str], model_names: Sequence[str]) -> tuple[tuple[str, str], ...]:

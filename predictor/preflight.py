@@ -77,6 +77,31 @@ def check_accelerator(config: ServerConfig) -> None:
         raise SystemExit(problem)
 
 
+def check_tensor_parallel(config: ServerConfig) -> None:
+    """Exit with one line when ``--tensor_parallel_size`` cannot split this checkpoint on this machine: heads or
+    K/V groups it does not divide (falcon-7b: replicas are the way), more ranks than visible GPUs, no gloo for
+    the CPU. A Hub checkpoint not yet downloaded is checked once its config has loaded."""
+    if config.tensor_parallel_size == 1:
+        return
+    import torch  # noqa: PLC0415 - only with tensor parallelism
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    from .engine.sharding import tensor_parallel_refusal  # noqa: PLC0415
+    from .tiny import tiny_config  # noqa: PLC0415
+
+    if config.model_dir is not None:
+        falcon = AutoConfig.from_pretrained(config.model_dir)
+    elif config.is_demo:
+        falcon = tiny_config("7b")  # the demo is falcon-7b-shaped
+    else:
+        return
+    gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    problem = tensor_parallel_refusal(falcon, config.tensor_parallel_size, "cuda" if gpu else "cpu",
+                                      torch.cuda.device_count() if gpu else 0)
+    if problem:
+        raise SystemExit(problem)
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """What keeps ``path`` from being a Hugging Face-format Falcon checkpoint directory; None when nothing does."""
     if not path.exists():

@@ -23,6 +23,7 @@ from manifest_checks import (
     pre_stop_seconds,
     probe_problems,
     schema_problems,
+    tensor_parallel_problems,
 )
 from scale_checks import ENGINE, ENGINE_LABEL, epp_config_problems
 
@@ -159,6 +160,7 @@ def workload_problems(service: Doc, spec: Doc, tls: bool, namespace: str) -> lis
     limits = container.get("resources", {}).get("limits", {})
     if int(limits.get("nvidia.com/gpu", 0)) != variant.gpus:
         problems.append(f"nvidia.com/gpu limit {limits.get('nvidia.com/gpu')} but {variant.name} needs {variant.gpus}")
+    problems += tensor_parallel_problems(config, variant)
     problems += memory_problems(variant, template, container)
     problems += tls_problems(container, args, tls)
     problems += probe_problems(container, config)

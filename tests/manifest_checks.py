@@ -218,7 +218,16 @@ def variant_problems(isvc: Doc, pod: Doc) -> list[str]:
         problems.append(f"nvidia.com/gpu limit {limits.get('nvidia.com/gpu')} but {variant.name} needs {variant.gpus}")
     if int(requests.get("nvidia.com/gpu", variant.gpus)) != variant.gpus:
         problems.append("nvidia.com/gpu request differs from the limit")
+    problems += tensor_parallel_problems(config, variant)
     return problems + memory_problems(variant, pod, container)
+
+
+def tensor_parallel_problems(config: ServerConfig, variant: Variant) -> list[str]:
+    """A multi-GPU variant runs one tensor-parallel rank per GPU; a one-GPU variant runs one process."""
+    if config.tensor_parallel_size != variant.gpus:
+        return [f"--tensor_parallel_size {config.tensor_parallel_size} but {variant.name} runs on {variant.gpus} "
+                "GPU(s): one rank per GPU"]
+    return []
 
 
 def modelcar_problems(uri: str, variant: Variant) -> list[str]:

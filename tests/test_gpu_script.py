@@ -62,11 +62,15 @@ def test_dry_run_writes_every_stage_with_numbers(gpu_bench, tmp_path):
         if model == "falcon-7b":
             servers.append(("falcon-7b-server-compile", (1,)))
             assert stages["falcon-7b-server-compile"]["compile"]["shapes"] >= 1
+        else:  # the dry run splits the 40B-shaped tiny over two CPU ranks, with the default batch too
+            servers.append(("falcon-40b-server-tp", model_plan.concurrency + model_plan.server_concurrency))
+            assert "--tensor_parallel_size" in stages["falcon-40b-server-tp"]["flags"]
+            assert "--max_batch_size" not in stages["falcon-40b-server-tp"]["flags"]
         for name, concurrency in [(f"{model}-direct", model_plan.concurrency), *servers]:
             stage = stages[name]
             assert all(_number(value) for value in stage["single_stream"].values()), name
             assert all(_number(row["tokens_per_s"]) and row["tokens_per_s"] > 0 for row in stage["throughput"])
-            if name.endswith(("-server", "-compile")):
+            if name.endswith(("-server", "-compile", "-tp")):
                 assert [row["concurrency"] for row in stage["throughput"]] == list(concurrency)
                 assert _number(stage["ready_seconds"]) and stage["memory_after_ready"]["bytes"] > 0
                 assert all(row["short_sequences"] == 0 for row in stage["throughput"])
@@ -78,7 +82,8 @@ def test_dry_run_writes_every_stage_with_numbers(gpu_bench, tmp_path):
     assert kv_40b["bytes_per_token_stored"] == 2 * kv_40b["bytes_per_token_kv_heads"]  # transformers keeps 4 of 2
 
     summary = results["summary"]
-    assert {row["side"] for row in summary} == {"direct", "server", "server --compile"}
+    assert {row["side"] for row in summary} == {"direct", "server", "server --compile",
+                                                "server --tensor_parallel_size 2"}
     assert all(_number(row["value"]) for row in summary)
     assert all(row["floor"] > 0 for row in summary if "ms/token" in row["figure"] or "tokens/s" in row["figure"])
     table = out.with_suffix(".md").read_text()

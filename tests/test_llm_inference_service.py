@@ -68,7 +68,8 @@ def test_the_picker_maps_the_metrics_as_the_inference_pool_does(docs: list[Doc])
 def test_the_merge_is_kserves_containers_by_name_args_replaced(docs: list[Doc]) -> None:
     spec = workload_spec(named(docs, "falcon-40b"), presets_of(docs))
     main = main_container(spec)
-    assert main["args"] == ["--dtype=bfloat16", "--max_batch_size=256"]  # the service's, after the preset's command
+    # the service's, after the preset's command
+    assert main["args"] == ["--dtype=bfloat16", "--tensor_parallel_size=2", "--max_batch_size=256"]
     assert main["command"][0] == "/bin/sh" and main["livenessProbe"]["httpGet"]["path"] == "/livez"
     shm = next(v for v in spec["template"]["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}  # the service's size over the preset's
@@ -107,6 +108,8 @@ DRIFTS: dict[str, tuple[str, Callable[[list[Doc]], None]]] = {
                               ["scheduler"].pop("template")),
     "one GPU for 40B": ("nvidia.com/gpu", lambda d: main_container(named(d, "falcon-40b")["spec"])["resources"]
                         ["limits"].update({"nvidia.com/gpu": "1"})),
+    "40B on one rank": ("--tensor_parallel_size 1 but falcon-40b runs on 2", lambda d: main_container(
+        named(d, "falcon-40b")["spec"])["args"].remove("--tensor_parallel_size=2")),
     "small /dev/shm budget": ("memory limit", lambda d: main_container(named(d, "falcon-40b")["spec"])["resources"]
                               ["limits"].update(memory="90Gi")),
     "unpinned weights": ("pinned revision", lambda d: named(d, "falcon-40b")["spec"]["model"].update(

@@ -191,6 +191,8 @@ DRIFTS: dict[str, tuple[str, str, Callable[[list[Doc]], None]]] = {
         args=["--model_name=falcon-180b"])),
     "stale batch": ("falcon-40b", "--max_batch_size 16 but 2 x 80 GB hold 261", lambda d: _model("falcon-40b")(d)
                     ["args"].__setitem__(-1, "--max_batch_size=16")),
+    "40B on one rank": ("falcon-40b", "--tensor_parallel_size 1 but falcon-40b runs on 2 GPU(s)", lambda d: _model(
+        "falcon-40b")(d)["args"].remove("--tensor_parallel_size=2")),
     "flag typo": ("falcon-40b", "not a flag", lambda d: _model("falcon-40b")(d)["args"].append("--max_batch=4")),
     "bad value": ("falcon-7b", "rejects", lambda d: _model("falcon-7b")(d)["args"].append("--dtype=int8")),
     "probe port": ("falcon-7b", "not the server's --http_port", lambda d: _runtime_container(d)["readinessProbe"]

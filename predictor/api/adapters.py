@@ -3,8 +3,8 @@ adapters a request chooses by its model name (``--lora_modules``, and at run tim
 
 Kaito's directory contract (its transformers /chat server): every subfolder of the adapter directory holding
 ``adapter_config.json`` is a PEFT adapter; its weight is the float in the environment variable named after the
-folder (default 1.0); they are combined as that server combines them (``engine.lora_merge``) and apply to every
-request; ``Adapter added: <name>`` is logged for each.
+folder (default 1.0); they are combined as that server combines them (``engine.lora_merge``, as the weights load) and
+apply to every request; ``Adapter added: <name>`` is logged for each.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..config import ServerConfig
-from ..engine.lora import CONFIG_FILE, AdapterError, linear_shapes, read_adapter
-from ..engine.lora_merge import combined_deltas, merge_into
+from ..engine.lora import CONFIG_FILE, AdapterError, read_adapter
 from ..engine.runner import Engine
 
 logger = logging.getLogger(__name__)
@@ -43,27 +42,24 @@ def kaito_adapters(adapter_dir: str | Path, environ: Mapping[str, str] = os.envi
     return found
 
 
-def load_adapters(engine: Engine, config: ServerConfig) -> None:
-    """Merge Kaito's adapters into the weights and register the named ones (before the KV cache is reserved); an
-    adapter that cannot be served exits with one line naming it and the problem."""
-    shapes = linear_shapes(engine.model)
-    dtype = next(p.dtype for p in engine.model.parameters() if p.is_floating_point())
+def merged_adapters(adapter_dir: str) -> tuple[tuple[str, str, float], ...]:
+    """Kaito's adapters, (name, folder, strength), for the engine to merge into the weights as they load (see
+    ``LoadSpec.merged_adapters``); a directory without any serves the base model, with a warning."""
+    found = tuple((name, str(path), strength) for name, path, strength in kaito_adapters(adapter_dir))
+    if not found and Path(adapter_dir).is_dir():
+        logger.warning("No adapters in %s (no subfolder holds %s): serving the base model", adapter_dir, CONFIG_FILE)
+    return found
+
+
+def register_adapters(engine: Engine, config: ServerConfig) -> None:
+    """Register the adapters a request chooses by name (before the KV cache is reserved); one that cannot be
+    served exits with one line naming it and the problem."""
+    if not (config.lora_modules or config.runtime_lora_updating):
+        return
+    bank = engine.enable_lora(config.max_loras, config.max_lora_rank)
     try:
-        kaito = [(read_adapter(name, path, shapes, math.inf, dtype), strength)
-                 for name, path, strength in kaito_adapters(config.adapter_dir)]
-        if kaito:
-            merge_into(engine.model, combined_deltas(kaito))
-            for adapter, strength in kaito:
-                logger.info("Adapter added: %s", adapter.name)
-            logger.info("Merged %d adapter(s) of %s into the weights (strengths %s)", len(kaito), config.adapter_dir,
-                        ", ".join(f"{a.name}={s:g}" for a, s in kaito))
-        elif Path(config.adapter_dir).is_dir():
-            logger.warning("No adapters in %s (no subfolder holds %s): serving the base model", config.adapter_dir,
-                           CONFIG_FILE)
-        if config.lora_modules or config.runtime_lora_updating:
-            bank = engine.enable_lora(config.max_loras, config.max_lora_rank)
-            for name, path in config.lora_modules:
-                bank.register(read_adapter(name, path, shapes, config.max_lora_rank, dtype))
-                logger.info("Adapter added: %s (%s), chosen by model name", name, path)
+        for name, path in config.lora_modules:
+            bank.register(read_adapter(name, path, engine.adapter_shapes, config.max_lora_rank, bank.dtype))
+            logger.info("Adapter added: %s (%s), chosen by model name", name, path)
     except AdapterError as exc:
         raise SystemExit(str(exc)) from None

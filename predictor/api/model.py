@@ -12,6 +12,8 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -23,6 +25,7 @@ from ..engine import faults
 from ..engine.batcher import Batcher
 from ..engine.kv_cache import BLOCK_SIZE
 from ..engine.options import GenerationJob, Limits
+from ..engine.parallel import ParallelSpec, ShardedEngine, load_sharded_engine
 from ..engine.runner import Engine, LoadSpec, load_engine
 from ..engine.tickets import GenerationResult, Ticket
 from ..errors import GenerationFailed, InvalidRequest, ModelNotFound, NotReady
@@ -30,11 +33,15 @@ from ..tiny import build_tiny_falcon, default_cache_dir
 from ..variants import cpu_memory_warning, find_variant
 from .chat.mapping import to_generation_job
 from .chat.schema import ChatRequest, parse_chat_request
-from .adapters import load_adapters
+from .adapters import merged_adapters, register_adapters
 from .chat_format import CHAT_STOP, render_chat
 from .json_body import decode_json_body
 
 logger = logging.getLogger(__name__)
+
+# A lost tensor-parallel rank ends the process this long after its requests were failed: their 503s and the
+# probes' get out first, then Kubernetes restarts the pod.
+LOST_EXIT_AFTER_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -68,8 +75,13 @@ class FalconModel(kserve.Model):
     def load(self) -> bool:
         spec = self._load_spec()
         warn_on_cpu(self.config)
-        self.engine = load_engine(spec)
-        load_adapters(self.engine, self.config)
+        if self.config.tensor_parallel_size > 1:
+            self.engine = load_sharded_engine(spec, ParallelSpec(self.config.tensor_parallel_size,
+                                                                 self.config.collective_timeout_s))
+            self.engine.on_lost = self._engine_lost
+        else:
+            self.engine = load_engine(spec)
+        register_adapters(self.engine, self.config)
         self.limits = dataclasses.replace(
             self.config.limits, context_length=min(self.config.limits.context_length, self.engine.context_length))
         self._reserve_cache()
@@ -91,6 +103,19 @@ class FalconModel(kserve.Model):
         self.ready = True
         logger.info("Model %s is ready", self.name)
         return self.ready
+
+    def _engine_lost(self, reason: str) -> None:
+        """A rank died or hung: stop the engine as a dead worker does (every request waiting or running gets a 503,
+        the probes fail), and end the process non-zero (the other ranks with it) ``LOST_EXIT_AFTER_S`` later."""
+        if self.batcher is not None:
+            self.batcher.stop_engine(f"the tensor-parallel engine is lost: {reason}")
+        threading.Timer(LOST_EXIT_AFTER_S, self._exit_lost, args=(reason,)).start()
+
+    def _exit_lost(self, reason: str) -> None:
+        logger.critical("Exiting: the tensor-parallel engine is lost (%s)", reason)
+        self.engine.kill_followers()
+        logging.shutdown()
+        os._exit(1)
 
     def _reserve_cache(self) -> None:
         """Reserve the KV cache: a row per sequence that may run at once. By default as many as the memory budget
@@ -138,7 +163,7 @@ class FalconModel(kserve.Model):
                            "(or falcon-7b-instruct, falcon-40b, falcon-40b-instruct), or --model_dir DIR with a "
                            "Hugging Face-format Falcon checkpoint.", source)
         return LoadSpec(source=source, revision=revision, dtype=config.dtype, device=config.device,
-                        load_in_8bit=config.load_in_8bit)
+                        load_in_8bit=config.load_in_8bit, merged_adapters=merged_adapters(config.adapter_dir))
 
     def _compile(self) -> None:
         """Compile the decode step for every static shape it can take (on the batcher's decode thread: CUDA graphs
@@ -272,6 +297,8 @@ class FalconModel(kserve.Model):
         self.ready = False
         if self.batcher is not None:
             self.batcher.close()
+        if isinstance(self.engine, ShardedEngine):
+            self.engine.close()
 
 
 def detokenized(job: GenerationJob, decode: Callable[[], str]) -> str:

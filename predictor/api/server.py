@@ -301,6 +301,7 @@ async def drain(model: FalconModel, timeout_s: float, then: Callable[[], None]) 
         await _until(lambda: batcher.in_flight == 0, STOP_WORKERS_S)
         if not await asyncio.to_thread(batcher.join, max(0.0, stop_by - time.monotonic())):
             logger.error("The generation threads did not stop within %g s of the drain", STOP_WORKERS_S)
+    await asyncio.to_thread(model.stop)  # tensor-parallel ranks end with the drain
     logger.info("Drained; stopping the server")
     then()
 

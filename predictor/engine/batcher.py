@@ -75,7 +75,7 @@ class Batcher:
         self._threads = [threading.Thread(target=self._decode_loop, name="batcher-decode", daemon=True),
                          threading.Thread(target=self._beam_loop, name="batcher-beams", daemon=True)]
         self._supervisor = Supervisor(self.health, dict(zip(WORKERS, self._threads)), self._busy, dead_after_s,
-                                      lambda: self._closed and self._in_flight == 0, self._stop_engine)
+                                      lambda: self._closed and self._in_flight == 0, self.stop_engine)
         if (error := token_stop_matching_error(engine.tokenizer)) is not None:
             logger.warning("transformers' stop-string matcher cannot read this tokenizer's vocabulary (%s): stop "
                            "strings are matched on the decoded text instead, with the same meaning", error)
@@ -161,9 +161,10 @@ class Batcher:
             return bool(self._waiting or self._batch.requests)
         return bool(self._beam_waiting) or self._beam_ticket is not None
 
-    def _stop_engine(self, cause: str, stack: str = "") -> None:
-        """A worker died or hung: stop for good (the probes fail, the pod is restarted) and answer every request
-        waiting or running with a 503. Once, whichever thread notices first."""
+    def stop_engine(self, cause: str, stack: str = "") -> None:
+        """A worker died or hung, or the engine itself is lost (a tensor-parallel rank): stop for good (the probes
+        fail, the pod is restarted) and answer every request waiting or running with a 503. Once, whichever thread
+        notices first."""
         with self._lock:
             if not self.health.stop(cause):
                 return
@@ -180,7 +181,7 @@ class Batcher:
             ticket.fail(error)
 
     def _worker_died(self, worker: str, exc: BaseException) -> None:
-        self._stop_engine(f"the {worker} worker died of {type(exc).__name__}",
+        self.stop_engine(f"the {worker} worker died of {type(exc).__name__}",
                           "".join(traceback.format_exception(exc)))
 
     # -- the decode worker -----------------------------------------------------------------------------------
@@ -314,5 +315,3 @@ class Batcher:
             ticket.resolve(outputs)
         except Exception as exc:  # noqa: BLE001 - fail this request, keep the worker
             fail_tickets(self.health, [ticket], exc)
-
-

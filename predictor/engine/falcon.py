@@ -20,6 +20,7 @@ with ``scatter_reduce`` and ``index_add``), and a token's result depends on its 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,9 @@ class FalconShape:
             self.kv_heads = 1 if self.multi_query else self.heads
         self.parallel_attn = bool(config.parallel_attn)
         self.two_layer_norms = self.new_decoder_architecture and config.num_ln_in_parallel_attn in (None, 2)
+        # Tensor parallelism (``parallel``): this rank holds some K/V groups and part of the MLP, so a layer's
+        # attention + MLP output is a partial sum that this adds up over the ranks, once per layer.
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[tokens, fused] -> queries [tokens, heads, dim], keys and values [tokens, kv_heads, dim]."""
@@ -129,6 +133,8 @@ def _layer(layer: torch.nn.Module, shape: FalconShape, cache: KVCache, index: in
     out = _linear(mlp, "dense_4h_to_h", mlp.act(_linear(mlp, "dense_h_to_4h", mlp_in, step, index)), step, index)
     if shape.new_decoder_architecture or shape.parallel_attn:
         out = out + attention
+    if shape.reduce is not None:
+        out = shape.reduce(out)
     return out + residual
 
 

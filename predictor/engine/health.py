@@ -8,7 +8,7 @@ stayed broken is what liveness reads (``--dead_after``).
 
 A worker that dies (an exception no request's isolation caught), or that beats no heartbeat for ``--dead_after``
 seconds while it has work, stops the engine for good: readiness and liveness turn 503 at once, so Kubernetes
-restarts the pod, and every request waiting or running is answered (``Batcher._stop_engine``).
+restarts the pod, and every request waiting or running is answered (``Batcher.stop_engine``).
 """
 
 from __future__ import annotations

@@ -81,6 +81,7 @@ class KVCache:
         self._last_used = [0] * rows
         self._clock = itertools.count(1)
         self.used_tokens = 0  # tokens held by running rows
+        self.copies: list[tuple[int, int, int]] | None = None  # row copies not yet told to the other ranks
 
     # -- rows ----------------------------------------------------------------------------------------------------
     @property
@@ -132,9 +133,7 @@ class KVCache:
             return None
         self._forget(target, keep=0)
         length = self._lengths[row]
-        for buffers in (self.keys, self.values):
-            for buffer in buffers:
-                buffer[target, :, :length] = buffer[row, :, :length]
+        self.copy_columns(row, target, length)
         self._tokens[target], self._tokens[row] = self._tokens[row], []
         self._row_blocks[target], self._row_blocks[row] = self._row_blocks[row], []
         self._salts[target] = self._salts[row]
@@ -197,10 +196,17 @@ class KVCache:
     def copy_prefix(self, source: int, target: int, tokens: int) -> None:
         """Give ``target`` (just allocated, empty) the first ``tokens`` columns of ``source``."""
         if source != target:
-            for buffers in (self.keys, self.values):
-                for buffer in buffers:
-                    buffer[target, :, :tokens] = buffer[source, :, :tokens]
+            self.copy_columns(source, target, tokens)
         self.extend(target, self._tokens[source][:tokens])
+
+    def copy_columns(self, source: int, target: int, tokens: int) -> None:
+        """Copy the first ``tokens`` columns of row ``source`` over row ``target``, in every layer; noted in
+        ``copies`` when that is a list (tensor parallelism: the other ranks' caches make the same copies)."""
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[target, :, :tokens] = buffer[source, :, :tokens]
+        if self.copies is not None:
+            self.copies.append((source, target, tokens))
 
     def _forget(self, row: int, keep: int) -> None:
         for key in self._row_blocks[row][keep // BLOCK_SIZE:]:

@@ -116,7 +116,7 @@ class AdapterBank:
         if not free:
             return None
         index = next((i for i in free if self._slots[i].adapter is None), free[0])
-        self._copy_in(index, adapter)
+        self.copy_in(index, adapter)
         self._slots[index] = _Slot(adapter, key, 1)
         return index
 
@@ -145,7 +145,7 @@ class AdapterBank:
         columns = self.column_slots[:used * self.max_rank]
         return LoraStep(self, (slots[:, None] == columns[None, :]).to(self.dtype), targets)
 
-    def _copy_in(self, index: int, adapter: LoraAdapter) -> None:
+    def copy_in(self, index: int, adapter: LoraAdapter) -> None:
         """Write ``adapter`` into slot ``index`` in place (the stacked tensors' addresses stay, for CUDA graphs)."""
         columns = slice(index * self.max_rank, (index + 1) * self.max_rank)
         for layer, weights in enumerate(self.stacked):

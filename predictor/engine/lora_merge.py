@@ -15,12 +15,29 @@ rsLoRA, whose settings PEFT copies), and adds it to the layer's weight.
 
 from __future__ import annotations
 
+import logging
 import math
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .lora import TARGETS, LoraAdapter
+from .lora import TARGETS, LoraAdapter, linear_shapes, read_adapter
+
+logger = logging.getLogger(__name__)
+
+
+def merge_adapters(model: torch.nn.Module, adapters: Sequence[tuple[str, str | Path, float]]) -> None:
+    """Read each (name, folder, strength) adapter, checked against ``model``, and merge their combination into its
+    weights. Raises ``AdapterError`` naming the first adapter that cannot be served."""
+    shapes = linear_shapes(model)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    read = [(read_adapter(name, path, shapes, math.inf, dtype), strength) for name, path, strength in adapters]
+    merge_into(model, combined_deltas(read))
+    for adapter, _ in read:
+        logger.info("Adapter added: %s", adapter.name)
+    logger.info("Merged %d adapter(s) into the weights (strengths %s)", len(read),
+                ", ".join(f"{a.name}={s:g}" for a, s in read))
 
 
 def combined_deltas(adapters: Sequence[tuple[LoraAdapter, float]]) -> dict[tuple[int, str], torch.Tensor]:

@@ -18,6 +18,7 @@ class Limits:
     max_num_beams: int = 8
     max_num_return_sequences: int = 8
     max_sequences: int = 16  # num_beams * num_return_sequences: rows one request may occupy in a batch
+    beams_refused: str | None = None  # why this server runs no beam search (tensor parallelism), if it does not
 
 
 @dataclass(frozen=True)

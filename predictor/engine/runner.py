@@ -23,7 +23,9 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 from .falcon import DECODE_BLOCK, Chunk, DecodeBlocks, FalconShape, StepTensors, forward
 from .group_beam_search import group_beam_search
 from .kv_cache import CacheShape, KVCache, column_tiers, default_row_cap, row_buckets, smallest_at_least
+from .lora import AdapterError, linear_shapes
 from .lora_bank import BASE, AdapterBank, LoraStep
+from .lora_merge import merge_adapters
 from .options import GenerationOptions, ModelInfo
 from .sampling import stop_string_criteria
 
@@ -45,6 +47,9 @@ class LoadSpec:
     dtype: str = "auto"
     device: str = "auto"
     load_in_8bit: bool = False
+    # (name, folder, strength) of adapters merged into the weights as they load (Kaito's adapter directory):
+    # before any tensor-parallel split, so each rank cuts its shard out of the merged weights
+    merged_adapters: tuple[tuple[str, str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,8 @@ class Engine:
         self._compiled: Callable[..., torch.Tensor] | None = None
         self._buckets: list[int] = []
         self.lora: AdapterBank | None = None  # per-request adapters, when any are served
+        # what an adapter's layers must fit: the whole model's (a tensor-parallel rank's layers are cut down)
+        self.adapter_shapes = linear_shapes(model)
         self._row_slots: list[int] = []  # each cache row's adapter slot (BASE: none)
 
     @property
@@ -157,7 +164,7 @@ class Engine:
         for done, (tokens, blocks) in enumerate(shapes, 1):
             tensors = self._decode_tensors([], tokens, blocks)
             for _ in range(3):  # CUDA graphs are recorded on a later call than the first
-                self._compiled(self.model, self.shape, self.cache, tensors)
+                self._forward(tensors, compiled=True)
             progress(done, len(shapes))
         return time.monotonic() - started
 
@@ -200,15 +207,20 @@ class Engine:
             # number of running rows up to its own, and the running rows' are taken after it.
             tokens = smallest_at_least(self._buckets, len(decode))
             blocks = smallest_at_least(self._block_tiers(tokens), sum(map(self._blocks_of, decode)))
-            logits = self._compiled(self.model, self.shape, cache, self._decode_tensors(decode, tokens, blocks))
+            logits = self._forward(self._decode_tensors(decode, tokens, blocks), compiled=True)
             logits = logits[:len(decode)]
         else:
-            logits = forward(self.model, self.shape, cache, self._decode_tensors(decode, len(decode), None, chunks))
+            logits = self._forward(self._decode_tensors(decode, len(decode), None, chunks), compiled=False)
         for row, token in decode:
             cache.extend(row, (token,))
         for row, tokens, _ in chunks:
             cache.extend(row, tokens)
         return logits
+
+    def _forward(self, tensors: StepTensors, compiled: bool) -> torch.Tensor:
+        """Run one step's forward pass, compiled or eager (tensor parallelism sends it to the other ranks first)."""
+        run = self._compiled if compiled else forward
+        return run(self.model, self.shape, self.cache, tensors)
 
     def _blocks_of(self, decode: tuple[int, int]) -> int:
         """Blocks of decode attention a running row reads: its columns and the new token's, in whole blocks."""
@@ -261,7 +273,7 @@ class Engine:
                               write_rows=torch.tensor([scratch], device=self.device), decode=None,
                               chunks=(Chunk(scratch, 0, 1, 0),), keep=torch.zeros(1, dtype=torch.long,
                                                                                    device=self.device))
-        return forward(self.model, self.shape, self.cache, tensors)
+        return self._forward(tensors, compiled=False)
 
     # -- beam search -----------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -374,5 +386,10 @@ def load_engine(spec: LoadSpec) -> Engine:
     if device == "cpu":
         model = model.to("cpu")
     model.eval()
+    if spec.merged_adapters:
+        try:
+            merge_adapters(model, spec.merged_adapters)
+        except AdapterError as exc:
+            raise SystemExit(str(exc)) from None
     logger.info("Loaded %s: %s parameters", type(model).__name__, f"{sum(p.numel() for p in model.parameters()):,}")
     return Engine(model, tokenizer)

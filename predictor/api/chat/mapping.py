@@ -138,6 +138,8 @@ def _check_beams(num_beams: int, groups: int, n: int, do_sample: bool, limits: L
     def fail(param: str, message: str) -> None:
         raise InvalidRequest(f"generate_kwargs.{param}: {message}", param=f"generate_kwargs.{param}")
 
+    if num_beams > 1 and limits.beams_refused:
+        fail("num_beams", limits.beams_refused)
     if num_beams > limits.max_num_beams:
         fail("num_beams", f"{num_beams} is above this server's limit of {limits.max_num_beams}")
     if n > limits.max_num_return_sequences:

@@ -19,7 +19,7 @@ from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...config import ServerConfig
-from ...engine.lora import AdapterError, linear_shapes, read_adapter
+from ...engine.lora import AdapterError, read_adapter
 from ...errors import Forbidden, InvalidRequest, ModelNotFound, PredictorError
 from ..json_body import decode_json_body
 from ..model import FalconModel
@@ -78,7 +78,7 @@ async def load(model: FalconModel, root: Path, body: LoadLoraAdapterRequest) -> 
     if not path.is_relative_to(root):
         raise Forbidden(f"lora_path: {body.lora_path} is outside --lora_root {root}; adapters load only from "
                         "under it", param="lora_path")
-    shapes = linear_shapes(engine.model)
+    shapes = engine.adapter_shapes
     try:
         adapter = await asyncio.to_thread(read_adapter, body.lora_name, path, shapes, engine.lora.max_rank,
                                           engine.lora.dtype)
