@@ -146,7 +146,7 @@ def epp_flags(deployment: Doc) -> dict[str, str]:
 
 def pool_problems(docs: list[Doc], families: dict[str, str]) -> list[str]:
     """Each InferencePool selects one model's predictor pods at the server's port, its endpoint picker's Service
-    exists, the picker's metric flags name metrics the server exports with the protocol's types, and a route
+    exists, the picker's config maps metrics the server exports with the protocol's types, and a route
     sends that model's OpenAI paths to the pool."""
     by_kind: dict[str, list[Doc]] = {}
     for doc in docs:
@@ -156,7 +156,6 @@ def pool_problems(docs: list[Doc], families: dict[str, str]) -> list[str]:
     isvcs = {i["metadata"]["name"] for i in by_kind.get("InferenceService", [])}
     services = {s["metadata"]["name"]: s for s in by_kind.get("Service", [])}
     pickers = {d["metadata"]["name"]: d for d in by_kind.get("Deployment", [])}
-    types = family_types(families)
     for pool in pools:
         name, spec = pool["metadata"]["name"], pool["spec"]
         labels = spec["selector"]["matchLabels"]
