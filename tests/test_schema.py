@@ -73,8 +73,14 @@ def test_unknown_options_are_named():
     with pytest.raises(UnknownParameter) as caught:
         parse_chat_request({"prompt": "x", "generate_kwargs": {"max_tokenz": 5}})
     assert "generate_kwargs.max_tokenz" in caught.value.message
-    with pytest.raises(UnknownParameter):
-        parse_chat_request({"prompt": "x", "model": "other/model"})
+    with pytest.raises(UnknownParameter) as caught:
+        parse_chat_request({"prompt": "x", "modle": "other/model"})
+    assert caught.value.param == "modle"
+
+
+def test_model_names_an_adapter_and_is_checked_by_the_route():
+    # The schema takes any name; whether it is served (the base or a LoRA adapter) is the route's 404.
+    assert parse_chat_request({"prompt": "x", "model": "qkv"}).model == "qkv"
 
 
 @pytest.mark.parametrize("body", [[1], "text", 5, None])

@@ -8,17 +8,22 @@ groups only at compute time (prefill chunks with PyTorch's SDPA and ``enable_gqa
 
 One call runs one scheduler step, packed: the decode tokens of the running rows first (a compiled step pads them to
 a static count with tokens that write the scratch row), then each prefill chunk. Linear layers see all tokens at
-once; attention is per group: each decode token against the blocks of ``DECODE_BLOCK`` columns its own row holds
-(``DecodeBlocks``), and each chunk against its own row, causally.
+once; attention is per group: the decode tokens against their own rows (a ``DecodePlan``), and each chunk against
+its own row, causally.
 
-Decode attention goes block by block so that a step reads what the running rows hold, not rows x the longest row:
-beside one 1,900-token conversation, 63 short streams each still read one block. Every (token, block) pair is one
-small matmul of a batched one, the softmax is taken over each token's blocks together (its maximum and sum gathered
-with ``scatter_reduce`` and ``index_add``), and a token's result depends on its own row only, whatever runs beside it.
+Decode attention reads what the running rows hold, not rows x the longest row: beside one 1,900-token conversation,
+63 short streams still read their own few columns, and a token's result depends on its own row only (to rounding,
+within its group). An eager step groups the decode tokens by length (``DecodeGroups``: rows between half and all of
+a group's width), each group one SDPA call over its own rows and width, in which the query heads sharing a K/V head
+are that head's queries (no K/V head is repeated); a row reads less than twice its own columns, in a few large
+calls. A compiled step needs static shapes whatever the lengths, so it goes block by block (``DecodeBlocks``): every
+(token, block of ``DECODE_BLOCK`` columns of its row) pair is one small product of a batched one, padded to a static
+pair count, the softmax taken over each token's blocks together.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,15 +48,53 @@ class Chunk:
 
 
 @dataclass
+class DecodeGroup:
+    """Decode tokens whose rows are about as long, attended over the group's own width, ``mask.shape[1]``."""
+
+    tokens: torch.Tensor  # [n] their indexes among the step's decode tokens
+    rows: torch.Tensor | slice  # [n] their cache rows; a slice where they are consecutive (read in place, no copy)
+    mask: torch.Tensor  # [n, width] True for the columns at or before each token's position
+
+
+@dataclass
+class DecodeGroups:
+    """An eager step's decode tokens, grouped by length; every token in exactly one group."""
+
+    groups: tuple[DecodeGroup, ...]
+    tokens: int
+
+    def attend(self, shape: FalconShape, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """Each decode token's attention over its own row [tokens, heads, dim]: one SDPA call per group, over the
+        group's rows and width."""
+        out = torch.empty_like(q)
+        heads, dim = q.shape[1:]
+        for group in self.groups:
+            width = group.mask.shape[1]
+            k, v = keys[group.rows, :, :width], values[group.rows, :, :width]  # [n, kv_heads, width, dim]
+            # The query heads sharing a K/V head are that head's queries: [n, kv_heads, heads per K/V head, dim].
+            grouped = q[group.tokens].view(-1, shape.kv_heads, heads // shape.kv_heads, dim)
+            attended = F.scaled_dot_product_attention(grouped, k, v, attn_mask=group.mask[:, None, None, :])
+            out[group.tokens] = attended.view(-1, heads, dim)
+        return out
+
+
+@dataclass
 class DecodeBlocks:
-    """The cache blocks the decode tokens attend over: one entry per (decode token, block of its row) pair, each
-    token's pairs together. Padding pairs (for a static count) read the scratch row for a dummy token, ``tokens``."""
+    """The cache blocks the decode tokens of a compiled step attend over: one entry per (decode token, block of its
+    row) pair, each token's pairs together. Padding pairs (for a static count) read the scratch row for a dummy
+    token, ``tokens``."""
 
     tokens: torch.Tensor  # [decode tokens]: their indexes, 0 .. tokens - 1 (its length is the decode token count)
     rows: torch.Tensor  # [pairs] the cache row a block lies in
     blocks: torch.Tensor  # [pairs] which block of that row
     owners: torch.Tensor  # [pairs] the decode token it serves
     mask: torch.Tensor  # [pairs, DECODE_BLOCK] True for the block's columns at or before its token's position
+
+    def attend(self, shape: FalconShape, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return _block_attention(shape, keys, values, q, self)
+
+
+DecodePlan = DecodeGroups | DecodeBlocks
 
 
 @dataclass
@@ -61,7 +104,7 @@ class StepTensors:
     ids: torch.Tensor
     positions: torch.Tensor  # each token's position, which is also its cache column
     write_rows: torch.Tensor  # the cache row each token's key and value go to (padding rows: the scratch row)
-    decode: DecodeBlocks | None  # None without decode tokens
+    decode: DecodePlan | None  # None without decode tokens
     chunks: tuple[Chunk, ...]
     keep: torch.Tensor  # indexes of the tokens whose next-token logits are wanted
     lora: LoraStep | None = None  # each token's adapter; None: no token of the step uses one
@@ -110,7 +153,7 @@ def forward(model: torch.nn.Module, shape: FalconShape, cache: KVCache, step: St
         device = layer.self_attention.dense.weight.device  # layers may sit on several GPUs
         if hidden.device != device:
             hidden, cos, sin = hidden.to(device), cos.to(device), sin.to(device)
-            step = _on(step, device)
+            step = moved(step, device)
         hidden = _layer(layer, shape, cache, index, hidden, cos, sin, step)
     hidden = hidden[step.keep.to(hidden.device)]
     hidden = transformer.ln_f(hidden.to(transformer.ln_f.weight.device))
@@ -147,8 +190,10 @@ def _attention(module: torch.nn.Module, shape: FalconShape, cache: KVCache, inde
     values[step.write_rows, :, step.positions] = v
     gqa = shape.kv_heads != shape.heads
     parts = []
-    if step.decode is not None:
-        parts.append(_decode_attention(shape, keys, values, q[:step.decode.tokens.shape[0]], step.decode))
+    decode = step.decode
+    if decode is not None:
+        tokens = decode.tokens if isinstance(decode, DecodeGroups) else decode.tokens.shape[0]
+        parts.append(decode.attend(shape, keys, values, q[:tokens]))
     for chunk in step.chunks:
         end = chunk.start + chunk.length
         query = q[chunk.offset:chunk.offset + chunk.length].transpose(0, 1)[None]  # [1, heads, length, dim]
@@ -171,8 +216,8 @@ def _linear(block: torch.nn.Module, target: str, x: torch.Tensor, step: StepTens
     return step.lora.apply(index, target, x, out) if step.lora is not None else out
 
 
-def _decode_attention(shape: FalconShape, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor,
-                      plan: DecodeBlocks) -> torch.Tensor:
+def _block_attention(shape: FalconShape, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor,
+                     plan: DecodeBlocks) -> torch.Tensor:
     """Each decode token's attention over its own row's blocks [tokens, heads, dim] (see the module docstring)."""
     tokens, heads, dim = q.shape
     kv_heads, groups = shape.kv_heads, heads // shape.kv_heads
@@ -212,11 +257,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _on(step: StepTensors, device: torch.device) -> StepTensors:
-    plan = step.decode
-    if plan is not None:
-        plan = DecodeBlocks(*(tensor.to(device) for tensor in (plan.tokens, plan.rows, plan.blocks, plan.owners,
-                                                               plan.mask)))
-    lora = step.lora.to(device) if step.lora is not None else None
-    return StepTensors(step.ids.to(device), step.positions.to(device), step.write_rows.to(device), plan,
-                       step.chunks, step.keep, lora)
+def moved(value, device: torch.device):
+    """``value`` (a dataclass of tensors, its nested dataclasses and tuples of them too) with every tensor on
+    ``device``: a step's inputs for the GPU that holds a layer, or sent to another rank."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(moved(item, device) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{field.name: moved(getattr(value, field.name), device)
+                                             for field in dataclasses.fields(value) if field.init})
+    return value

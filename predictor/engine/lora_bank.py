@@ -51,9 +51,6 @@ class LoraStep:
         mask = self.mask if self.mask.device == x.device else self.mask.to(x.device)
         return torch.addmm(out, (x @ a[:width].T) * mask, b[:, :width].T)  # via [tokens, width]
 
-    def to(self, device: torch.device) -> "LoraStep":
-        return LoraStep(self.bank, self.mask.to(device), self.targets)
-
 
 class AdapterBank:
     """The served adapters and the ``max_loras`` slots of stacked weights (see the module docstring)."""

@@ -5,8 +5,8 @@ the other ranks itself (no ``torchrun``), each a process that loads the checkpoi
 (``sharding``) and then follows: before every forward pass rank 0 sends each follower the step's input tensors
 (and the KV-cache row copies made since the last step, so that every rank's cache holds the same rows), over a pipe
 of its own, and each per-request LoRA adapter copied into a slot, cut to the follower's shard (each step's tokens'
-slots travel with its inputs); all ranks then run the same forward, meeting once per decoder layer in an all-reduce (NCCL on GPUs,
-gloo on the CPU). The followers' logits are dropped: rank 0 samples.
+slots travel with its inputs); all ranks then run the same forward, meeting once per decoder layer in an all-reduce
+(NCCL on GPUs, gloo on the CPU). The followers' logits are dropped: rank 0 samples.
 
 Failure is loud and bounded. A follower that exits is seen at once by a watchdog on its process; one that hangs
 makes rank 0's next collective time out (``collective_timeout_s``). Either way the engine is lost: ``on_lost`` is
@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import EngineStopped, UnsupportedOption
-from .falcon import FalconShape, StepTensors
+from .falcon import FalconShape, StepTensors, moved
 from .kv_cache import KVCache
 from .lora import LoraAdapter
 from .lora_bank import AdapterBank
@@ -292,7 +292,7 @@ def _follow_steps(engine: Engine, conn: multiprocessing.connection.Connection) -
             tensors, compiled, copies = args
             for source, target, tokens in copies:
                 engine.cache.copy_columns(source, target, tokens)
-            tensors = _to(tensors, engine.device)
+            tensors = moved(tensors, engine.device)
             if tensors.lora is not None:  # the tokens' slots, over this rank's shard of the adapters
                 tensors = dataclasses.replace(tensors, lora=dataclasses.replace(tensors.lora, bank=engine.lora))
             engine._forward(tensors, compiled)
@@ -356,26 +356,8 @@ def _reducing(shape: FalconShape) -> FalconShape:
 def _outgoing(step: StepTensors) -> StepTensors:
     """``step`` as sent to the followers: on the CPU, its adapters' view without rank 0's bank (each follower reads
     its own shard of the same slots)."""
-    sent = _to(step, torch.device("cpu"))
+    sent = moved(step, torch.device("cpu"))
     return sent if sent.lora is None else dataclasses.replace(sent, lora=dataclasses.replace(sent.lora, bank=None))
-
-
-def _to(step: StepTensors, device: torch.device) -> StepTensors:
-    """``step`` with every tensor on ``device`` (the CPU to be sent, the follower's device to be run), the decode
-    tokens' block plan included."""
-    return _moved(step, device)
-
-
-def _moved(value, device: torch.device):
-    """``value`` (a dataclass of tensors, its nested dataclasses too) with every tensor on ``device``."""
-    moved = {}
-    for field in dataclasses.fields(value):
-        item = getattr(value, field.name)
-        if isinstance(item, torch.Tensor):
-            moved[field.name] = item.to(device)
-        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
-            moved[field.name] = _moved(item, device)
-    return dataclasses.replace(value, **moved)
 
 
 def _set_threads(device: str, parallel: ParallelSpec) -> None:

@@ -4,8 +4,8 @@ The engine knows nothing of HTTP or KServe. The batcher drives it step by step: 
 once, ``step`` runs one forward pass for every running row's next token and any prompt chunks, writing their keys and
 values into their rows (``kv_cache``, ``falcon``). With ``compile`` the decode-only steps run a ``torch.compile``d
 forward over static shapes (CUDA graphs on a GPU), over the same cache: a few decode token counts, each with a few
-counts of the cache blocks they read. Beam search, which keeps several
-hypotheses per request, runs through transformers' ``generate`` in ``generate_beams``.
+counts of the cache blocks they read. Beam search, which keeps several hypotheses per request, runs through
+transformers' ``generate`` in ``generate_beams``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
-from .falcon import DECODE_BLOCK, Chunk, DecodeBlocks, FalconShape, StepTensors, forward
+from .falcon import (DECODE_BLOCK, Chunk, DecodeBlocks, DecodeGroup, DecodeGroups, DecodePlan, FalconShape,
+                     StepTensors, forward)
 from .group_beam_search import group_beam_search
 from .kv_cache import CacheShape, KVCache, column_tiers, default_row_cap, row_buckets, smallest_at_least
 from .lora import AdapterError, linear_shapes
@@ -249,8 +250,9 @@ class Engine:
             slots += [self._row_slots[row]] * len(chunk_tokens)
             offset += len(chunk_tokens)
             keep.extend(range(offset - int(wants_logits), offset))  # the chunk's last ``wants_logits`` tokens
-        device = self.device
-        plan = _decode_blocks(positions[:len(decode)], write_rows[:len(decode)], tokens, blocks, scratch, device)
+        device, at, rows = self.device, positions[:len(decode)], write_rows[:len(decode)]
+        plan = (_decode_groups(at, rows, device) if blocks is None
+                else _decode_blocks(at, rows, tokens, blocks, scratch, device))
         return StepTensors(ids=torch.tensor(ids, device=device), positions=torch.tensor(positions, device=device),
                            write_rows=torch.tensor(write_rows, device=device), decode=plan, chunks=tuple(packed),
                            keep=torch.tensor(keep, dtype=torch.long, device=device),
@@ -304,13 +306,33 @@ class Engine:
         return BeamOutput(sequences=sequences, logprobs=logprobs, finished=finished)
 
 
-def _decode_blocks(positions: list[int], rows: list[int], tokens: int, blocks: int | None, scratch: int,
-                   device: torch.device) -> DecodeBlocks | None:
-    """The blocks decode tokens at ``positions`` of cache ``rows`` read: each its row's blocks up to its own
-    column. ``tokens`` and ``blocks`` pad both counts (a compiled step's static shape); padding pairs read the
-    scratch row's first column for a dummy token, ``tokens``."""
-    if not tokens:
+def _decode_groups(positions: list[int], rows: list[int], device: torch.device) -> DecodePlan | None:
+    """An eager step's decode tokens at ``positions`` of cache ``rows``, grouped by length: a group holds the rows
+    of ``DECODE_BLOCK`` columns or fewer, then those of (64, 128], (128, 256], ... columns, each group attending over
+    its longest row's columns, so that a row reads less than twice its own."""
+    if not positions:
         return None
+    members: dict[int, list[int]] = {}
+    for token, position in enumerate(positions):
+        members.setdefault((position // DECODE_BLOCK).bit_length(), []).append(token)
+    groups = []
+    for tokens in members.values():
+        tokens.sort(key=rows.__getitem__)
+        at, rows_read = torch.tensor([positions[token] for token in tokens]), [rows[token] for token in tokens]
+        consecutive = rows_read == list(range(rows_read[0], rows_read[0] + len(rows_read)))
+        mask = torch.arange(int(at.max()) + 1) <= at[:, None]
+        groups.append(DecodeGroup(tokens=torch.tensor(tokens, device=device),
+                                  rows=(slice(rows_read[0], rows_read[-1] + 1) if consecutive
+                                        else torch.tensor(rows_read, device=device)),
+                                  mask=mask.to(device)))
+    return DecodeGroups(tuple(groups), len(positions))
+
+
+def _decode_blocks(positions: list[int], rows: list[int], tokens: int, blocks: int, scratch: int,
+                   device: torch.device) -> DecodeBlocks:
+    """The blocks a compiled step's decode tokens at ``positions`` of cache ``rows`` read: each its row's blocks up
+    to its own column. ``tokens`` and ``blocks`` pad both counts (a static shape); padding pairs read the scratch
+    row's first column for a dummy token, ``tokens``."""
     pair_rows, pair_blocks, owners, limits = [], [], [], []  # limits: the last column each pair's token sees
     for token, (position, row) in enumerate(zip(positions, rows)):
         count = position // DECODE_BLOCK + 1
@@ -318,7 +340,7 @@ def _decode_blocks(positions: list[int], rows: list[int], tokens: int, blocks: i
         pair_blocks += range(count)
         owners += [token] * count
         limits += [position] * count
-    padding = (blocks if blocks is not None else len(owners)) - len(owners)
+    padding = blocks - len(owners)
     pair_rows += [scratch] * padding
     pair_blocks += [0] * padding
     owners += [tokens] * padding
