@@ -8,6 +8,8 @@
    gap between tokens) with 63 short rows beside one 1,900-token row, against beside a short one; the ratio. Steps
    of the two batches alternate, so both see the same load on the machine.
 3. **Step time** at 1, 32, 128 and 256 running rows of equal length, on the engine.
+4. **Long rows**: one decode step of 24 rows of 1,400 tokens on the tiny with falcon-40b's attention layout (32
+   query heads over 2 K/V groups, ``kv_memory.build_grouped``), where decode attention is most of a step.
 
 The engine scenarios run in a child process per checkout, importing that checkout's ``predictor``, so the
 ``--before`` figures come from its own code. Every loop is bounded and runs on loopback only.
@@ -40,6 +42,7 @@ SHORT_TOKENS = 16
 MIXED_ROWS = 64
 EQUAL_ROWS = (1, 32, 128, 256)
 EQUAL_TOKENS = 128
+LONG_ROWS, LONG_ROW_TOKENS = 24, 1400
 STEPS = 31
 
 
@@ -71,8 +74,8 @@ def engine_figures(model_dirs: dict[str, str]) -> dict[str, Any]:
     # One thread: on a shared machine torch's thread pool waits on busy cores, which swamps what is measured.
     torch.set_num_threads(1)
     mixed = {}
-    for shape, model_dir in model_dirs.items():
-        batches = {}
+    for shape in ("7b", "40b"):
+        model_dir, batches = model_dirs[shape], {}
         for neighbour in ("short", "long"):
             engine, rows = _engine(model_dir, MIXED_ROWS)
             _prefill(engine, rows[:-1], SHORT_TOKENS)
@@ -89,7 +92,10 @@ def engine_figures(model_dirs: dict[str, str]) -> dict[str, Any]:
     equal = {}
     for count in EQUAL_ROWS:
         equal[str(count)] = statistics.median(_step_seconds(engine, rows[:count]) for _ in range(STEPS)) * 1000
-    return dict(mixed=mixed, step_ms_at_rows=equal)
+    engine, rows = _engine(model_dirs["grouped"], LONG_ROWS)
+    _prefill(engine, rows, LONG_ROW_TOKENS)
+    long_rows = statistics.median(_step_seconds(engine, rows) for _ in range(STEPS)) * 1000
+    return dict(mixed=mixed, step_ms_at_rows=equal, long_rows_step_ms=long_rows)
 
 
 def run_engine_child(repo: Path, model_dirs: dict[str, str]) -> dict[str, Any]:
@@ -187,6 +193,10 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="batch-size-"))
     model_dirs = {shape: str(build_tiny_falcon(workdir / f"tiny-{shape}", shape)) for shape in ("7b", "40b")}
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from kv_memory import build_grouped
+
+    model_dirs["grouped"] = str(build_grouped(workdir / "tiny-grouped"))
     checkouts = [REPO] + ([args.before.resolve()] if args.before else [])
     results: dict[str, Any] = {"engine": {str(repo): run_engine_child(repo, model_dirs) for repo in checkouts}}
     if not args.skip_http:
@@ -200,6 +210,8 @@ def main() -> None:
                   f"beside a {LONG_TOKENS}-token row {row['long_neighbour_ms']:.2f} ms: {row['ratio']:.2f}x")
         steps = ", ".join(f"{rows}: {ms:.2f} ms" for rows, ms in figures["step_ms_at_rows"].items())
         print(f"{repo} step at rows of {EQUAL_TOKENS} tokens: {steps}")
+        print(f"{repo} step of {LONG_ROWS} rows of {LONG_ROW_TOKENS} tokens, 40b attention layout: "
+              f"{figures['long_rows_step_ms']:.1f} ms")
     for row in results.get("http", []):
         print(f"{row['repo']} --max_batch_size {row['max_batch_size']} ({row['rows']} rows): "
               f"{row['requests_per_s']:.2f} requests/s, {row['tokens_per_s']:.0f} tokens/s, peak running "

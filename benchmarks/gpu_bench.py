@@ -163,8 +163,9 @@ def run_gpu_tests(plan: Plan, record: StageRecord, deadline: float) -> None:
     """The ``gpu``-marked tests (they skip themselves without CUDA); counts from pytest's JUnit XML."""
     junit = plan.workdir / "gpu-tests.xml"
     junit.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-               "tests"]
+    # one process (-n 0): the suite's two workers would share the one GPU
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-n", "0", "-q", "-p", "no:cacheprovider",
+               f"--junitxml={junit}", "tests"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False,
                           timeout=max(1.0, deadline - time.monotonic()))
     record["exit_code"] = done.returncode

@@ -8,7 +8,9 @@
    the config.
 3. A server on the 40b-attention tiny (4 layers, float32) under 24 concurrent /chat requests of 1,000 prompt
    tokens + 400 new ones: its resident memory once ready and at its peak, against the K/V groups of those tokens.
-   ``--repo`` runs another checkout's server the same way (the figure before a change, in the same run).
+   ``--repo`` runs another checkout's server the same way (the figure before a change, in the same run). The
+   peak moves by about 20 MiB from one server start to the next, so each checkout runs ``--rounds`` times, taking
+   turns, and its median growth is what compares.
 
     python benchmarks/kv_memory.py                           # this checkout
     python benchmarks/kv_memory.py --repo /tmp/before       # and another checkout's server, for comparison
@@ -20,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -155,14 +158,18 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=24)
     parser.add_argument("--prompt-tokens", type=int, default=1000)
     parser.add_argument("--new-tokens", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=3, help="servers started per checkout, taking turns")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "kv-memory.json")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     workdir = Path(tempfile.mkdtemp(prefix="kv-memory-"))
     results: dict[str, Any] = dict(computed=computed_table(), tiny=measured_on_tiny(workdir))
     model_dir = build_grouped(workdir / "tiny-grouped")
-    results["servers"] = [server_growth(repo.resolve(), model_dir, workdir, args.clients, args.prompt_tokens,
-                                        args.new_tokens) for repo in [REPO, *args.repo]]
+    repos = [REPO, *(repo.resolve() for repo in args.repo)]
+    results["servers"] = [server_growth(repo, model_dir, workdir, args.clients, args.prompt_tokens, args.new_tokens)
+                           for _ in range(args.rounds) for repo in repos]
+    results["median_growth_mib"] = {str(repo): statistics.median(row["growth_mib"] for row in results["servers"]
+                                                                 if row["repo"] == str(repo)) for repo in repos}
     args.out.write_text(json.dumps(results, indent=2))
     for row in results["computed"]:
         print(f"{row['model']:<11} {row['gpu_memory_gb']:>4} GB: {row['bytes_per_token'] / 1024:>6.1f} KiB/token, "
@@ -176,6 +183,8 @@ def main() -> None:
         print(f"server {row['repo']}: ready {row['rss_ready_mib']:.0f} MiB, peak {row['rss_peak_mib']:.0f} MiB "
               f"(+{row['growth_mib']:.0f} MiB) for K/V groups of {row['kv_groups_mib']:.0f} MiB; "
               f"{row['generated_tokens']} tokens in {row['seconds']:.0f} s")
+    for repo, growth in results["median_growth_mib"].items():
+        print(f"server {repo}: median growth over {args.rounds} starts +{growth:.0f} MiB")
     print(f"Wrote {args.out}")
 
 
