@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from predictor.engine.lora import TARGETS  # noqa: E402
+from predictor.engine.lora.adapter import TARGETS  # noqa: E402
 from predictor.tiny import build_tiny_falcon  # noqa: E402
 
 PROMPTS = ["Return the value of the first argument", "The server takes each request in turn and",

@@ -147,7 +147,7 @@ def engine_level(model_dir: Path, budgets: list[int]) -> dict[str, Any]:
     sys.path.insert(0, str(REPO / "tests"))
     from generation import make_job, reserved_engine
 
-    from predictor.engine.batcher import Batcher
+    from predictor.engine.scheduling.batcher import Batcher
 
     engine = reserved_engine(model_dir, rows=16)
     tokenizer = engine.tokenizer

@@ -38,9 +38,9 @@ def measure(model_dir: str, batch: int, tokens: int) -> float:
     except ImportError:  # the tree before the API was grouped by protocol
         from predictor.api.mapping import to_generation_job
         from predictor.api.schema import parse_chat_request
-    from predictor.engine.batcher import Batcher
+    from predictor.engine.scheduling.batcher import Batcher
     from predictor.engine.options import Limits
-    from predictor.engine.runner import LoadSpec, load_engine
+    from predictor.engine.model.runner import LoadSpec, load_engine
 
     torch.set_num_threads(1)
     engine = load_engine(LoadSpec(model_dir))

@@ -86,7 +86,7 @@ def check_tensor_parallel(config: ServerConfig) -> None:
     import torch  # noqa: PLC0415 - only with tensor parallelism
     from transformers import AutoConfig  # noqa: PLC0415
 
-    from .engine.sharding import tensor_parallel_refusal  # noqa: PLC0415
+    from .engine.parallel.sharding import tensor_parallel_refusal  # noqa: PLC0415
     from .tiny import tiny_config  # noqa: PLC0415
 
     if config.model_dir is not None:

@@ -36,7 +36,7 @@ import torch
 from predictor import __main__ as predictor_main
 from predictor.api import model
 from predictor.engine import faults
-from predictor.engine import runner as engine
+from predictor.engine.model import runner as engine
 
 HOLD_LOAD_MAX_S = 120  # never wait for the release longer than a test would wait for readiness
 

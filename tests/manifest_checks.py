@@ -18,7 +18,7 @@ import kubernetes_validate
 from kubernetes.utils import parse_quantity
 
 from predictor.config import SHUTDOWN_AFTER_DRAIN_S, ServerConfig, build_parser, parse_config
-from predictor.engine.kv_cache import ROW_CAP
+from predictor.engine.model.kv_cache import ROW_CAP
 from predictor.variants import VARIANTS, Variant
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ import pytest
 import torch
 from generation import generated, hf_greedy, make_job, reserved_engine, run
 
-from predictor.engine import health
-from predictor.engine.batcher import Batcher
+from predictor.engine.scheduling import health
+from predictor.engine.scheduling.batcher import Batcher
 from predictor.errors import Draining, GenerationFailed, Overloaded
 
 PROMPTS = ["The quick brown fox", "Hello", "A much longer prompt, with many more tokens than the others have",

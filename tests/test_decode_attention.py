@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from predictor.engine.falcon import DECODE_BLOCK
-from predictor.engine.runner import _decode_blocks, _decode_groups
+from predictor.engine.model.falcon import DECODE_BLOCK
+from predictor.engine.model.runner import _decode_blocks, _decode_groups
 
 CPU = torch.device("cpu")
 CAPACITY = 2048

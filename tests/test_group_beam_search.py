@@ -1,4 +1,4 @@
-"""Tests for predictor.engine.group_beam_search (diverse beam search as a transformers-5 `custom_generate` callable).
+"""Tests for predictor.engine.sampling.group_beam_search (diverse beam search as a transformers-5 `custom_generate` callable).
 
 A tiny random Falcon (both decoder architectures) is enough: the tests check search mechanics, not text quality.
 """
@@ -8,7 +8,7 @@ import torch
 from transformers import FalconConfig, FalconForCausalLM
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
 
-from predictor.engine.group_beam_search import group_beam_search
+from predictor.engine.sampling.group_beam_search import group_beam_search
 
 VOCAB = 300
 MAX_NEW = 8

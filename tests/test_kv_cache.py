@@ -17,9 +17,9 @@ import torch
 from generation import generated, hf_greedy, make_job, reserved_engine, run
 from transformers import FalconForCausalLM
 
-from predictor.engine.batcher import Batcher
-from predictor.engine.falcon import DECODE_BLOCK
-from predictor.engine.kv_cache import BLOCK_SIZE, CacheShape, KVCache, column_tiers, default_row_cap, row_buckets
+from predictor.engine.scheduling.batcher import Batcher
+from predictor.engine.model.falcon import DECODE_BLOCK
+from predictor.engine.model.kv_cache import BLOCK_SIZE, CacheShape, KVCache, column_tiers, default_row_cap, row_buckets
 from predictor.errors import Draining, GenerationFailed, Overloaded
 from predictor.tiny import build_tokenizer, tiny_config
 

@@ -68,8 +68,40 @@ def test_shared_api_modules_import_no_protocol_routes() -> None:
     assert not problems, problems
 
 
+# The engine's rooms, lowest first: each may import the engine's shared modules (options, faults) and the rooms
+# before it, never one after it. Sampling knows nothing of the model; the model runs adapters but never schedules;
+# tensor parallelism wraps the model; scheduling drives whichever engine it is handed.
+ENGINE_ROOMS = ("sampling", "lora", "model", "parallel", "scheduling")
+ENGINE_SHARED = ("options", "faults")
+
+
+def test_the_engine_is_grouped_by_concern() -> None:
+    flat = sorted(p.stem for p in (PACKAGE / "engine").glob("*.py") if p.stem != "__init__")
+    rooms = sorted(p.name for p in (PACKAGE / "engine").iterdir() if (p / "__init__.py").exists())
+    assert flat == sorted(ENGINE_SHARED), f"engine modules outside a room: {set(flat) - set(ENGINE_SHARED)}"
+    assert rooms == sorted(ENGINE_ROOMS)
+
+
+@pytest.mark.parametrize("room", ENGINE_ROOMS)
+def test_engine_rooms_import_only_rooms_below_them(room: str) -> None:
+    above = ENGINE_ROOMS[ENGINE_ROOMS.index(room) + 1:]
+    problems = [f"{path.relative_to(PACKAGE)} imports {name}"
+                for path in sorted((PACKAGE / "engine" / room).rglob("*.py")) for name in project_imports(path)
+                if any(name == f"predictor.engine.{other}" or name.startswith(f"predictor.engine.{other}.")
+                       for other in above)]
+    assert not problems, problems
+
+
+def test_the_engines_shared_modules_import_no_room() -> None:
+    problems = [f"{module}.py imports {name}" for module in ENGINE_SHARED
+                for name in project_imports(PACKAGE / "engine" / f"{module}.py")
+                if any(name.startswith(f"predictor.engine.{room}") for room in ENGINE_ROOMS)]
+    assert not problems, problems
+
+
 def test_the_engine_imports_nothing_of_the_http_side() -> None:
-    modules = sorted(f"predictor.engine.{p.stem}" for p in (PACKAGE / "engine").glob("*.py") if p.stem != "__init__")
+    modules = sorted(".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts)
+                     for p in (PACKAGE / "engine").rglob("*.py") if p.stem != "__init__")
     code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
             f"print(','.join(m for m in {HTTP_SIDE!r} if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
@@ -78,6 +110,6 @@ def test_the_engine_imports_nothing_of_the_http_side() -> None:
 
 
 def test_relative_imports_are_resolved_to_module_names() -> None:
-    probe = PACKAGE / "engine" / "batcher.py"
-    assert "predictor.engine.runner" in project_imports(probe)
+    probe = PACKAGE / "engine" / "scheduling" / "batcher.py"
+    assert "predictor.engine.model.runner" in project_imports(probe)
     assert "predictor.errors" in project_imports(probe)

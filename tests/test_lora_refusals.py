@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from predictor.engine.lora import AdapterError, read_adapter
+from predictor.engine.lora.adapter import AdapterError, read_adapter
 
 SHAPES = [{"query_key_value": (96, 64), "dense": (64, 64), "dense_h_to_4h": (256, 64), "dense_4h_to_h": (64, 256)}] * 2
 KEY = "base_model.model.transformer.h.{layer}.self_attention.query_key_value.lora_{which}.weight"

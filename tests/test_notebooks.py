@@ -46,7 +46,7 @@ def test_notebook_is_committed_stripped(path: Path) -> None:
             assert cell.execution_count is None, f"cell {number} of {path.name} has an execution count; {STRIP_HINT}"
 
 
-# What details.finish_reasons holds (engine/batcher.py); "cancelled" never reaches a client, who has left.
+# What details.finish_reasons holds (engine/scheduling/batcher.py); "cancelled" never reaches a client, who has left.
 FINISH_REASONS = {"stop", "length", "time_limit"}
 
 

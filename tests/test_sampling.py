@@ -9,9 +9,9 @@ import jsonschema
 import torch
 from transformers import AutoTokenizer
 
-from predictor.engine.grammar import GrammarMask, json_schema_grammar
+from predictor.engine.sampling.grammar import GrammarMask, json_schema_grammar
 from predictor.engine.options import GenerationOptions
-from predictor.engine.sampling import LOWEST_LOGPROB, OpenAIPenalties, choose_next_tokens, make_sampler
+from predictor.engine.sampling.sampler import LOWEST_LOGPROB, OpenAIPenalties, choose_next_tokens, make_sampler
 
 
 def test_penalties_count_generated_tokens_only():

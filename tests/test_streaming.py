@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from predictor.api.chat.routes import stream_chat
 from predictor.api.streaming import IncrementalDecoder, StopMatcher, stream_text
 from predictor.engine.options import GenerationJob, GenerationOptions
-from predictor.engine.tickets import SequenceOutput, Ticket, TokenEvent
+from predictor.engine.scheduling.tickets import SequenceOutput, Ticket, TokenEvent
 from predictor.errors import GenerationFailed
 
 MULTIBYTE = "Grüße, 日本語 and 🙂 emoji"

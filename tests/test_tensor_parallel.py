@@ -8,10 +8,10 @@ import pytest
 import torch
 from generation import generated, make_job, reserved_engine, run
 
-from predictor.engine.falcon import FalconShape, _layer
-from predictor.engine.parallel import ParallelSpec, load_sharded_engine
-from predictor.engine.runner import LoadSpec, load_engine
-from predictor.engine.sharding import shard_model, tensor_parallel_refusal
+from predictor.engine.model.falcon import FalconShape, _layer
+from predictor.engine.parallel.ranks import ParallelSpec, load_sharded_engine
+from predictor.engine.model.runner import LoadSpec, load_engine
+from predictor.engine.parallel.sharding import shard_model, tensor_parallel_refusal
 from predictor.tiny import tiny_config
 
 PROMPTS = ["The quick brown fox", "Hello", "A much longer prompt, with many more tokens than the others have",
@@ -107,7 +107,7 @@ def _one_layer(engine, hidden, zero_residual=False, shard=None):
 
 
 def _rotary_for(engine, step):
-    from predictor.engine.falcon import _rotary
+    from predictor.engine.model.falcon import _rotary
 
     return _rotary(engine.model.transformer.rotary_emb, step.positions, torch.float32)
 

@@ -11,10 +11,10 @@ import torch
 from generation import make_job, run
 from lora_adapters import ALL_TARGETS, make_adapter
 
-from predictor.engine.lora import read_adapter
-from predictor.engine.parallel import ParallelSpec, load_sharded_engine
-from predictor.engine.runner import Engine, LoadSpec, load_engine
-from predictor.engine.sharding import SPLIT_BY_OUTPUT, shard_adapter
+from predictor.engine.lora.adapter import read_adapter
+from predictor.engine.parallel.ranks import ParallelSpec, load_sharded_engine
+from predictor.engine.model.runner import Engine, LoadSpec, load_engine
+from predictor.engine.parallel.sharding import SPLIT_BY_OUTPUT, shard_adapter
 
 PROMPTS = ["The quick brown fox", "Return the value of", "Hello"]
 NEW_TOKENS = 8

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer
 from transformers.generation.stopping_criteria import StopStringCriteria
 
-from predictor.engine.sampling import TextStopCriteria, stop_string_criteria, token_stop_matching_error
+from predictor.engine.sampling.sampler import TextStopCriteria, stop_string_criteria, token_stop_matching_error
 from predictor.tiny import TOKENIZER_KINDS, build_tiny_falcon, build_tokenizer
 
 TEXT = "Return the value of the first argument, or the default when it is missing."

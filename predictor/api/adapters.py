@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Mapping
 
 from ..config import ServerConfig
-from ..engine.lora import CONFIG_FILE, AdapterError, read_adapter
-from ..engine.runner import Engine
+from ..engine.lora.adapter import CONFIG_FILE, AdapterError, read_adapter
+from ..engine.model.runner import Engine
 
 logger = logging.getLogger(__name__)
 

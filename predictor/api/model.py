@@ -22,12 +22,12 @@ import kserve
 from .. import metrics
 from ..config import ServerConfig
 from ..engine import faults
-from ..engine.batcher import Batcher
-from ..engine.kv_cache import BLOCK_SIZE
+from ..engine.scheduling.batcher import Batcher
+from ..engine.model.kv_cache import BLOCK_SIZE
 from ..engine.options import GenerationJob, Limits
-from ..engine.parallel import ParallelSpec, ShardedEngine, load_sharded_engine
-from ..engine.runner import Engine, LoadSpec, load_engine
-from ..engine.tickets import GenerationResult, Ticket
+from ..engine.parallel.ranks import ParallelSpec, ShardedEngine, load_sharded_engine
+from ..engine.model.runner import Engine, LoadSpec, load_engine
+from ..engine.scheduling.tickets import GenerationResult, Ticket
 from ..errors import GenerationFailed, InvalidRequest, ModelNotFound, NotReady
 from ..tiny import build_tiny_falcon, default_cache_dir
 from ..variants import cpu_memory_warning, find_variant

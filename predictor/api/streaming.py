@@ -28,9 +28,9 @@ from starlette.responses import StreamingResponse
 from .. import metrics
 from ..engine import faults
 from ..engine.options import GenerationJob
-from ..engine.runner import PROMPT_CONTEXT_TOKENS
-from ..engine.sampling import TokenLogprob
-from ..engine.tickets import Ticket, TokenEvent
+from ..engine.model.runner import PROMPT_CONTEXT_TOKENS
+from ..engine.sampling.sampler import TokenLogprob
+from ..engine.scheduling.tickets import Ticket, TokenEvent
 from ..errors import GenerationFailed, PredictorError
 from .model import FalconModel, detokenized
 

@@ -22,7 +22,7 @@ from starlette.responses import StreamingResponse
 
 from ... import metrics
 from ...engine.options import GenerationJob
-from ...engine.tickets import Ticket
+from ...engine.scheduling.tickets import Ticket
 from ...errors import Draining, PredictorError
 from ..json_body import decode_json_body
 from ..model import Completion, FalconModel

@@ -19,7 +19,7 @@ from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...config import ServerConfig
-from ...engine.lora import AdapterError, read_adapter
+from ...engine.lora.adapter import AdapterError, read_adapter
 from ...errors import Forbidden, InvalidRequest, ModelNotFound, PredictorError
 from ..json_body import decode_json_body
 from ..model import FalconModel

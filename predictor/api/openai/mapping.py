@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ...engine.grammar import json_schema_grammar
+from ...engine.sampling.grammar import json_schema_grammar
 from ...engine.options import GenerationJob, GenerationOptions, Limits, ModelInfo
 from ...errors import ContextLengthExceeded, InvalidRequest
 from ..generation import pad_token_id, samples, token_ids

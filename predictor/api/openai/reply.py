@@ -14,7 +14,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
-from ...engine.sampling import TokenLogprob
+from ...engine.sampling.sampler import TokenLogprob
 from ..streaming import TextDelta
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "shutdown": "shutdown"}  # others (time_limit,

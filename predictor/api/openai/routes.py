@@ -34,8 +34,8 @@ from fastapi.responses import JSONResponse, Response
 
 from ... import metrics
 from ...engine.options import GenerationJob
-from ...engine.runner import Engine
-from ...engine.tickets import Ticket
+from ...engine.model.runner import Engine
+from ...engine.scheduling.tickets import Ticket
 from ...errors import Draining, ModelNotFound, NotFound, NotReady, PredictorError
 from ..chat_format import CHAT_STOP, render_chat
 from ..json_body import decode_json_body

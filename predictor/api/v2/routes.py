@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ... import metrics
-from ...engine.tickets import Ticket
+from ...engine.scheduling.tickets import Ticket
 from ...errors import Draining, InvalidRequest, PredictorError
 from ..chat.schema import ChatRequest, parse_chat_request
 from ..json_body import decode_json_body

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import SequenceSampler, TokenLogprob, prompt_token_logprobs
+from ..sampling.sampler import SequenceSampler, TokenLogprob, prompt_token_logprobs
 from .tickets import SequenceOutput, Ticket
 
 

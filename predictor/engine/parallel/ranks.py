@@ -35,12 +35,12 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ..errors import EngineStopped, UnsupportedOption
-from .falcon import FalconShape, StepTensors, moved
-from .kv_cache import KVCache
-from .lora import LoraAdapter
-from .lora_bank import AdapterBank
-from .runner import Engine, LoadSpec, load_engine, resolve_device_and_dtype
+from ...errors import EngineStopped, UnsupportedOption
+from ..model.falcon import FalconShape, StepTensors, moved
+from ..model.kv_cache import KVCache
+from ..lora.adapter import LoraAdapter
+from ..lora.bank import AdapterBank
+from ..model.runner import Engine, LoadSpec, load_engine, resolve_device_and_dtype
 from .sharding import shard_adapter, shard_model, tensor_parallel_refusal
 
 logger = logging.getLogger(__name__)

@@ -45,10 +45,10 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.stopping_criteria import StoppingCriteria, StopStringCriteria
 
-from ..errors import PredictorError, UnsupportedOption
-from . import faults
+from ...errors import PredictorError, UnsupportedOption
+from .. import faults
 from .grammar import GrammarMask, grammar_support_error
-from .options import GenerationOptions
+from ..options import GenerationOptions
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -22,13 +22,13 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 
 from .falcon import (DECODE_BLOCK, Chunk, DecodeBlocks, DecodeGroup, DecodeGroups, DecodePlan, FalconShape,
                      StepTensors, forward)
-from .group_beam_search import group_beam_search
+from ..sampling.group_beam_search import group_beam_search
 from .kv_cache import CacheShape, KVCache, column_tiers, default_row_cap, row_buckets, smallest_at_least
-from .lora import AdapterError, linear_shapes
-from .lora_bank import BASE, AdapterBank, LoraStep
-from .lora_merge import merge_adapters
-from .options import GenerationOptions, ModelInfo
-from .sampling import stop_string_criteria
+from ..lora.adapter import AdapterError, linear_shapes
+from ..lora.bank import BASE, AdapterBank, LoraStep
+from ..lora.merge import merge_adapters
+from ..options import GenerationOptions, ModelInfo
+from ..sampling.sampler import stop_string_criteria
 
 logger = logging.getLogger(__name__)
 

@@ -27,13 +27,13 @@ from typing import Callable
 
 import torch
 
-from ..errors import Draining, EngineStopped, Overloaded
-from . import faults
+from ...errors import Draining, EngineStopped, Overloaded
+from .. import faults
 from .decoding import DecodeBatch, fail_tickets
 from .health import EngineHealth, Supervisor
-from .options import GenerationJob
-from .runner import Engine
-from .sampling import TokenLogprob, token_stop_matching_error
+from ..options import GenerationJob
+from ..model.runner import Engine
+from ..sampling.sampler import TokenLogprob, token_stop_matching_error
 from .tickets import SequenceOutput, Ticket, TokenEvent
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .lora import TARGETS, LoraAdapter
+from .adapter import TARGETS, LoraAdapter
 
 BASE = -1  # the slot of a token that uses no adapter
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import KVCache
-from .lora_bank import LoraStep
+from ..lora.bank import LoraStep
 
 DECODE_BLOCK = 64  # cache columns per block of decode attention: a row reads its length rounded up to this
 

@@ -17,14 +17,14 @@ import time
 
 import torch
 
-from .. import metrics
-from ..errors import GenerationFailed, ModelNotFound, PredictorError
-from . import faults
+from ... import metrics
+from ...errors import GenerationFailed, ModelNotFound, PredictorError
+from .. import faults
 from .health import EngineHealth
-from .lora_bank import BASE
-from .runner import Engine
+from ..lora.bank import BASE
+from ..model.runner import Engine
 from .running import RunningRequest, RunningSequence
-from .sampling import TokenLogprob, choose_next_tokens, make_sampler
+from ..sampling.sampler import TokenLogprob, choose_next_tokens, make_sampler
 from .tickets import Ticket, TokenEvent
 
 logger = logging.getLogger(__name__)

@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from .. import metrics
-from ..errors import RequestTimeout
-from .options import GenerationJob
-from .sampling import TokenLogprob
+from ... import metrics
+from ...errors import RequestTimeout
+from ..options import GenerationJob
+from ..sampling.sampler import TokenLogprob
 
 WATCHDOG_GRACE_S = 5.0  # past its budget, how long a running request's worker has to end it before the watchdog
 

@@ -22,8 +22,8 @@ import dataclasses
 
 import torch
 
-from .falcon import FalconShape
-from .lora import TARGETS, LoraAdapter
+from ..model.falcon import FalconShape
+from ..lora.adapter import TARGETS, LoraAdapter
 
 # Whether each linear layer is split by output rows (else by input columns). ``query_key_value``'s rows are laid out
 # per K/V group, so equal parts of them are whole groups; ``dense`` takes the matching heads' outputs as its columns.

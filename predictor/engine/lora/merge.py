@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from .lora import TARGETS, LoraAdapter, linear_shapes, read_adapter
+from .adapter import TARGETS, LoraAdapter, linear_shapes, read_adapter
 
 logger = logging.getLogger(__name__)
 
