@@ -31,15 +31,12 @@ def main() -> None:
 
     model = FalconModel(config)
     install(model_server.app, model, config)
-    server = FalconModelServer(model, config.drain_timeout_s, http_port=config.http_port, workers=1)
+    server = FalconModelServer(model, config.drain_timeout_s, http_port=config.http_port, workers=1,
+                               enable_grpc=config.enable_grpc, grpc_port=config.grpc_port)
     _log_like_kserve(config.log_requests)
     name_requests(("kserve", "kserve.trace", "uvicorn", "uvicorn.access", "predictor"), config.log_format)
     if config.model_dir != given.model_dir:
         logger.info("Serving %s from the Hugging Face cache: %s", config.model_id, config.model_dir)
-    if model_server.args.workers != 1:
-        # More uvicorn workers would each load a copy of the model and lose the routes added here.
-        logger.warning("--workers %d ignored: one process serves; batching uses the accelerator fully",
-                       model_server.args.workers)
     server.register_model(model)
     threading.Thread(target=_load_or_exit, args=(model,), name="model-loader", daemon=True).start()
     server.start([])  # the model is registered already; start([model]) would insist it be loaded first

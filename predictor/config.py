@@ -16,6 +16,25 @@ KSERVE_DEFAULT_MODEL_NAME = "model"  # KServe's default --model_name: no model w
 SHUTDOWN_AFTER_DRAIN_S = 10  # the most the process takes to exit once --drain_timeout is over
 DEFAULT_ADAPTER_DIR = "/mnt/adapter"  # where Kaito mounts a workspace's adapters
 
+# KServe's flags, grouped as ``--help`` shows them. Those of a KServe transformer (a process that calls a predictor)
+# do nothing in this server: they are accepted, as KServe's parser takes them, and hidden from ``--help``.
+KSERVE_GROUPS: dict[str, tuple[str, ...]] = {
+    "server (KServe's flags)": ("--http_port", "--model_name", "--ssl_certfile", "--ssl_keyfile",
+                                "--timeout-keep-alive", "--event-loop", "--max_asyncio_workers",
+                                "--enable_docs_url"),
+    "gRPC (KServe's flags; off by default)": ("--enable_grpc", "--grpc_port", "--max_threads",
+                                              "--grpc_max_send_message_length",
+                                              "--grpc_max_receive_message_length"),
+    "KServe's logging": ("--configure_logging", "--log_config_file", "--access_log_format",
+                         "--enable_latency_logging"),
+}
+KSERVE_TRANSFORMER_FLAGS = ("--predictor_host", "--protocol", "--predictor_protocol", "--predictor_use_ssl",
+                            "--predictor_request_timeout_seconds", "--predictor_request_retries",
+                            "--enable_predictor_health_check")
+# One process serves: more uvicorn workers would each load a copy of the model and lose the routes added to
+# KServe's app. Only 1 is accepted, and the flag is hidden from --help.
+KSERVE_REFUSED_FLAGS = ("--workers",)
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -29,6 +48,8 @@ class ServerConfig:
     dtype: str  # "auto": bfloat16 on a GPU, float32 on the CPU
     device: str  # "auto": every visible GPU if there is one, else the CPU
     http_port: int
+    enable_grpc: bool  # KServe's v2 gRPC service on grpc_port: health and metadata; it generates no text
+    grpc_port: int
     limits: Limits
     max_batch_size: int | None  # sequences decoded together in one forward pass; None: as many as memory holds
     max_queue: int  # requests waiting for a batch slot before new ones get 429
@@ -72,14 +93,38 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a Falcon model with KServe: POST /chat, KServe's v1/v2 routes and OpenAI-compatible "
                     "routes. With no model chosen it serves a tiny random Falcon built locally, as a demo.")
     add_predictor_arguments(parser)
-    # KServe's flag, whose meaning this server extends. The action is shared with KServe's parser (argparse
-    # parents share actions); only its help changes.
+    group_kserve_arguments(parser)
+    # KServe's flags, whose meaning or default this server changes. Each action is shared with KServe's parser
+    # (argparse parents share actions), which has parsed sys.argv already when this runs.
+    parser.set_defaults(enable_grpc=False)
+    parser._option_string_actions["--enable_grpc"].help = (
+        "serve KServe's v2 gRPC service on --grpc_port: health (ServerLive, ServerReady, ModelReady) and model "
+        "metadata only, since its ModelInfer carries tensors, not text (it answers INVALID_ARGUMENT; text "
+        "generation is HTTP's: /chat, /v1/..., /v2/models/<name>/infer). Off unless a gRPC health check needs it")
     parser._option_string_actions["--model_name"].help = (
         "the name the model is served under (URL paths, OpenAI 'model'). Alone it selects the Falcon variant to "
         f"serve from the Hugging Face Hub at its pinned revision: {', '.join(VARIANTS)}; with --model_dir or "
         f"--model_id it is only the served name. Not given (KServe's default '{KSERVE_DEFAULT_MODEL_NAME}'): the "
         f"tiny random-weight demo, served as {DEMO_MODEL_NAME}")
     return parser
+
+
+def group_kserve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Move KServe's flags from argparse's one "options" list into ``KSERVE_GROUPS``, shown before this server's
+    own groups, and hide those that do nothing here."""
+    options = parser._optionals
+    groups = []
+    for title, flags in KSERVE_GROUPS.items():
+        group = parser.add_argument_group(title)
+        for flag in flags:
+            action = parser._option_string_actions[flag]
+            options._group_actions.remove(action)
+            group._group_actions.append(action)
+        groups.append(parser._action_groups.pop())
+    after = parser._action_groups.index(options) + 1
+    parser._action_groups[after:after] = groups
+    for flag in KSERVE_TRANSFORMER_FLAGS + KSERVE_REFUSED_FLAGS:
+        parser._option_string_actions[flag].help = argparse.SUPPRESS
 
 
 def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
@@ -240,10 +285,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise SystemExit("--collective_timeout must be above 0 seconds")
     if any(not alias.strip() for alias in args.model_alias):
         raise SystemExit("--model_alias must not be empty")
+    if args.workers != 1:
+        raise SystemExit(f"--workers {args.workers}: one process serves (more would each load the model and "
+                         "lose this server's routes); the batch shares one model, so scale with replicas")
     return ServerConfig(
         model_name=model_name, model_aliases=tuple(dict.fromkeys(args.model_alias)), model_id=model_id,
         model_dir=args.model_dir, revision=revision, dtype=args.dtype, device=args.device, http_port=args.http_port,
-        limits=limits, max_batch_size=args.max_batch_size,
+        enable_grpc=args.enable_grpc, grpc_port=args.grpc_port, limits=limits, max_batch_size=args.max_batch_size,
         max_queue=args.max_queue, request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
         max_header_bytes=args.max_header_bytes, header_timeout_s=args.header_timeout,
         drain_timeout_s=args.drain_timeout, dead_after_s=args.dead_after,

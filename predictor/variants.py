@@ -2,7 +2,8 @@
 
 CLI defaults, the model loader, the start-up checks and the Kubernetes manifests all read this table (what memory
 each needs on GPUs or the CPU is worked out here); a test checks that the manifests in ``inferenceservices/``
-agree with it.
+agree with it, and the documentation's figures about the variants are generated from it (``docs/generate.py``)
+or checked against it (``tests/test_docs.py``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ from dataclasses import dataclass
 
 FALCON_CONTEXT_LENGTH = 2048  # every Falcon was trained with a 2048-token context
 FALCON_HEAD_DIM = 64
+FALCON_VOCAB = 65024
 # GPU memory a replica keeps out of the KV cache besides the weights: the CUDA context and torch's allocator, per GPU
 GPU_OVERHEAD_GIB = 2.0
 KV_CACHE_SHARE = 0.9  # of what the weights leave, as the engine's default budget (GPU_KV_CACHE_SHARE)
+# Memory bandwidth of an H100 as measured (FIELD.md): the floor of a decode step, which reads every weight once.
+# Figures derived from it are estimates until benchmarks/gpu.sh has measured a GPU.
+H100_BANDWIDTH_GB_S = 3000
 
 
 @dataclass(frozen=True)
@@ -32,8 +37,31 @@ class Variant:
     instruct: bool  # tuned to follow the User:/Assistant: conversation format
     parameters_b: float  # parameters, in billions: what the weights weigh on the CPU (4 bytes each in float32)
     layers: int
+    hidden_size: int
     kv_heads: int  # K/V heads per layer: what one token costs in the KV cache
     gpu_gb: int  # the smallest GPU (GB each) the manifests deploy it on
+
+    @property
+    def weights_gb(self) -> float:
+        """The weights in the 2-byte serving dtype, all GPUs together."""
+        return self.parameters_b * 2
+
+    @property
+    def weights_per_gpu_gb(self) -> float:
+        """What each of ``gpus`` tensor-parallel ranks holds: its share of every layer, plus the embeddings (tied
+        to ``lm_head``), which every rank keeps whole."""
+        replicated_b = FALCON_VOCAB * self.hidden_size / 1e9
+        return ((self.parameters_b - replicated_b) / self.gpus + replicated_b) * 2
+
+    @property
+    def kv_bytes_per_token_per_gpu(self) -> int:
+        """Each rank caches its share of the K/V heads."""
+        return self.kv_bytes_per_token // self.gpus
+
+    @property
+    def decode_floor_ms(self) -> float:
+        """A decode step's floor on an H100: each GPU reads its weights once (an estimate, not a measurement)."""
+        return self.weights_per_gpu_gb / H100_BANDWIDTH_GB_S * 1e3
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -42,10 +70,11 @@ class Variant:
 
     @property
     def kv_rows(self) -> int:
-        """Full-context sequences the default KV cache budget holds on ``gpus`` GPUs of ``gpu_gb``: 90% of what
-        the bf16 weights and each GPU's overhead leave."""
-        free = self.gpus * (self.gpu_gb * 1e9 - GPU_OVERHEAD_GIB * 2**30) - self.parameters_b * 1e9 * 2
-        return int(KV_CACHE_SHARE * free) // (self.context_length * self.kv_bytes_per_token)
+        """Full-context sequences the default KV cache budget holds on ``gpus`` GPUs of ``gpu_gb`` (an estimate:
+        the server measures the free memory at start-up and logs its own figure): on each GPU, 90% of what its
+        share of the bf16 weights and its overhead leave, holding its share of every row."""
+        free = self.gpu_gb * 1e9 - GPU_OVERHEAD_GIB * 2**30 - self.weights_per_gpu_gb * 1e9
+        return int(KV_CACHE_SHARE * free) // (self.context_length * self.kv_bytes_per_token_per_gpu)
 
     @property
     def hf_uri(self) -> str:
@@ -58,16 +87,16 @@ VARIANTS: dict[str, Variant] = {
     for v in (
         Variant("falcon-7b", "tiiuae/falcon-7b", "898df1396f35e447d5fe44e0a3ccaaaa69f30d36",
                 "bfloat16", FALCON_CONTEXT_LENGTH, gpus=1, gpu_memory_gib=14, instruct=False,
-                parameters_b=6.9, layers=32, kv_heads=1, gpu_gb=24),
+                parameters_b=6.9, layers=32, hidden_size=4544, kv_heads=1, gpu_gb=24),
         Variant("falcon-7b-instruct", "tiiuae/falcon-7b-instruct", "cf4b3c42ce2fdfe24f753f0f0d179202fea59c99",
                 "bfloat16", FALCON_CONTEXT_LENGTH, gpus=1, gpu_memory_gib=14, instruct=True,
-                parameters_b=6.9, layers=32, kv_heads=1, gpu_gb=24),
+                parameters_b=6.9, layers=32, hidden_size=4544, kv_heads=1, gpu_gb=24),
         Variant("falcon-40b", "tiiuae/falcon-40b", "4a70170c215b36a3cce4b4253f6d0612bb7d4146",
                 "bfloat16", FALCON_CONTEXT_LENGTH, gpus=2, gpu_memory_gib=90, instruct=False,
-                parameters_b=41.3, layers=60, kv_heads=8, gpu_gb=80),
+                parameters_b=41.3, layers=60, hidden_size=8192, kv_heads=8, gpu_gb=80),
         Variant("falcon-40b-instruct", "tiiuae/falcon-40b-instruct", "ecb78d97ac356d098e79f0db222c9ce7c5d9ee5f",
                 "bfloat16", FALCON_CONTEXT_LENGTH, gpus=2, gpu_memory_gib=90, instruct=True,
-                parameters_b=41.3, layers=60, kv_heads=8, gpu_gb=80),
+                parameters_b=41.3, layers=60, hidden_size=8192, kv_heads=8, gpu_gb=80),
     )
 }
 
@@ -110,5 +139,5 @@ def memory_shortfall(variant: Variant, gpu_gib: list[float], load_in_8bit: bool 
     dtype = "8-bit" if load_in_8bit else variant.dtype
     return (f"{variant.name} needs about {needed:.0f} GiB of GPU memory in {dtype}; this machine has "
             f"{len(gpu_gib)} GPU(s) with {total:.0f} GiB in all. Ways that work: {variant.gpus} GPUs of 80 GB "
-            "(the layers are split across them), one GPU with more memory (e.g. 141 GB), or --load_in_8bit "
+            f"(every layer split over them: --tensor_parallel_size {variant.gpus}), one GPU with more memory (e.g. 141 GB), or --load_in_8bit "
             "(needs bitsandbytes; about half the memory).")

@@ -187,7 +187,61 @@ def test_every_flag_of_ours_has_help_and_shows_its_default() -> None:
 
 
 def test_model_name_help_says_what_it_selects_and_names_the_demo() -> None:
-    help_text = " ".join(build_parser().format_help().split())
-    model_name = help_text.split("--model_name MODEL_NAME ")[1].split("--predictor_host")[0]
+    model_name = build_parser()._option_string_actions["--model_name"].help
+    assert "--model_name MODEL_NAME" in build_parser().format_help()
     assert all(name in model_name for name in VARIANTS)
     assert "--model_dir" in model_name and DEMO_MODEL_NAME in model_name
+
+
+def test_workers_other_than_one_are_refused_not_ignored() -> None:
+    with pytest.raises(SystemExit, match="--workers 2: one process serves"):
+        parse_config(["--workers", "2"])
+    assert parse_config(["--workers", "1"]).model_name == DEMO_MODEL_NAME
+
+
+def test_kserve_transformer_flags_are_accepted_but_not_in_help() -> None:
+    from predictor.config import KSERVE_REFUSED_FLAGS, KSERVE_TRANSFORMER_FLAGS
+
+    help_text = build_parser().format_help()
+    for flag in KSERVE_TRANSFORMER_FLAGS + KSERVE_REFUSED_FLAGS:
+        assert f"{flag} " not in help_text and f"[{flag}" not in help_text, flag
+    parse_config(["--predictor_host", "elsewhere:8080", "--predictor_protocol", "v2"])
+
+
+def test_every_kserve_flag_in_help_is_in_a_group_of_its_own() -> None:
+    """KServe's flags are grouped (server, gRPC, logging) as docs/configuration.md shows them; a flag a new KServe
+    version adds lands in argparse's "options" list and fails here until it is placed."""
+    parser = build_parser()
+    options = [action.option_strings for action in parser._optionals._group_actions
+               if action.help != argparse.SUPPRESS]
+    assert options == [["-h", "--help"]]
+
+
+def test_grpc_is_off_by_default_and_its_model_infer_says_where_text_is(start_server, tiny_dir) -> None:
+    """With --enable_grpc true, port --grpc_port serves KServe's v2 gRPC health and metadata; ModelInfer carries
+    tensors, so it is refused with INVALID_ARGUMENT naming the HTTP route, not an internal error."""
+    import asyncio
+
+    import grpc
+    import numpy as np
+    from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+    from conftest import free_port
+
+    assert parse_config([]).enable_grpc is False and parse_config([]).grpc_port == 8081
+    grpc_port = free_port()
+    server = start_server(tiny_dir, "--enable_grpc", "true", "--grpc_port", str(grpc_port))
+
+    async def call() -> tuple[bool, grpc.aio.AioRpcError]:
+        client = InferenceGRPCClient(f"127.0.0.1:{grpc_port}")
+        ready = await client.is_model_ready(server.model_name)
+        prompt = InferInput("text_input", [1], "BYTES")
+        prompt.set_data_from_numpy(np.array([b"Hello"], dtype=object))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.infer(InferRequest(model_name=server.model_name, infer_inputs=[prompt]))
+        return ready, refused.value
+
+    ready, refused = asyncio.run(call())
+    assert ready
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "/v2/models/<name>/infer" in refused.details()

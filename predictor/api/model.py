@@ -180,6 +180,10 @@ class FalconModel(kserve.Model):
 
     # -- request handling ------------------------------------------------------------------------------------
     async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> GenerationJob:
+        if isinstance(payload, kserve.InferRequest):  # KServe's gRPC ModelInfer (--enable_grpc): tensors, no text
+            raise kserve.errors.InvalidInput(
+                "gRPC ModelInfer does not generate text on this server: POST /v2/models/<name>/infer over HTTP "
+                "takes the prompts as a BYTES tensor, or use /chat or the OpenAI routes")
         if isinstance(payload, (bytes, str)):  # KServe passes bodies not labelled as JSON through undecoded
             payload = decode_json_body(payload.encode() if isinstance(payload, str) else payload)
         return await self.prepare(parse_chat_request(payload))
