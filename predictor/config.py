@@ -28,6 +28,14 @@ KSERVE_GROUPS: dict[str, tuple[str, ...]] = {
     "KServe's logging": ("--configure_logging", "--log_config_file", "--access_log_format",
                          "--enable_latency_logging"),
 }
+# KServe's help where it says too little about what the flag does in this server
+KSERVE_HELP = {
+    "--grpc_port": "the port of the gRPC service, with --enable_grpc true",
+    "--max_asyncio_workers": "threads of the event loop's default executor, where prompts are tokenized and "
+                             "adapters read; default: min(32, CPUs + 4)",
+    "--enable_latency_logging": "KServe's timing line per request (preprocess/predict/postprocess); logged only "
+                                "with --log_requests",
+}
 KSERVE_TRANSFORMER_FLAGS = ("--predictor_host", "--protocol", "--predictor_protocol", "--predictor_use_ssl",
                             "--predictor_request_timeout_seconds", "--predictor_request_retries",
                             "--enable_predictor_health_check")
@@ -123,6 +131,8 @@ def group_kserve_arguments(parser: argparse.ArgumentParser) -> None:
         groups.append(parser._action_groups.pop())
     after = parser._action_groups.index(options) + 1
     parser._action_groups[after:after] = groups
+    for flag, help_text in KSERVE_HELP.items():
+        parser._option_string_actions[flag].help = help_text
     for flag in KSERVE_TRANSFORMER_FLAGS + KSERVE_REFUSED_FLAGS:
         parser._option_string_actions[flag].help = argparse.SUPPRESS
 

@@ -1,8 +1,8 @@
 """Prometheus metrics, served by KServe's ``GET /metrics`` from the default registry.
 
 Names follow vLLM's where a cluster's tooling reads them (the Gateway API Inference Extension's model server
-protocol: the names may differ, the types and meanings may not). The README's "Metrics" table maps each one to
-its vLLM counterpart. The request-level ones are recorded by the engine's ``Ticket``, which every route's request
+protocol: the names may differ, the types and meanings may not). The "Metrics" table of docs/operations.md maps
+each one to its vLLM counterpart. The request-level ones are recorded by the engine's ``Ticket``, which every route's request
 passes through, streamed or not.
 """
 

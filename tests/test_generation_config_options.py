@@ -1,4 +1,4 @@
-"""The /chat generate_kwargs added from transformers' GenerationConfig (the README's table), and ``messages``.
+"""The /chat generate_kwargs added from transformers' GenerationConfig (docs/api.md's table), and ``messages``.
 
 As in ``test_chat_options``: greedy options must equal transformers' own ``generate`` on the same tiny checkpoint,
 token for token, and must change the output. Sampling warpers are checked through the log-probabilities the server

@@ -54,8 +54,8 @@ def pooled() -> list[Doc]:
     return kustomize(MANIFESTS / "inference-pool")
 
 
-def test_the_declared_metrics_are_the_ones_the_readme_table_lists(families: dict[str, str]) -> None:
-    readme = (MANIFESTS.parent / "README.md").read_text()
+def test_the_declared_metrics_are_the_ones_the_operations_table_lists(families: dict[str, str]) -> None:
+    readme = (MANIFESTS.parent / "docs" / "operations.md").read_text()
     falcon = {name for name in series_names(families) if name.startswith("falcon_")
               and not name.endswith(("_bucket", "_sum", "_count", "_created"))}
     assert sorted(name for name in falcon if f"`{name}`" not in readme) == []

@@ -113,17 +113,17 @@ def test_bodies_that_are_not_strict_json_are_client_errors(raw):
         decode_json_body(raw)
 
 
-def test_every_generation_config_option_is_decided_and_in_the_readme():
+def test_every_generation_config_option_is_decided_and_in_the_api_reference():
     """Each option of transformers' GenerationConfig is accepted, refused with a reason, or never accepted (it
-    loads code or objects), and the README's table names it."""
+    loads code or objects), and the API reference's table names it."""
     from pathlib import Path
 
     from transformers import GenerationConfig
 
     from predictor.api.chat.schema import REFUSED_OPTIONS
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    table = readme[readme.index("### transformers' generation options"):]
+    reference = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
+    table = reference[reference.index("### transformers' generation options"):]
     for option in GenerationConfig().to_dict():
         decided = option in GenerateKwargs.model_fields or option in REFUSED_OPTIONS or option in CODE_LOADING_OPTIONS
         assert decided, option

@@ -21,7 +21,7 @@ CODE_LOADING_OPTIONS = frozenset({
     "cache_config", "past_key_values", "cache", "compile_config", "prompt_lookup_num_tokens", "assistant_early_exit",
 })
 
-# GenerationConfig options that are safe but refused, and why (the README's table lists every option).
+# GenerationConfig options that are safe but refused, and why (docs/api.md's table lists every option).
 REFUSED_OPTIONS = {
     "max_time": "the server's --request_timeout bounds each request's time",
     "output_logits": "raw logits for every vocabulary entry are not returned; output_scores gives log-probabilities",
