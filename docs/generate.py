@@ -153,8 +153,8 @@ def configuration_md() -> str:
         "manifests pass: `base/` is the ServingRuntime and InferenceServices that `kubectl apply -k "
         "inferenceservices/` deploys (the `autoscale/`, `inference-pool/`, `modelcar/` and `pvc/` overlays keep "
         "them; `adapters/` adds `--lora_modules`), `llm-inference-service/` the preset and LLMInferenceServices. "
-        "An empty cell: the default applies. Flags of this server that switch something on or off take "
-        "`--flag` / `--no-flag`; KServe's take a value (`--enable_grpc false`).",
+        "An empty cell: the default applies. This server's switches come in pairs (`--compile` / "
+        "`--no-compile`); KServe's take a value (`--enable_grpc false`).",
         "",
         "Where the manifests depart from the defaults, and why: `--device=cuda` (a GPU node without a GPU must "
         "fail, not load 80 GB on the CPU), `--request_timeout=600` (a 2,048-token generation on falcon-40b needs "
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     stale = [path for path, text in generated().items() if not path.exists() or path.read_text() != text]
     if check:
         for path in stale:
-            print(f"{path.relative_to(ROOT)} is stale: run python docs/generate.py", file=sys.stderr)
+            print(f"{path} is stale: run python docs/generate.py", file=sys.stderr)
         return 1 if stale else 0
     for path, text in generated().items():
         path.write_text(text)

@@ -70,10 +70,14 @@ class Variant:
 
     @property
     def kv_rows(self) -> int:
-        """Full-context sequences the default KV cache budget holds on ``gpus`` GPUs of ``gpu_gb`` (an estimate:
-        the server measures the free memory at start-up and logs its own figure): on each GPU, 90% of what its
-        share of the bf16 weights and its overhead leave, holding its share of every row."""
-        free = self.gpu_gb * 1e9 - GPU_OVERHEAD_GIB * 2**30 - self.weights_per_gpu_gb * 1e9
+        """Full-context sequences the default KV cache budget holds on the GPUs the manifests deploy it on."""
+        return self.rows_on(self.gpu_gb)
+
+    def rows_on(self, gpu_gb: float) -> int:
+        """Full-context sequences the default KV cache budget holds on ``gpus`` GPUs of ``gpu_gb`` GB each (an
+        estimate: the server measures the free memory at start-up and logs its own figure): on each GPU, 90% of
+        what its share of the bf16 weights and its overhead leave, holding its share of every row."""
+        free = gpu_gb * 1e9 - GPU_OVERHEAD_GIB * 2**30 - self.weights_per_gpu_gb * 1e9
         return int(KV_CACHE_SHARE * free) // (self.context_length * self.kv_bytes_per_token_per_gpu)
 
     @property
@@ -139,5 +143,5 @@ def memory_shortfall(variant: Variant, gpu_gib: list[float], load_in_8bit: bool 
     dtype = "8-bit" if load_in_8bit else variant.dtype
     return (f"{variant.name} needs about {needed:.0f} GiB of GPU memory in {dtype}; this machine has "
             f"{len(gpu_gib)} GPU(s) with {total:.0f} GiB in all. Ways that work: {variant.gpus} GPUs of 80 GB "
-            f"(every layer split over them: --tensor_parallel_size {variant.gpus}), one GPU with more memory (e.g. 141 GB), or --load_in_8bit "
-            "(needs bitsandbytes; about half the memory).")
+            f"(every layer split over them: --tensor_parallel_size {variant.gpus}), one GPU with more memory "
+            "(e.g. 141 GB), or --load_in_8bit (needs bitsandbytes; about half the memory).")

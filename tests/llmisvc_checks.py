@@ -16,10 +16,10 @@ from typing import Any
 
 from manifest_checks import (
     MODEL_DIR,
+    EAGER_OVER_FLOOR,
     Doc,
     memory_problems,
     parse_args,
-    DECODE_S_PER_TOKEN,
     pre_stop_seconds,
     probe_problems,
     schema_problems,
@@ -181,7 +181,7 @@ def drain_problems(template: Doc, container: Doc, config: ServerConfig) -> list[
     """A long generation finishes (KServe's route sets no request timeout, so --request_timeout is the bound), and
     SIGTERM's drain fits the grace period after the preStop sleep."""
     variant = VARIANTS[config.model_name]
-    longest = 2 * variant.context_length * DECODE_S_PER_TOKEN[variant.gpus]
+    longest = 2 * variant.context_length * EAGER_OVER_FLOOR * variant.decode_floor_ms / 1e3
     needed = pre_stop_seconds(container) + config.drain_timeout_s + SHUTDOWN_AFTER_DRAIN_S
     problems = []
     if config.request_timeout_s < longest:

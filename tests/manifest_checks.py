@@ -30,9 +30,10 @@ GIB = 2**30
 KUBERNETES_VERSION = "1.32"
 # A startup probe must allow a falcon-40b load from disk (10+ minutes on ordinary volumes) twice over.
 LOAD_BUDGET_S = 20 * 60
-# Eager transformers decode, seconds per token at batch 1: ~3.6x the memory-bandwidth floor (4.6 ms for 7B on one
-# GPU; 27.5 ms for 40B, whose two GPUs run one after the other). --request_timeout must fit two 2048-token answers.
-DECODE_S_PER_TOKEN = {1: 0.017, 2: 0.1}
+# Eager decode at batch 1 costs ~3.6x the memory-bandwidth floor, a read of each GPU's weights per token
+# (Variant.decode_floor_ms: 4.6 ms for 7B, 13.9 ms for 40B split over two GPUs). --request_timeout must fit two
+# 2048-token answers.
+EAGER_OVER_FLOOR = 3.6
 # Answer while the server runs, not tied to loading or draining (/livez fails only for an engine broken for minutes)
 LIVENESS_ROUTES = {"/", "/v2/health/live", "/livez"}
 
@@ -297,7 +298,7 @@ def probe_problems(container: Doc, config: ServerConfig) -> list[str]:
 def timing_problems(pod: Doc, config: ServerConfig) -> list[str]:
     """The nesting that lets a long generation finish: generation < gateway, preStop + drain + exit < grace period."""
     variant = VARIANTS[config.model_name]
-    longest = 2 * variant.context_length * DECODE_S_PER_TOKEN[variant.gpus]
+    longest = 2 * variant.context_length * EAGER_OVER_FLOOR * variant.decode_floor_ms / 1e3
     sleep = pre_stop_seconds(kserve_container(pod))
     problems = []
     if config.request_timeout_s < longest:

@@ -189,7 +189,7 @@ DRIFTS: dict[str, tuple[str, str, Callable[[list[Doc]], None]]] = {
         storageUri="hf://tiiuae/falcon-7b")),
     "model name": ("falcon-7b", "not one of", lambda d: _model("falcon-7b")(d).update(
         args=["--model_name=falcon-180b"])),
-    "stale batch": ("falcon-40b", "--max_batch_size 16 but 2 x 80 GB hold 261", lambda d: _model("falcon-40b")(d)
+    "stale batch": ("falcon-40b", "--max_batch_size 16 but 2 x 80 GB hold 257", lambda d: _model("falcon-40b")(d)
                     ["args"].__setitem__(-1, "--max_batch_size=16")),
     "40B on one rank": ("falcon-40b", "--tensor_parallel_size 1 but falcon-40b runs on 2 GPU(s)", lambda d: _model(
         "falcon-40b")(d)["args"].remove("--tensor_parallel_size=2")),

@@ -46,20 +46,6 @@ def test_notebook_is_committed_stripped(path: Path) -> None:
             assert cell.execution_count is None, f"cell {number} of {path.name} has an execution count; {STRIP_HINT}"
 
 
-# What details.finish_reasons holds (engine/scheduling/batcher.py); "cancelled" never reaches a client, who has left.
-FINISH_REASONS = {"stop", "length", "time_limit"}
-
-
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=notebook_id)
-def test_the_finish_reasons_a_notebook_names_are_the_servers(path: Path) -> None:
-    """It once promised "eos", which the server never answers (it says "stop")."""
-    notebook = nbformat.read(path, as_version=4)
-    for cell in notebook.cells:
-        if cell.cell_type == "markdown" and ("finish_reasons" in cell.source or "stopped" in cell.source):
-            named = set(re.findall(r'`"(\w+)"`', cell.source))
-            assert named <= FINISH_REASONS, f"{path.name} names {sorted(named - FINISH_REASONS)}: {cell.source}"
-
-
 @pytest.fixture(scope="module")
 def notebook_server(start_server, tiny_dir):
     return start_server(tiny_dir, "--api_key", API_KEY, model_name="falcon-tiny-notebooks")

@@ -24,6 +24,9 @@ from ..options import GenerationJob
 from ..sampling.sampler import TokenLogprob
 
 WATCHDOG_GRACE_S = 5.0  # past its budget, how long a running request's worker has to end it before the watchdog
+# Why a sequence ended, as every route reports it: its end-of-text token, its token budget, --request_timeout, the
+# drain's end; "cancelled" (the client went away) reaches no client. The documentation may name only these.
+FINISH_REASONS = ("stop", "length", "time_limit", "shutdown", "cancelled")
 
 
 @dataclass(frozen=True)
