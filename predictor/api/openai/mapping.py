@@ -12,8 +12,11 @@ helpers), so an error names the OpenAI parameter and a new parameter touches thi
   ``logit_bias`` adds its bias to a token's logit (transformers' ``sequence_bias`` of one token).
 - vLLM's extensions: ``min_tokens`` holds eos and ``stop_token_ids`` back that long; ``stop_token_ids`` end a choice
   as eos does; ``ignore_eos`` goes on past eos; ``top_k``, ``min_p`` and ``repetition_penalty``.
-- ``stop`` (at most 4 strings) cuts the text before the first one; the engine also stops the choice there. Chat also
-  stops at ``"\\nUser:"`` (``chat_format.CHAT_STOP``), so the model does not write the user's next turn.
+- ``stop`` (up to 64 strings: OpenAI allows 4, vLLM any number) cuts the text before the first one, or after it
+  with vLLM's ``include_stop_str_in_output``; the engine also stops the choice there. Chat also stops at
+  ``"\\nUser:"`` (``chat_format.CHAT_STOP``), so the model does not write the user's next turn (never kept).
+- vLLM's ``skip_special_tokens: false`` writes special tokens (eos) into the text; ``add_special_tokens`` encodes
+  the prompt with the tokenizer's special tokens (Falcon's adds none, so the default is false for both APIs).
 - ``response_format`` ``json_object`` or ``json_schema`` is compiled by llguidance into a grammar that masks every
   token that would leave it; a schema it cannot compile is a 400 saying why.
 - A completions request's prompts (a string, strings, token ids, lists of token ids) are a job each, run side by
@@ -63,8 +66,10 @@ def to_generation_job(request: GenerationFields, prompt: str, prompt_ids: list[i
         prompt_logprobs=top_logprobs if logprobs and request.echo_prompt else None,
         grammar=grammar(request.response_format),
     )
+    kept = tuple(request.stops()) if request.include_stop_str_in_output else ()
     return GenerationJob(prompt_ids=tuple(prompt_ids), options=options, prompt=prompt,
-                         return_full_text=request.echo_prompt, stop_texts=tuple(stops))
+                         return_full_text=request.echo_prompt, stop_texts=tuple(stops), kept_stop_texts=kept,
+                         skip_special_tokens=request.skip_special_tokens)
 
 
 def check_sequences(prompts: int, n: int, limits: Limits) -> None:

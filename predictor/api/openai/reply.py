@@ -173,7 +173,16 @@ class Reply:
         return self.api.first_chunks({p * self.n + i: self.prompts[p].prefix
                                       for p in prompt_indexes for i in range(self.n)}, logprobs)
 
-    async def chunks(self, deltas: AsyncIterator[TextDelta], include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+    async def chunks(self, deltas: AsyncIterator[TextDelta], include_usage: bool,
+                     continuous_usage: bool = False) -> AsyncIterator[dict[str, Any]]:
+        """The stream's chunks, then (``include_usage``) one with no choices and the usage; ``continuous_usage``
+        (vLLM's ``continuous_usage_stats``) puts the usage so far on every chunk too."""
+        async for chunk in self._chunks(deltas):
+            yield {**chunk, "usage": self.usage()} if continuous_usage else chunk
+        if include_usage:
+            yield {**self.chunk([]), "usage": self.usage()}
+
+    async def _chunks(self, deltas: AsyncIterator[TextDelta]) -> AsyncIterator[dict[str, Any]]:
         # An echoed prompt with log-probabilities waits for its first token: the engine scores the prompt first.
         waiting = {p for p, prompt in enumerate(self.prompts) if prompt.echoed is not None}
         if first := self._first_chunks([p for p in range(len(self.prompts)) if p not in waiting]):
@@ -187,8 +196,6 @@ class Reply:
                 if delta.text or delta.finish_reason is not None or logged is not None:
                     logprobs = self._logprobs([logged]) if logged is not None else None
                     yield self.chunk([self.api.chunk_choice(delta.index, delta.text, finish_reason, logprobs)])
-        if include_usage:
-            yield {**self.chunk([]), "usage": self.usage()}
 
 
 def echoed_tokens(prompt_ids: tuple[int, ...], logprobs: tuple[TokenLogprob | None, ...] | None,

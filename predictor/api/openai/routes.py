@@ -24,6 +24,7 @@ stream has begun, an error is sent as a ``data: {"error": ...}`` event before ``
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -103,11 +104,12 @@ def _install_under(app: FastAPI, model: FalconModel, base: str, started: int) ->
             "is all there is)", param="response_id"))
 
     def card(name: str) -> dict[str, Any]:
-        """A model's card; an adapter's names its base model as ``parent`` (vLLM's cards)."""
-        card = {"id": name, "object": "model", "created": started, "owned_by": "kserve"}
-        if not model.is_base(name):
-            card |= {"root": name, "parent": model.name}
-        return card
+        """A model's card, as vLLM's: ``root`` the model it is served from (an adapter's own name, its base model as
+        ``parent``), ``max_model_len`` the context a prompt and its answer share (what benchmark clients read)."""
+        base = model.is_base(name)
+        return {"id": name, "object": "model", "created": started, "owned_by": "kserve",
+                "root": model.name if base else name, "parent": None if base else model.name,
+                "max_model_len": model.limits.context_length}
 
     @router.get("/models", summary="The served model and its adapters, in OpenAI's shape and KServe's at once")
     async def list_models() -> dict[str, Any]:
@@ -168,7 +170,8 @@ async def create(request: Request, model: FalconModel, api: CompletionsApi,
     deltas = merge_streams([stream_text(model, job, ticket) for job, ticket in zip(jobs, tickets, strict=True)],
                            body.n)
     if body.stream:
-        return sse_response(reply.chunks(deltas, body.include_usage), api.route, openai_error_body)
+        return sse_response(reply.chunks(deltas, body.include_usage, body.continuous_usage), api.route,
+                            openai_error_body)
     try:
         finished, answer = await unless_disconnected(request, reply.collect(deltas))
     except PredictorError as exc:
@@ -181,11 +184,13 @@ async def _prompts(body: GenerationFields, engine: Engine) -> tuple[list[tuple[s
     """Each prompt's text and token ids (a chat's one rendered conversation), and the texts the answer stops
     before."""
     if isinstance(body, ChatCompletionRequest):
-        messages = [{"role": message.role, "content": message.text()} for message in body.messages]
+        messages = [message.to_turn() for message in body.messages]
         prompt = render_chat(engine.tokenizer, messages)
-        return [(prompt, await asyncio.to_thread(engine.encode, prompt))], [*body.stops(), CHAT_STOP]
+        return ([(prompt, await asyncio.to_thread(engine.encode, prompt, body.add_special_tokens))],
+                [*body.stops(), CHAT_STOP])
     assert isinstance(body, CompletionRequest)
-    prompts = await prompt_texts_and_ids(body.prompts(), engine.encode, engine.decode, engine.info)
+    encode = functools.partial(engine.encode, add_special_tokens=body.add_special_tokens)
+    prompts = await prompt_texts_and_ids(body.prompts(), encode, engine.decode, engine.info)
     return prompts, body.stops()
 
 
@@ -252,5 +257,6 @@ def openai_error_body(exc: PredictorError) -> dict[str, Any]:
         logger.error("%s: %s", exc.error_type, exc.message)
     kind = {401: "authentication_error", 429: "rate_limit_error"}.get(
         exc.status, "invalid_request_error" if exc.status < 500 else "server_error")
-    return {"error": {"message": exc.message, "type": kind, "param": exc.param, "code": exc.error_type},
+    return {"object": "error", "error": {"message": exc.message, "type": kind, "param": exc.param,
+                                         "code": exc.error_type},
             "request_id": current_request_id()}

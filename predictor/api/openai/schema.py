@@ -12,11 +12,13 @@ import os
 from abc import abstractmethod
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ...errors import InvalidRequest, UnknownParameter
 
-MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+# OpenAI allows 4; vLLM sets no limit, and lm-eval sends each task's whole ``until`` list. The bound keeps the stop
+# matching that runs on every streamed piece cheap.
+MAX_STOP_SEQUENCES = 64
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, 100 all but forces it
 # Options the engine cannot honour, with the values that ask for nothing (clients often send those explicitly).
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {"best_of": (1,), "suffix": ("",), "use_beam_search": (False,)}
@@ -34,13 +36,25 @@ REFUSED = {
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-class StreamOptions(BaseModel):
+class WireModel(BaseModel):
+    """A strict wire object in which ``null`` means the field's default, at every level, as OpenAI's clients send
+    it (``"logprobs": null``, ``"name": null`` in a message). Free-form values (a JSON schema) keep their nulls."""
+
     model_config = _STRICT
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        return {key: value for key, value in data.items() if value is not None} if isinstance(data, dict) else data
+
+
+class StreamOptions(WireModel):
     include_usage: bool = False  # a last chunk, with no choices, carries the usage
+    continuous_usage_stats: bool = Field(False, description="vLLM's extension: with include_usage, every chunk "
+                                                            "carries the usage so far")
 
 
-class JsonSchemaFormat(BaseModel):
+class JsonSchemaFormat(WireModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
 
     name: str = Field(max_length=64)
@@ -49,19 +63,15 @@ class JsonSchemaFormat(BaseModel):
     strict: bool | None = None  # the schema is always enforced exactly
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(WireModel):
     """``{"type": "text"}``, ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``."""
-
-    model_config = _STRICT
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
 
-class GenerationFields(BaseModel):
+class GenerationFields(WireModel):
     """The fields completions and chat completions share."""
-
-    model_config = _STRICT
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -78,6 +88,12 @@ class GenerationFields(BaseModel):
     ignore_eos: bool = Field(False, description="vLLM's extension: go on past eos")
     return_tokens_as_token_ids: bool = Field(False, description="vLLM's extension: logprobs name tokens "
                                                                 '"token_id:<id>" rather than by their text')
+    include_stop_str_in_output: bool = Field(False, description="vLLM's extension: the stop string that ended a "
+                                                                "choice stays at the end of its text")
+    skip_special_tokens: bool = Field(True, description="vLLM's extension: false writes special tokens (eos) "
+                                                        "into the text")
+    add_special_tokens: bool = Field(False, description="vLLM's extension: the tokenizer's special tokens (a "
+                                                        "BOS) around the prompt; Falcon's tokenizer adds none")
     n: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
@@ -114,6 +130,10 @@ class GenerationFields(BaseModel):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
     @property
     def echo_prompt(self) -> bool:
@@ -158,21 +178,22 @@ class CompletionRequest(GenerationFields):
         return [("prompt" if single else f"prompt[{i}]", one) for i, one in enumerate(prompts)]
 
 
-class TextPart(BaseModel):
-    model_config = _STRICT
-
+class TextPart(WireModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = _STRICT
-
-    role: Literal["system", "user", "assistant"]
+class ChatMessage(WireModel):
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
     content: str | list[TextPart]
+    name: str | None = None  # a participant's name: accepted, not rendered (Falcon's format has no names)
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
+
+    def to_turn(self) -> dict[str, str]:
+        """The message as a turn of the conversation format."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
 
 
 class ChatCompletionRequest(GenerationFields):
@@ -234,10 +255,8 @@ def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
     return any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in neutral)
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(WireModel):
     """vLLM's ``POST /tokenize``: a ``prompt``, or chat ``messages`` rendered in the conversation format."""
-
-    model_config = _STRICT
 
     model: str | None = None
     prompt: str | None = None
@@ -247,10 +266,8 @@ class TokenizeRequest(BaseModel):
     return_token_strs: bool = False
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(WireModel):
     """vLLM's ``POST /detokenize``."""
-
-    model_config = _STRICT
 
     model: str | None = None
     tokens: list[int]

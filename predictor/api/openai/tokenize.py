@@ -48,7 +48,7 @@ async def _tokenize(model: FalconModel, body: TokenizeRequest) -> dict[str, Any]
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequest("send prompt or messages (exactly one of them)", param="prompt")
     if body.messages is not None:
-        messages = [{"role": message.role, "content": message.text()} for message in body.messages]
+        messages = [message.to_turn() for message in body.messages]
         text = render_chat(engine.tokenizer, messages, body.add_generation_prompt)
     else:
         text = body.prompt
