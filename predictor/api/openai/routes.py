@@ -166,7 +166,8 @@ async def create(request: Request, model: FalconModel, api: CompletionsApi,
         return _failed(api, exc)
     token_text = _token_id_text if body.return_tokens_as_token_ids else lambda token_id: engine.decode([token_id])
     reply_prompts = [_reply_prompt(job, ticket, engine) for job, ticket in zip(jobs, tickets, strict=True)]
-    reply = Reply(api, adapter or model.name, reply_prompts, body.n, token_text, jobs[0].options.logprobs)
+    reply = Reply(api, adapter or model.name, reply_prompts, body.n, token_text, jobs[0].options.logprobs,
+                  tools=bool(body.tool_mode()[0]))
     deltas = merge_streams([stream_text(model, job, ticket) for job, ticket in zip(jobs, tickets, strict=True)],
                            body.n)
     if body.stream:
@@ -184,8 +185,7 @@ async def _prompts(body: GenerationFields, engine: Engine) -> tuple[list[tuple[s
     """Each prompt's text and token ids (a chat's one rendered conversation), and the texts the answer stops
     before."""
     if isinstance(body, ChatCompletionRequest):
-        messages = [message.to_turn() for message in body.messages]
-        prompt = render_chat(engine.tokenizer, messages)
+        prompt = render_chat(engine.tokenizer, body.turns())
         return ([(prompt, await asyncio.to_thread(engine.encode, prompt, body.add_special_tokens))],
                 [*body.stops(), CHAT_STOP])
     assert isinstance(body, CompletionRequest)

@@ -2,8 +2,9 @@
 
 Pydantic lives here for the OpenAI routes as ``chat.schema`` holds it for /chat. ``parse_openai_request`` turns a
 decoded JSON body into a request or raises an ``InvalidRequest`` naming the field at fault as OpenAI does
-(``messages[0].content``); a field this server refuses (``REFUSED``: tools, ``best_of``...) is named with the
-reason. vLLM's ``/tokenize`` and ``/detokenize`` bodies are here too.
+(``messages[0].content``); a field this server refuses (``REFUSED``: ``best_of``, ``audio``...) is named with the
+reason. Tools and tool messages are described in ``tools``. vLLM's ``/tokenize`` and ``/detokenize`` bodies are
+here too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any, ClassVar, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ...errors import InvalidRequest, UnknownParameter
+from .tools import Tool, ToolCall, ToolChoice, callable_tools, calls_text, describe_tools
+from .wire import STRICT, WireModel
 
 # OpenAI allows 4; vLLM sets no limit, and lm-eval sends each task's whole ``until`` list. The bound keeps the stop
 # matching that runs on every streamed piece cheap.
@@ -27,25 +30,13 @@ REFUSED = {
     "best_of": "best_of (several completions ranked server-side) is not supported: ask for n and choose",
     "suffix": "suffix (insertion) is not supported by Falcon",
     "use_beam_search": "beam search is not offered on the OpenAI routes: use POST /chat with num_beams",
-    "tools": "tool calling is not supported", "tool_choice": "tool calling is not supported",
-    "parallel_tool_calls": "tool calling is not supported", "functions": "function calling is not supported",
-    "function_call": "function calling is not supported", "audio": "audio output is not supported",
+    "functions": "functions (OpenAI's deprecated function calling) are not supported: send tools",
+    "function_call": "function_call (OpenAI's deprecated function calling) is not supported: send tool_choice",
+    "audio": "audio output is not supported",
     "modalities": "only text output is supported", "prediction": "predicted outputs are not supported",
     "reasoning_effort": "Falcon is not a reasoning model", "web_search_options": "web search is not supported",
 }
-_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-
-class WireModel(BaseModel):
-    """A strict wire object in which ``null`` means the field's default, at every level, as OpenAI's clients send
-    it (``"logprobs": null``, ``"name": null`` in a message). Free-form values (a JSON schema) keep their nulls."""
-
-    model_config = _STRICT
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_default(cls, data: Any) -> Any:
-        return {key: value for key, value in data.items() if value is not None} if isinstance(data, dict) else data
+_STRICT = STRICT
 
 
 class StreamOptions(WireModel):
@@ -139,6 +130,10 @@ class GenerationFields(WireModel):
     def echo_prompt(self) -> bool:
         return False
 
+    def tool_mode(self) -> tuple[list[Tool], bool]:
+        """The tools the model may call, and whether it must call one (chat completions' ``tools``)."""
+        return [], False
+
     @abstractmethod
     def logprobs_asked(self) -> tuple[bool, int]:
         """Whether each token's log-probability is wanted, and how many top alternatives with it."""
@@ -184,16 +179,31 @@ class TextPart(WireModel):
 
 
 class ChatMessage(WireModel):
-    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # developer: OpenAI's newer name for system
+    content: str | list[TextPart] | None = None  # None only for an assistant's turn that called tools
     name: str | None = None  # a participant's name: accepted, not rendered (Falcon's format has no names)
+    tool_calls: list[ToolCall] = Field(default_factory=list)  # an assistant's calls, sent back
+    tool_call_id: str | None = None  # the call a tool's result answers: accepted, not rendered
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant's message with tool_calls may leave it out)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant's message has tool_calls")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
 
     def to_turn(self) -> dict[str, str]:
-        """The message as a turn of the conversation format."""
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        """The message as a turn of the conversation format (an assistant's calls as the list it wrote)."""
+        text = self.text()
+        if self.tool_calls:
+            text = f"{text}\n{calls_text(self.tool_calls)}" if text else calls_text(self.tool_calls)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
 class ChatCompletionRequest(GenerationFields):
@@ -203,6 +213,9 @@ class ChatCompletionRequest(GenerationFields):
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens; wins over it
     logprobs: bool = False
     top_logprobs: int = Field(0, ge=0, le=20)
+    tools: list[Tool] = Field(default_factory=list, max_length=128)
+    tool_choice: ToolChoice | None = None  # None: "auto" with tools, "none" without
+    parallel_tool_calls: bool = True  # false: at most one call per answer
 
     def logprobs_asked(self) -> tuple[bool, int]:
         if self.top_logprobs and not self.logprobs:
@@ -212,6 +225,21 @@ class ChatCompletionRequest(GenerationFields):
     @property
     def asked_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def tool_mode(self) -> tuple[list[Tool], bool]:
+        return callable_tools(self.tools, self.tool_choice)
+
+    def turns(self) -> list[dict[str, str]]:
+        """The conversation's turns, the callable tools described in the system turn (one is added if needed)."""
+        turns = [message.to_turn() for message in self.messages]
+        tools, _ = self.tool_mode()
+        if tools:
+            described = describe_tools(tools)
+            if turns[0]["role"] == "system":
+                turns[0] = {"role": "system", "content": f"{turns[0]['content']}\n\n{described}"}
+            else:
+                turns.insert(0, {"role": "system", "content": described})
+        return turns
 
 
 R = TypeVar("R", bound=BaseModel)
