@@ -19,6 +19,7 @@ The bodies were copied from each client's request-building code:
 from __future__ import annotations
 
 import json
+import uuid
 
 import httpx
 import pytest
@@ -138,3 +139,40 @@ def test_model_cards_name_their_root_and_context(tiny_server) -> None:
     base = next(card for card in cards if card["id"] == tiny_server.model_name)
     assert base["root"] == tiny_server.model_name and base["parent"] is None
     assert base["max_model_len"] == 2048 and base["object"] == "model"
+
+
+def test_lm_evals_remote_tokenizer_reads_tokenizer_info(tiny_server, tiny_dir) -> None:
+    """lm-eval's RemoteTokenizer: GET /tokenizer_info for the special tokens and the chat template it renders
+    conversations with, POST /tokenize {"prompt", "add_special_tokens": false} to encode."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from transformers import AutoTokenizer
+
+    info = httpx.get(f"{tiny_server.url}/tokenizer_info", timeout=30).json()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    assert info["eos_token"] == tokenizer.eos_token == "<|endoftext|>" and info["model_max_length"] == 2048
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    rendered = ImmutableSandboxedEnvironment().from_string(info["chat_template"]).render(
+        messages=messages, add_generation_prompt=True)
+    served = httpx.post(f"{tiny_server.url}/tokenize", json={"messages": messages}, timeout=30).json()["tokens"]
+    assert tokenizer(rendered, add_special_tokens=False)["input_ids"] == served  # the server's own conversation
+    encoded = httpx.post(f"{tiny_server.url}/tokenize", json={"prompt": "test", "add_special_tokens": False},
+                         timeout=30).json()
+    assert encoded["tokens"] == tokenizer("test", add_special_tokens=False)["input_ids"]
+
+
+def test_cached_tokens_report_the_prefix_cache_in_both_apis(tiny_server) -> None:
+    model = tiny_server.model_name
+    prefix = f"{uuid.uuid4().hex} " + "The same long system prompt, sent again and again. " * 8
+    chat = {"model": model, "max_tokens": 2, "messages": [{"role": "system", "content": prefix},
+                                                          {"role": "user", "content": "Hi"}]}
+    first = post(tiny_server, "chat/completions", chat).json()["usage"]
+    again = post(tiny_server, "chat/completions", chat).json()["usage"]
+    assert first["prompt_tokens_details"]["cached_tokens"] == 0
+    cached = again["prompt_tokens_details"]["cached_tokens"]
+    assert 32 <= cached < again["prompt_tokens"] and cached % 16 == 0  # whole blocks of the prefix index
+    streamed = events(post(tiny_server, "chat/completions", {**chat, "stream": True,
+                                                             "stream_options": {"include_usage": True}}))
+    assert streamed[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] == cached
+    response = post(tiny_server, "responses", {"model": model, "instructions": prefix, "input": "Hi",
+                                               "max_output_tokens": 2}).json()
+    assert response["usage"]["input_tokens_details"]["cached_tokens"] >= 32

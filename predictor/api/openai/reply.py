@@ -107,6 +107,7 @@ class ReplyPrompt:
     # for an echoed prompt with log-probabilities: its logged tokens, once the engine has them (the ticket's, set
     # before its first token event)
     echoed: Callable[[], list[LoggedToken]] | None = None
+    cached: Callable[[], int] = lambda: 0  # its tokens taken from the prefix cache, once the request has started
 
 
 @dataclass
@@ -166,11 +167,13 @@ class Reply:
     def head(self, object_name: str) -> dict[str, Any]:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model_name}
 
-    def usage(self) -> dict[str, int]:
-        """Each prompt counts once whatever ``n``; each choice's tokens up to where it ended (its stop included)."""
+    def usage(self) -> dict[str, Any]:
+        """Each prompt counts once whatever ``n``; each choice's tokens up to where it ended (its stop included);
+        ``cached_tokens``: the prompts' tokens the prefix cache held."""
         prompt = sum(prompt.tokens for prompt in self.prompts)
         completion = sum(choice.tokens for choice in self.choices)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(prompt.cached() for prompt in self.prompts)}}
 
     def _logprobs(self, tokens: list[LoggedToken]) -> Any:
         return self.api.logprobs(tokens, self.token_text) if self.wants_logprobs else None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from contextlib import aclosing
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from ...errors import PredictorError
 from ..streaming import TextDelta
@@ -27,10 +27,12 @@ INCOMPLETE = {"length": "max_output_tokens", "time_limit": "max_output_tokens", 
 class ResponseReply:
     """One response being put together: its ids, the answer's text so far, its token counts and how it ended."""
 
-    def __init__(self, request: ResponsesRequest, model_name: str, input_tokens: int) -> None:
+    def __init__(self, request: ResponsesRequest, model_name: str, input_tokens: int,
+                 cached_tokens: Callable[[], int] = lambda: 0) -> None:
         self.request = request
         self.model_name = model_name
         self.input_tokens = input_tokens
+        self.cached_tokens = cached_tokens  # the input's tokens the prefix cache held, once the request started
         self.id = f"resp_{uuid.uuid4().hex}"
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.created_at = int(time.time())
@@ -73,7 +75,7 @@ class ResponseReply:
         }
 
     def usage(self) -> dict[str, Any]:
-        return {"input_tokens": self.input_tokens, "input_tokens_details": {"cached_tokens": 0},
+        return {"input_tokens": self.input_tokens, "input_tokens_details": {"cached_tokens": self.cached_tokens()},
                 "output_tokens": self.output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": self.input_tokens + self.output_tokens}
 

@@ -201,7 +201,8 @@ def _reply_prompt(job: GenerationJob, ticket: Ticket, engine: Engine) -> ReplyPr
     if job.options.prompt_logprobs is not None:
         def echoed() -> list[LoggedToken]:
             return echoed_tokens(job.prompt_ids, ticket.prompt_logprobs, lambda token_id: engine.decode([token_id]))
-    return ReplyPrompt(len(job.prompt_ids), job.prompt if job.return_full_text else "", echoed)
+    return ReplyPrompt(len(job.prompt_ids), job.prompt if job.return_full_text else "", echoed,
+                       lambda: ticket.cached_tokens)
 
 
 async def respond(request: Request, model: FalconModel, route: str) -> Response:
@@ -224,7 +225,7 @@ async def respond(request: Request, model: FalconModel, route: str) -> Response:
     except PredictorError as exc:
         metrics.REQUESTS.labels(route, exc.outcome).inc()
         return openai_error_response(exc)
-    reply = ResponseReply(body, adapter or model.name, len(job.prompt_ids))
+    reply = ResponseReply(body, adapter or model.name, len(job.prompt_ids), lambda: ticket.cached_tokens)
     deltas = stream_text(model, job, ticket)
     if body.stream:
         return sse_response(reply.events(deltas), route, reply.error_event, typed=True)

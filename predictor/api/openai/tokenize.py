@@ -1,7 +1,10 @@
-"""``POST /tokenize`` and ``POST /detokenize`` in vLLM's shapes, with the served model's tokenizer.
+"""``POST /tokenize``, ``POST /detokenize`` and ``GET /tokenizer_info`` in vLLM's shapes, with the served model's
+tokenizer.
 
 Clients use them to count a prompt's tokens before sending it (``count`` against ``max_model_len``) or to build
-``logit_bias`` and ``stop_token_ids``. Errors have OpenAI's shape, as vLLM's do.
+``logit_bias`` and ``stop_token_ids``; lm-evaluation-harness's remote tokenizer reads ``/tokenizer_info`` (its
+special tokens, and the chat template it renders conversations with: the server's own) and encodes through
+``/tokenize``. Errors have OpenAI's shape, as vLLM's do.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from ...errors import InvalidRequest, ModelNotFound, PredictorError
-from ..chat_format import render_chat
+from ..chat_format import FALCON_CHAT_TEMPLATE, render_chat
 from ..generation import token_ids
 from ..json_body import decode_json_body
 from ..model import FalconModel
@@ -27,6 +30,14 @@ def install_tokenizer_routes(app: FastAPI, model: FalconModel) -> None:
         try:
             body = parse_openai_request(decode_json_body(await request.body()), TokenizeRequest)
             return JSONResponse(await _tokenize(model, body))
+        except PredictorError as exc:
+            return openai_error_response(exc)
+
+    @app.get("/tokenizer_info", tags=["openai"],
+             summary="The tokenizer's special tokens, sizes and the chat template, as vLLM's")
+    async def tokenizer_info() -> Response:
+        try:
+            return JSONResponse(describe_tokenizer(model))
         except PredictorError as exc:
             return openai_error_response(exc)
 
@@ -55,6 +66,16 @@ async def _tokenize(model: FalconModel, body: TokenizeRequest) -> dict[str, Any]
     ids = (await asyncio.to_thread(engine.tokenizer, text, add_special_tokens=body.add_special_tokens))["input_ids"]
     strs = engine.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
     return {"count": len(ids), "max_model_len": model.limits.context_length, "tokens": ids, "token_strs": strs}
+
+
+def describe_tokenizer(model: FalconModel) -> dict[str, Any]:
+    """What a remote tokenizer needs: the special tokens, the vocabulary and context sizes, and the chat template
+    the server renders conversations with (Falcon-instruct's, whatever the checkpoint carries)."""
+    tokenizer = model.require_ready().tokenizer
+    return {"tokenizer_class": type(tokenizer).__name__, "eos_token": tokenizer.eos_token,
+            "bos_token": tokenizer.bos_token, "pad_token": tokenizer.pad_token, "unk_token": tokenizer.unk_token,
+            "vocab_size": len(tokenizer), "model_max_length": model.limits.context_length,
+            "chat_template": FALCON_CHAT_TEMPLATE}
 
 
 def _check_model(model: FalconModel, name: str | None) -> None:
