@@ -46,6 +46,7 @@ from .model import FalconModel, unknown_model
 from .openai.lora_routes import install_lora_routes
 from .openai.routes import install_openai_routes, openai_error_response, openai_paths
 from .openai.tokenize import install_tokenizer_routes
+from .openapi import install_openapi
 from .tracing import RequestIdMiddleware, current_request_id
 from .v2.routes import install_open_inference_route
 
@@ -100,6 +101,7 @@ def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
     install_openai_routes(app, model)
     install_tokenizer_routes(app, model)
     install_lora_routes(app, model, config)
+    install_openapi(app)
 
 
 def health_state(model: FalconModel) -> str:

@@ -90,7 +90,7 @@ class TextConfig(BaseModel):
     format: TextFormat = TextFormat(type="text")
 
 
-class StreamOptions(BaseModel):
+class ResponsesStreamOptions(BaseModel):
     model_config = _STRICT
 
     include_obfuscation: bool = False  # padding against side channels over the network: none is added
@@ -110,7 +110,7 @@ class ResponsesRequest(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     text: TextConfig = TextConfig()
     stream: bool = False
-    stream_options: StreamOptions | None = None
+    stream_options: ResponsesStreamOptions | None = None
     parallel_tool_calls: bool | None = None  # without tools, either value asks for nothing
     metadata: dict[str, str] = Field(default_factory=dict, max_length=16)  # returned with the response
     user: str | None = None  # end-user ids for abuse monitoring and caching: accepted, not used

@@ -41,6 +41,7 @@ from ...errors import Draining, ModelNotFound, NotFound, NotReady, PredictorErro
 from ..chat_format import CHAT_STOP, render_chat
 from ..json_body import decode_json_body
 from ..model import FalconModel
+from ..openapi import errors, json_body
 from ..streaming import sse_response, stream_text, unless_disconnected
 from ..tracing import current_request_id
 from .mapping import check_sequences, to_generation_job
@@ -54,9 +55,10 @@ from .reply import (
     echoed_tokens,
 )
 from .response_reply import ResponseReply
-from .responses import ResponsesRequest, check_input_items
+from .responses import NEUTRAL, ResponsesRequest, check_input_items
 from .responses import to_generation_job as to_response_job
 from .schema import (
+    NEUTRAL_VALUES,
     ChatCompletionRequest,
     CompletionRequest,
     GenerationFields,
@@ -64,6 +66,7 @@ from .schema import (
 )
 
 logger = logging.getLogger(__name__)
+GENERATION_ERRORS = errors((400, 401, 404, 413, 429, 500, 503))
 
 
 def install_openai_routes(app: FastAPI, model: FalconModel, prefix: str | None = None) -> None:
@@ -85,15 +88,18 @@ def _install_under(app: FastAPI, model: FalconModel, base: str, started: int) ->
     router = APIRouter(prefix=base, tags=["openai"])
     completions, chat = CompletionsApi(f"{base}/completions"), ChatCompletionsApi(f"{base}/chat/completions")
 
-    @router.post("/completions", summary="OpenAI completions, from the same engine as /chat")
+    @router.post("/completions", summary="OpenAI completions, from the same engine as /chat",
+                 openapi_extra=json_body(CompletionRequest, NEUTRAL_VALUES), responses=GENERATION_ERRORS)
     async def create_completion(request: Request) -> Response:
         return await create(request, model, completions, CompletionRequest)
 
-    @router.post("/chat/completions", summary="OpenAI chat completions in Falcon-instruct's conversation format")
+    @router.post("/chat/completions", summary="OpenAI chat completions in Falcon-instruct's conversation format",
+                 openapi_extra=json_body(ChatCompletionRequest, NEUTRAL_VALUES), responses=GENERATION_ERRORS)
     async def create_chat_completion(request: Request) -> Response:
         return await create(request, model, chat, ChatCompletionRequest)
 
-    @router.post("/responses", summary="OpenAI's Responses API: a conversation's answer, whole or as typed events")
+    @router.post("/responses", summary="OpenAI's Responses API: a conversation's answer, whole or as typed events",
+                 openapi_extra=json_body(ResponsesRequest, NEUTRAL), responses=GENERATION_ERRORS)
     async def create_response(request: Request) -> Response:
         return await respond(request, model, f"{base}/responses")
 

@@ -20,12 +20,14 @@ from ..chat_format import FALCON_CHAT_TEMPLATE, render_chat
 from ..generation import token_ids
 from ..json_body import decode_json_body
 from ..model import FalconModel
+from ..openapi import errors, json_body
 from .routes import openai_error_response
 from .schema import DetokenizeRequest, TokenizeRequest, parse_openai_request
 
 
 def install_tokenizer_routes(app: FastAPI, model: FalconModel) -> None:
-    @app.post("/tokenize", tags=["openai"], summary="A prompt's (or a conversation's) token ids, as vLLM's")
+    @app.post("/tokenize", tags=["openai"], summary="A prompt's (or a conversation's) token ids, as vLLM's",
+              openapi_extra=json_body(TokenizeRequest), responses=errors((400, 401, 404, 413, 503)))
     async def tokenize(request: Request) -> Response:
         try:
             body = parse_openai_request(decode_json_body(await request.body()), TokenizeRequest)
@@ -41,7 +43,8 @@ def install_tokenizer_routes(app: FastAPI, model: FalconModel) -> None:
         except PredictorError as exc:
             return openai_error_response(exc)
 
-    @app.post("/detokenize", tags=["openai"], summary="The text of token ids, as vLLM's")
+    @app.post("/detokenize", tags=["openai"], summary="The text of token ids, as vLLM's",
+              openapi_extra=json_body(DetokenizeRequest), responses=errors((400, 401, 404, 413, 503)))
     async def detokenize(request: Request) -> Response:
         try:
             body = parse_openai_request(decode_json_body(await request.body()), DetokenizeRequest)
