@@ -176,3 +176,19 @@ def test_cached_tokens_report_the_prefix_cache_in_both_apis(tiny_server) -> None
     response = post(tiny_server, "responses", {"model": model, "instructions": prefix, "input": "Hi",
                                                "max_output_tokens": 2}).json()
     assert response["usage"]["input_tokens_details"]["cached_tokens"] >= 32
+
+
+def test_litellm_on_its_defaults(tiny_server, monkeypatch) -> None:
+    """LiteLLM's hosted_vllm provider (and its openai one) send plain bodies: answered, streamed, and with tools."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download of its price list
+    litellm = pytest.importorskip("litellm")
+    kwargs = dict(model=f"hosted_vllm/{tiny_server.model_name}", api_base=f"{tiny_server.url}/v1", api_key="-",
+                  messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert litellm.completion(**kwargs).usage.completion_tokens >= 1
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in litellm.completion(**kwargs, stream=True)
+                   if chunk.choices)
+    tool = {"type": "function", "function": {"name": "ok", "parameters": {
+        "type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}}}
+    called = litellm.completion(**{**kwargs, "max_tokens": 40}, tools=[tool], tool_choice="required",
+                                parallel_tool_calls=False)
+    assert called.choices[0].message.tool_calls[0].function.name == "ok"
