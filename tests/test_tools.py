@@ -155,3 +155,23 @@ def test_langchain_bind_tools_and_every_structured_output_method(tiny_server) ->
                                           temperature=0, max_tokens=60, max_retries=0, logit_bias={close: 50})
     schema = {"title": "Anything", "type": "object"}
     assert closing.with_structured_output(schema, method="json_mode").invoke("Answer in JSON") == {}
+
+
+def test_responses_api_calls_tools_and_reads_their_outputs(client, tiny_server) -> None:
+    model = tiny_server.model_name
+    tool = {"type": "function", **WEATHER["function"]}  # the Responses API's flat shape
+    called = client.responses.create(model=model, input="Weather in Paris?", tools=[tool], tool_choice="required",
+                                     parallel_tool_calls=False, temperature=0, max_output_tokens=60)
+    [item] = called.output
+    assert item.type == "function_call" and item.name == "get_weather" and item.call_id.startswith("call_")
+    assert json.loads(item.arguments)["city"] in ("Paris", "Oslo")
+    events = list(client.responses.create(model=model, input="Weather in Paris?", tools=[tool], stream=True,
+                                          tool_choice={"type": "function", "name": "get_weather"},
+                                          parallel_tool_calls=False, temperature=0, max_output_tokens=60))
+    done = [event for event in events if event.type == "response.function_call_arguments.done"]
+    assert len(done) == 1 and done[0].arguments == item.arguments
+    assert events[-1].type == "response.completed" and events[-1].response.output[0].type == "function_call"
+    answer = client.responses.create(model=model, tools=[tool], tool_choice="none", max_output_tokens=4, input=[
+        {"role": "user", "content": "Weather in Paris?"}, item.model_dump(exclude_none=True),
+        {"type": "function_call_output", "call_id": item.call_id, "output": "sunny"}])
+    assert answer.output[0].type == "message" and answer.status in ("completed", "incomplete")
