@@ -78,7 +78,8 @@ def test_a_field_the_parser_accepts_is_documented(document) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_schemathesis_finds_no_server_error_and_no_response_off_the_document(start_server, tiny_dir) -> None:
+def test_schemathesis_finds_no_server_error_and_no_response_off_the_document(start_server, tiny_dir,
+                                                                              tmp_path) -> None:
     if shutil.which("schemathesis") is None:
         pytest.skip("schemathesis is not installed")
     # A few new tokens per request: the fuzzer's bodies ask for whatever they like, and each is answered quickly.
@@ -88,6 +89,6 @@ def test_schemathesis_finds_no_server_error_and_no_response_off_the_document(sta
          "not_a_server_error,status_code_conformance,response_schema_conformance", "--max-examples", "10",
          "--include-path-regex", "^/(v1/(completions|chat/completions|responses)|tokenize|detokenize|chat)$",
          "--request-timeout", "60", "--generation-deterministic", "--phases", "examples,coverage,fuzzing"],
-        capture_output=True, text=True, timeout=540)
+        capture_output=True, text=True, timeout=540, cwd=tmp_path)  # its cache of examples stays out of the tree
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert server.stop() == 0
