@@ -12,6 +12,10 @@ The bodies were copied from each client's request-building code:
   ``usage`` only from a chunk whose ``choices`` is empty.
 - kubernetes-sigs inference-perf (``inference_perf/apis/completion.py``): ``ignore_eos`` always sent (false unless
   configured), ``stream_options`` only when streaming.
+- NVIDIA aiperf (``src/aiperf/endpoints/openai_chat.py``, ``openai_completions.py``): chat with
+  ``max_completion_tokens`` and ``stream_options.include_usage``; completions with ``prompt`` as a list. It tells
+  a chunk's shape by its ``object`` and drops a body without one.
+- LiteLLM (its ``hosted_vllm`` provider): plain bodies; run below where it is installed.
 - lm-evaluation-harness: its bodies are in tests/test_openai_prompts.py; its ``until`` lists may be longer than
   OpenAI's 4 stop strings (here a list of 6).
 """
@@ -192,3 +196,18 @@ def test_litellm_on_its_defaults(tiny_server, monkeypatch) -> None:
     called = litellm.completion(**{**kwargs, "max_tokens": 40}, tools=[tool], tool_choice="required",
                                 parallel_tool_calls=False)
     assert called.choices[0].message.tool_calls[0].function.name == "ok"
+
+
+def test_aiperf_bodies_and_the_object_it_reads_on_every_chunk(tiny_server) -> None:
+    model = tiny_server.model_name
+    chat = events(post(tiny_server, "chat/completions", {
+        "messages": [{"role": "user", "content": PROMPT}], "model": model, "stream": True,
+        "max_completion_tokens": 6, "stream_options": {"include_usage": True}}))
+    assert {chunk["object"] for chunk in chat} == {"chat.completion.chunk"}
+    assert chat[-1]["usage"]["completion_tokens"] >= 1
+    completions = events(post(tiny_server, "completions", {"prompt": [PROMPT], "model": model, "stream": True,
+                                                          "max_tokens": 6}))
+    assert {chunk["object"] for chunk in completions} == {"text_completion"}
+    whole = post(tiny_server, "chat/completions", {"messages": [{"role": "user", "content": PROMPT}], "model": model,
+                                                  "stream": False, "max_completion_tokens": 6}).json()
+    assert whole["object"] == "chat.completion" and whole["choices"][0]["message"]["content"] is not None
