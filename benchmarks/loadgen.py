@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import aiohttp
 import httpx
 import numpy as np
+import orjson
 
 STARTUP_DEADLINE_S = 900  # a 14 GB checkpoint takes a while to load
 
@@ -194,3 +195,50 @@ def summarize(values: list[float]) -> dict[str, float]:
         return dict(count=0, p50=float("nan"), p99=float("nan"), max=float("nan"))
     return dict(count=len(values), p50=float(np.percentile(values, 50)), p99=float(np.percentile(values, 99)),
                 max=float(max(values)))
+
+
+async def streamed_loop(url: str, model: str, prompts: list[str], concurrency: int, new_tokens: int,
+                        requests_per_worker: int) -> dict[str, Any]:
+    """``concurrency`` workers streaming ``POST /v1/chat/completions`` (the body guidellm sends by default: text
+    parts, ``ignore_eos``, usage on every chunk), each ``requests_per_worker`` times: time to first token, the gaps
+    between the chunks that carry text (inter-token latency), and generated tokens/s from the usage the server
+    reports. Non-200 answers are counted as failures, not raised, as a benchmark client counts them."""
+    ttft: list[float] = []  # ms
+    itl: list[float] = []  # ms
+    generated = failures = 0
+
+    async def request(session: aiohttp.ClientSession, prompt: str) -> None:
+        nonlocal generated, failures
+        body = {"model": model, "stream": True, "max_completion_tokens": new_tokens, "ignore_eos": True,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+                "messages": [{"role": "user", "content": [{"type": "text", "text": prompt}]}]}
+        start = last = time.perf_counter()
+        first = True
+        async with session.post("/v1/chat/completions", json=body) as response:
+            if response.status != 200:
+                failures += 1
+                await response.read()
+                return
+            async for line in response.content:
+                if not line.startswith(b"data: {"):
+                    continue
+                chunk = orjson.loads(line[6:])
+                now = time.perf_counter()
+                if any(choice["delta"].get("content") for choice in chunk["choices"]):
+                    (ttft if first else itl).append((now - (start if first else last)) * 1000)
+                    first, last = False, now
+                if not chunk["choices"]:
+                    generated += chunk["usage"]["completion_tokens"]
+
+    async def worker(session: aiohttp.ClientSession, prompt: str) -> None:
+        for _ in range(requests_per_worker):
+            await request(session, prompt)
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=900)) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(session, prompts[i % len(prompts)]) for i in range(concurrency)))
+        seconds = time.perf_counter() - start
+    return dict(requests=concurrency * requests_per_worker - failures, failed=failures, seconds=seconds,
+                ttft_ms=summarize(ttft), itl_ms=summarize(itl), output_tokens_per_s=generated / seconds,
+                requests_per_s=(concurrency * requests_per_worker - failures) / seconds)

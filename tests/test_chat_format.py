@@ -46,7 +46,7 @@ def test_the_stop_string_matches_where_the_next_user_turn_would_begin(tokenizer)
     ([], "messages"),
     ([{"role": "system", "content": "only rules"}], "messages"),
     ([{"role": "user", "content": "a"}, {"role": "system", "content": "late"}], "messages[1].role"),
-    ([{"role": "tool", "content": "a"}], "messages[0].role"),
+    ([{"role": "function", "content": "a"}], "messages[0].role"),
 ])
 def test_messages_that_make_no_conversation_are_refused(tokenizer, messages, param):
     with pytest.raises(InvalidRequest) as caught:

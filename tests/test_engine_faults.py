@@ -169,6 +169,9 @@ def assert_probes_fail_within(server, bound_s: float) -> None:
     assert health.status_code == 503 and health.json() == {"status": "Stopped"}, health.text
     livez = httpx.get(f"{server.url}/livez", timeout=10)
     assert livez.status_code == 503 and livez.json()["status"] == "Dead", livez.text
+    for route in (f"/v1/models/{server.model_name}", f"/v2/models/{server.model_name}/ready"):  # KServe's readiness
+        ready = httpx.get(f"{server.url}{route}", timeout=10)
+        assert ready.status_code == 503 and ready.json()["error_type"] == "engine_stopped", (route, ready.text)
 
 
 def assert_engine_stopped(response: httpx.Response) -> None:

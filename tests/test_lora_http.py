@@ -111,7 +111,7 @@ def test_model_cards_name_the_adapters_with_their_parent(served):
     body = httpx.get(f"{server.url}/v1/models", timeout=10).json()
     assert body["models"] == [server.model_name, *ADAPTERS]
     cards = {card["id"]: card for card in body["data"]}
-    assert "parent" not in cards[server.model_name]
+    assert cards[server.model_name]["parent"] is None and cards[server.model_name]["root"] == server.model_name
     assert all(cards[name]["parent"] == server.model_name for name in ADAPTERS)
     ready = httpx.get(f"{server.url}/v1/models/qkv", timeout=10)
     assert ready.status_code == 200 and ready.json()["parent"] == server.model_name

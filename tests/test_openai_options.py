@@ -235,7 +235,7 @@ def test_v1_models_is_kserves_and_openais_at_once(client, tiny_server):
 
 
 @pytest.mark.parametrize("kwargs, param", [
-    ({"extra_body": {"tools": [{"type": "function", "function": {"name": "f"}}]}}, "tools"),
+    ({"extra_body": {"functions": [{"name": "f"}]}}, "functions"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"logit_bias": {"1": 150}}, "logit_bias"),
     ({"frequency_penalty": 2.5}, "frequency_penalty"),

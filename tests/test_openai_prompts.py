@@ -177,10 +177,10 @@ def test_responses_parse_follows_a_pydantic_schema(client, tiny_server):
 
 
 @pytest.mark.parametrize("kwargs, param", [
-    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+    ({"max_tool_calls": 2}, "max_tool_calls"),
     ({"previous_response_id": "resp_1"}, "previous_response_id"), ({"store": True}, "store"),
     ({"reasoning": {"effort": "low"}}, "reasoning"),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input[0].type"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
     ({"max_output_tokens": 5000}, "max_output_tokens"), ({"input": ""}, "input"),
 ])
 def test_what_the_responses_api_does_not_serve_is_refused_by_name(client, tiny_server, kwargs, param):

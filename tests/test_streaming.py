@@ -117,7 +117,7 @@ def test_pushing_pieces_cuts_at_the_first_stop_of_the_whole_text(text, stops, cu
 # -- the deltas of a ticket ----------------------------------------------------------------------------------------
 def fake_model(tokenizer, response=None):
     decode = decoder_for(tokenizer)
-    return SimpleNamespace(engine=SimpleNamespace(decode=lambda ids, clean=False: decode(ids)),
+    return SimpleNamespace(engine=SimpleNamespace(decode=lambda ids, clean=False, skip_special=True: decode(ids)),
                            to_response=lambda completion: response)
 
 

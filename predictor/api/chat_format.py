@@ -14,6 +14,7 @@ with ``Assistant:`` when the model is to answer::
 
     Assistant:
 
+A function's result, sent back after an assistant called tools (``openai.tools``), is a ``Tool: ...`` turn.
 ``FALCON_CHAT_TEMPLATE`` writes exactly that, and ``render_chat`` applies it with the tokenizer's own
 ``apply_chat_template`` (sandboxed Jinja). The project's template is used even when a checkpoint carries one, so a
 conversation reads the same on every Falcon variant and ``CHAT_STOP`` matches it. Generation for a chat stops at
@@ -28,14 +29,15 @@ from transformers import PreTrainedTokenizerBase
 
 from ..errors import InvalidRequest
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # tool: a function's result (OpenAI's tool calling)
 CHAT_STOP = "\nUser:"
 
 FALCON_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if not loop.first %}{{ '\\n\\n' }}{% endif -%}"
     "{%- if message['role'] == 'user' %}{{ 'User: ' }}"
-    "{%- elif message['role'] == 'assistant' %}{{ 'Assistant: ' }}{% endif -%}"
+    "{%- elif message['role'] == 'assistant' %}{{ 'Assistant: ' }}"
+    "{%- elif message['role'] == 'tool' %}{{ 'Tool: ' }}{% endif -%}"
     "{{ message['content'] }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt %}{% if messages %}{{ '\\n\\n' }}{% endif %}{{ 'Assistant:' }}{% endif -%}"

@@ -32,6 +32,7 @@ from ..config import ServerConfig
 from ..errors import (
     BodyTooLarge,
     Draining,
+    EngineStopped,
     HeadersTooLarge,
     NotFound,
     NotReady,
@@ -45,6 +46,7 @@ from .model import FalconModel, unknown_model
 from .openai.lora_routes import install_lora_routes
 from .openai.routes import install_openai_routes, openai_error_response, openai_paths
 from .openai.tokenize import install_tokenizer_routes
+from .openapi import install_openapi
 from .tracing import RequestIdMiddleware, current_request_id
 from .v2.routes import install_open_inference_route
 
@@ -99,6 +101,7 @@ def install(app: FastAPI, model: FalconModel, config: ServerConfig) -> None:
     install_openai_routes(app, model)
     install_tokenizer_routes(app, model)
     install_lora_routes(app, model, config)
+    install_openapi(app)
 
 
 def health_state(model: FalconModel) -> str:
@@ -131,8 +134,11 @@ async def http_error_handler(request: Request, exc: HTTPException) -> JSONRespon
 
 
 def _not_ready(model: FalconModel) -> PredictorError:
+    """Why KServe's readiness routes answer 503: loading, draining, or (as /health says) the engine stopped."""
     if model.draining:
         return Draining(f"model {model.name} is draining: the server is shutting down")
+    if model.batcher is not None and model.batcher.stopped is not None:
+        return EngineStopped(f"model {model.name} is not served: its engine stopped ({model.batcher.stopped})")
     return NotReady(f"model {model.name} is not loaded yet")
 
 
@@ -146,7 +152,7 @@ def error_response(exc: PredictorError) -> JSONResponse:
 class RequestGuard:
     """ASGI middleware: a header-size limit (431), optional bearer-token auth on inference routes, 404 for a model
     this server does not serve and for KServe routes it does not serve, 503 for a readiness probe while the model
-    loads or drains, and a body-size limit (413) enforced before the body is parsed, with or without
+    loads or drains or once its engine has stopped, and a body-size limit (413) enforced before the body is parsed, with or without
     Content-Length."""
 
     def __init__(self, app, max_body_bytes: int, max_header_bytes: int, api_key: str | None, model: FalconModel,
@@ -181,7 +187,7 @@ class RequestGuard:
             # a server fault.
             if not self.model.serves(named.group(1)):
                 return await error_response(unknown_model(named.group(1), self.model.name))(scope, receive, send)
-            if not self.model.ready and _is_readiness(path):
+            if _is_readiness(path) and (not self.model.ready or health_state(self.model) == "Stopped"):
                 return await error_response(_not_ready(self.model))(scope, receive, send)
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:

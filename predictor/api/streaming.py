@@ -77,19 +77,22 @@ class IncrementalDecoder:
 class StopMatcher:
     """Finds the first stop string in text that arrives in pieces, holding back a tail that could begin one."""
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], kept: Sequence[str] = ()) -> None:
         self.stops = tuple(stop for stop in stops if stop)
+        self.kept = frozenset(kept)  # stops passed on with the text before them (vLLM's include_stop_str_in_output)
         self._held = ""
 
     def push(self, text: str) -> tuple[str, bool]:
-        """The text that can be passed on, and whether a stop string ended the output (the stop is not passed)."""
+        """The text that can be passed on, and whether a stop string ended the output (the stop is not passed
+        unless it is one of ``kept``)."""
         text = self._held + text
         # The stop that is complete first ends the output, as it would have had the text come a character at a
         # time: "a" in "\na" stops before a longer stop "\naa" that began earlier could be completed.
-        found = [(at + len(stop), at) for stop in self.stops if (at := text.find(stop)) >= 0]
+        found = [(at + len(stop), at, stop) for stop in self.stops if (at := text.find(stop)) >= 0]
         if found:
             self._held = ""
-            return text[:min(found)[1]], True
+            end, at, stop = min(found)
+            return text[:end if stop in self.kept else at], True
         keep = max((n for stop in self.stops for n in range(len(stop) - 1, 0, -1) if text.endswith(stop[:n])),
                    default=0)
         self._held = text[len(text) - keep:]
@@ -143,9 +146,11 @@ async def stream_text(model: FalconModel, job: GenerationJob, ticket: Ticket) ->
     client went away) or an error was raised, so no generation outlives the response.
     """
     def decode(ids: list[int]) -> str:
-        return detokenized(job, lambda: model.engine.decode(ids, job.clean_up_tokenization_spaces))
+        return detokenized(job, lambda: model.engine.decode(ids, job.clean_up_tokenization_spaces,
+                                                            job.skip_special_tokens))
 
-    sequences = [_SequenceText(IncrementalDecoder(decode, job.prompt_ids), StopMatcher(job.stop_texts))
+    sequences = [_SequenceText(IncrementalDecoder(decode, job.prompt_ids),
+                               StopMatcher(job.stop_texts, job.kept_stop_texts))
                  for _ in range(job.options.num_return_sequences)]
     try:
         async with aclosing(ticket.events()) as events:

@@ -117,7 +117,9 @@ class GenerationJob:
     prompt: str  # the client's prompt, returned in front of the continuation when return_full_text is set
     return_full_text: bool = True
     clean_up_tokenization_spaces: bool = False
+    skip_special_tokens: bool = True  # false: special tokens (eos) are written into the text
     truncated_tokens: int = 0  # prompt tokens cut from the left by handle_long_generation="hole"
     stop_texts: tuple[str, ...] = ()  # the answer's text is cut before the first of these (OpenAI's stop, a chat's
     #                                    next turn); the tokens up to it count as generated
+    kept_stop_texts: tuple[str, ...] = ()  # those of stop_texts that end the answer but stay in its text
     adapter: str | None = None  # the LoRA adapter to generate with; None: the base model

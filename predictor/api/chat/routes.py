@@ -26,21 +26,25 @@ from ...engine.scheduling.tickets import Ticket
 from ...errors import Draining, PredictorError
 from ..json_body import decode_json_body
 from ..model import Completion, FalconModel
+from ..openapi import SERVER_ERROR, errors, json_body
 from ..streaming import sse_response, stream_text, unless_disconnected
 from ..tracing import current_request_id
-from .schema import parse_chat_request
+from .schema import ChatRequest, parse_chat_request
 
 PREDICT_ROUTE = "/v1/models/{name}:predict"  # the route label in falcon_requests_total
+CHAT_ERRORS = errors((400, 401, 404, 413, 429, 500, 503), SERVER_ERROR)
 
 
 def install_chat_routes(app: FastAPI, model: FalconModel) -> None:
-    @app.post("/chat", tags=["falcon"], summary="Generate text for a prompt (the Falcon /chat API)")
+    @app.post("/chat", tags=["falcon"], summary="Generate text for a prompt (the Falcon /chat API)",
+              openapi_extra=json_body(ChatRequest), responses=CHAT_ERRORS)
     async def chat(request: Request) -> Any:
         return await _chat(request, model, "/chat")
 
     # Ahead of KServe's own :predict route (added when the server starts), which cannot see a client leave, decodes
     # the body itself (losing duplicate keys) and cannot stream: here it has /chat's decoding, errors and streaming.
-    @app.post("/v1/models/{model_name}:predict", tags=["falcon"], summary="The /chat API on KServe's v1 route")
+    @app.post("/v1/models/{model_name}:predict", tags=["falcon"], summary="The /chat API on KServe's v1 route",
+              openapi_extra=json_body(ChatRequest), responses=CHAT_ERRORS)
     async def predict(model_name: str, request: Request) -> Any:
         return await _chat(request, model, PREDICT_ROUTE, model_name)
 

@@ -12,8 +12,13 @@ helpers), so an error names the OpenAI parameter and a new parameter touches thi
   ``logit_bias`` adds its bias to a token's logit (transformers' ``sequence_bias`` of one token).
 - vLLM's extensions: ``min_tokens`` holds eos and ``stop_token_ids`` back that long; ``stop_token_ids`` end a choice
   as eos does; ``ignore_eos`` goes on past eos; ``top_k``, ``min_p`` and ``repetition_penalty``.
-- ``stop`` (at most 4 strings) cuts the text before the first one; the engine also stops the choice there. Chat also
-  stops at ``"\\nUser:"`` (``chat_format.CHAT_STOP``), so the model does not write the user's next turn.
+- ``stop`` (up to 64 strings: OpenAI allows 4, vLLM any number) cuts the text before the first one, or after it
+  with vLLM's ``include_stop_str_in_output``; the engine also stops the choice there. Chat also stops at
+  ``"\\nUser:"`` (``chat_format.CHAT_STOP``), so the model does not write the user's next turn (never kept).
+- vLLM's ``skip_special_tokens: false`` writes special tokens (eos) into the text; ``add_special_tokens`` encodes
+  the prompt with the tokenizer's special tokens (Falcon's adds none, so the default is false for both APIs).
+- ``tools`` (chat): the answer's grammar is the tool calls' (``tools``); ``response_format`` may not be combined
+  with them.
 - ``response_format`` ``json_object`` or ``json_schema`` is compiled by llguidance into a grammar that masks every
   token that would leave it; a schema it cannot compile is a 400 saying why.
 - A completions request's prompts (a string, strings, token ids, lists of token ids) are a job each, run side by
@@ -33,6 +38,7 @@ from ...engine.options import GenerationJob, GenerationOptions, Limits, ModelInf
 from ...errors import ContextLengthExceeded, InvalidRequest
 from ..generation import pad_token_id, samples, token_ids
 from .schema import GenerationFields, ResponseFormat
+from .tools import tools_grammar
 
 
 def to_generation_job(request: GenerationFields, prompt: str, prompt_ids: list[int], stops: Sequence[str],
@@ -61,10 +67,12 @@ def to_generation_job(request: GenerationFields, prompt: str, prompt_ids: list[i
         eos_token_ids=ends, pad_token_id=pad_token_id(None, eos, model), num_return_sequences=request.n,
         logprobs=logprobs, top_logprobs=top_logprobs, stop_strings=tuple(stops), seed=request.seed,
         prompt_logprobs=top_logprobs if logprobs and request.echo_prompt else None,
-        grammar=grammar(request.response_format),
+        grammar=request_grammar(request),
     )
+    kept = tuple(request.stops()) if request.include_stop_str_in_output else ()
     return GenerationJob(prompt_ids=tuple(prompt_ids), options=options, prompt=prompt,
-                         return_full_text=request.echo_prompt, stop_texts=tuple(stops))
+                         return_full_text=request.echo_prompt, stop_texts=tuple(stops), kept_stop_texts=kept,
+                         skip_special_tokens=request.skip_special_tokens)
 
 
 def check_sequences(prompts: int, n: int, limits: Limits) -> None:
@@ -96,6 +104,17 @@ def resolve_max_tokens(asked: int | None, prompt_tokens: int, limits: Limits, pr
 def logit_bias(bias: dict[str, float], model: ModelInfo) -> tuple[tuple[tuple[int, ...], float], ...]:
     """OpenAI's ``logit_bias`` (token ids as strings) as one-token sequence biases, each id checked."""
     return tuple((token_ids(int(key), "logit_bias", model), float(value)) for key, value in bias.items())
+
+
+def request_grammar(request: GenerationFields) -> str | None:
+    """The grammar the answer must follow: the tool calls' (``tools``), or ``response_format``'s."""
+    tools, required = request.tool_mode()
+    if not tools:
+        return grammar(request.response_format)
+    if request.response_format is not None and request.response_format.type != "text":
+        raise InvalidRequest('response_format: cannot be combined with tools (unless tool_choice is "none"): ask '
+                             "for one or the other", param="response_format")
+    return tools_grammar(tools, required, request.parallel_tool_calls)
 
 
 def grammar(response_format: ResponseFormat | None) -> str | None:

@@ -7,7 +7,13 @@ the next ``User:`` turn). ``max_output_tokens``, ``temperature`` (0 is greedy) a
 ``max_completion_tokens``, ``temperature`` and ``top_p`` do; ``text.format`` (``json_schema``, ``json_object``) is
 enforced by the grammar that chat's ``response_format`` uses.
 
-Not served, and refused by name: tools, stored responses (``store: true``, ``previous_response_id``,
+Tools (``tools`` as the Responses API writes them, flat: ``{"type": "function", "name", "parameters"}``;
+``tool_choice``; ``parallel_tool_calls``) work as on chat completions (``openai.tools``): an answer that is a list of
+calls becomes ``function_call`` output items, and ``function_call`` / ``function_call_output`` input items sent back
+are rendered as the assistant's calls and ``Tool:`` turns. With tools, a streamed answer's events come once the answer
+is complete (it is not known to be text or calls before).
+
+Not served, and refused by name: stored responses (``store: true``, ``previous_response_id``,
 ``conversation``: every response is answered and forgotten), reasoning, background runs, reusable prompts, extra
 ``include`` data, ``truncation: "auto"``. The values that ask for none of these (``tools: []``, ``store: false``...)
 are accepted, as clients often send them.
@@ -20,6 +26,18 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...engine.options import GenerationJob, GenerationOptions, Limits, ModelInfo
+from .tools import (
+    CalledFunction,
+    FunctionDefinition,
+    FunctionName,
+    NamedToolChoice,
+    Tool,
+    ToolCall,
+    callable_tools,
+    calls_text,
+    describe_tools,
+    tools_grammar,
+)
 from ...errors import InvalidRequest
 from ..chat_format import CHAT_STOP
 from ..generation import pad_token_id, samples
@@ -28,8 +46,7 @@ from .mapping import format_grammar, resolve_max_tokens
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 _NOT_STORED = "responses are not stored here: send the whole conversation as input"
 REFUSED = {
-    "tools": "tool calling is not supported", "tool_choice": "tool calling is not supported",
-    "max_tool_calls": "tool calling is not supported",
+    "max_tool_calls": "max_tool_calls is not supported: set parallel_tool_calls false for one call",
     "previous_response_id": _NOT_STORED, "conversation": _NOT_STORED, "store": _NOT_STORED,
     "background": "background responses are not supported (they need stored responses)",
     "reasoning": "Falcon is not a reasoning model",
@@ -38,8 +55,7 @@ REFUSED = {
     "truncation": 'only "disabled" is supported: an input longer than the context is a 400',
     "top_logprobs": "log-probabilities are not returned on the Responses API: use chat completions",
 }
-NEUTRAL = {"tools": ([],), "tool_choice": ("none", "auto"), "parallel_tool_calls": (True, False),
-           "store": (False,), "background": (False,), "include": ([],), "truncation": ("disabled",),
+NEUTRAL = {"store": (False,), "background": (False,), "include": ([],), "truncation": ("disabled",),
            "top_logprobs": (0,)}
 INPUT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -90,10 +106,58 @@ class TextConfig(BaseModel):
     format: TextFormat = TextFormat(type="text")
 
 
-class StreamOptions(BaseModel):
+class ResponsesStreamOptions(BaseModel):
     model_config = _STRICT
 
     include_obfuscation: bool = False  # padding against side channels over the network: none is added
+
+
+class FunctionTool(BaseModel):
+    """A tool as the Responses API writes it: the function's fields beside ``type``."""
+
+    model_config = _STRICT
+
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+    def to_tool(self) -> Tool:
+        return Tool(type="function", function=FunctionDefinition(name=self.name, description=self.description,
+                                                                 parameters=self.parameters))
+
+
+class FunctionChoice(BaseModel):
+    model_config = _STRICT
+
+    type: Literal["function"]
+    name: str
+
+
+class FunctionCallItem(BaseModel):
+    """An earlier answer's call, sent back."""
+
+    model_config = _STRICT
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutput(BaseModel):
+    """A call's result."""
+
+    model_config = _STRICT
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+    id: str | None = None
+    status: str | None = None
 
 
 class ResponsesRequest(BaseModel):
@@ -103,15 +167,17 @@ class ResponsesRequest(BaseModel):
     model_config = _STRICT
 
     model: str
-    input: str | list[InputMessage]
+    input: str | list[InputMessage | FunctionCallItem | FunctionCallOutput]
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2, description="0 means greedy decoding")
     top_p: float = Field(1.0, gt=0, le=1)
     text: TextConfig = TextConfig()
     stream: bool = False
-    stream_options: StreamOptions | None = None
-    parallel_tool_calls: bool | None = None  # without tools, either value asks for nothing
+    stream_options: ResponsesStreamOptions | None = None
+    tools: list[FunctionTool] = Field(default_factory=list, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool = True  # false: at most one call per answer
     metadata: dict[str, str] = Field(default_factory=dict, max_length=16)  # returned with the response
     user: str | None = None  # end-user ids for abuse monitoring and caching: accepted, not used
     safety_identifier: str | None = None
@@ -125,19 +191,47 @@ class ResponsesRequest(BaseModel):
                 raise InvalidRequest("input: must not be empty", param="input")
             messages = [{"role": "user", "content": self.input}]
         else:
-            messages = [{"role": INPUT_ROLES[item.role], "content": item.text()} for item in self.input]
+            messages = _turns(self.input)
         for i, message in enumerate(messages):
             if message["role"] == "system" and i > 0:
                 raise InvalidRequest(f"input[{i}]: a system or developer message may only come first",
                                      param=f"input[{i}].role")
         if all(message["role"] == "system" for message in messages):
             raise InvalidRequest("input: holds no user message", param="input")
-        if self.instructions:
+        tools, _ = self.tool_mode()
+        system = "\n\n".join(text for text in (self.instructions, describe_tools(tools) if tools else "") if text)
+        if system:
             if messages[0]["role"] == "system":
-                messages[0] = {"role": "system", "content": f"{self.instructions}\n\n{messages[0]['content']}"}
+                messages[0] = {"role": "system", "content": f"{system}\n\n{messages[0]['content']}"}
             else:
-                messages.insert(0, {"role": "system", "content": self.instructions})
+                messages.insert(0, {"role": "system", "content": system})
         return messages
+
+    def tool_mode(self) -> tuple[list[Tool], bool]:
+        """The tools the model may call, and whether it must call one."""
+        choice = self.tool_choice
+        if isinstance(choice, FunctionChoice):
+            choice = NamedToolChoice(type="function", function=FunctionName(name=choice.name))
+        return callable_tools([tool.to_tool() for tool in self.tools], choice)
+
+
+def _turns(items: list[InputMessage | FunctionCallItem | FunctionCallOutput]) -> list[dict[str, str]]:
+    """Input items as conversation turns: consecutive function calls as one assistant turn of calls, a call's
+    output as a tool turn."""
+    turns: list[dict[str, str]] = []
+    calls: list[ToolCall] = []
+    for item in [*items, None]:
+        if isinstance(item, FunctionCallItem):
+            calls.append(ToolCall(id=item.call_id, function=CalledFunction(name=item.name, arguments=item.arguments)))
+            continue
+        if calls:
+            turns.append({"role": "assistant", "content": calls_text(calls)})
+            calls = []
+        if isinstance(item, FunctionCallOutput):
+            turns.append({"role": "tool", "content": item.output})
+        elif item is not None:
+            turns.append({"role": INPUT_ROLES[item.role], "content": item.text()})
+    return turns
 
 
 def check_input_items(body: Any) -> None:
@@ -146,9 +240,9 @@ def check_input_items(body: Any) -> None:
     items = body.get("input") if isinstance(body, dict) else None
     for i, item in enumerate(items if isinstance(items, list) else []):
         kind = item.get("type", "message") if isinstance(item, dict) else "message"
-        if kind != "message":
-            raise InvalidRequest(f"input[{i}]: items of type {kind!r} are not supported: only messages (no tools, "
-                                 "reasoning or files)", param=f"input[{i}].type")
+        if kind not in ("message", "function_call", "function_call_output"):
+            raise InvalidRequest(f"input[{i}]: items of type {kind!r} are not supported: only messages and function "
+                                 "calls with their outputs (no reasoning or files)", param=f"input[{i}].type")
 
 
 def to_generation_job(request: ResponsesRequest, prompt: str, prompt_ids: list[int], model: ModelInfo,
@@ -158,13 +252,22 @@ def to_generation_job(request: ResponsesRequest, prompt: str, prompt_ids: list[i
     max_new = resolve_max_tokens(request.max_output_tokens, len(prompt_ids), limits, "input", "max_output_tokens")
     do_sample = samples(True, request.temperature)
     eos = () if model.eos_token_id is None else (model.eos_token_id,)
-    text_format = request.text.format
     options = GenerationOptions(
         max_new_tokens=max_new, do_sample=do_sample, temperature=request.temperature if do_sample else 1.0,
         top_p=request.top_p if do_sample else 1.0, eos_token_ids=eos, pad_token_id=pad_token_id(None, eos, model),
-        stop_strings=(CHAT_STOP,),
-        grammar=format_grammar(text_format.type, text_format.json_schema, "text.format",
-                               'a "schema" (and a "name")'),
+        stop_strings=(CHAT_STOP,), grammar=_grammar(request),
     )
     return GenerationJob(prompt_ids=tuple(prompt_ids), options=options, prompt=prompt, return_full_text=False,
                          stop_texts=(CHAT_STOP,))
+
+
+def _grammar(request: ResponsesRequest) -> str | None:
+    """The tool calls' grammar (``tools``), or ``text.format``'s."""
+    text_format = request.text.format
+    tools, required = request.tool_mode()
+    if not tools:
+        return format_grammar(text_format.type, text_format.json_schema, "text.format", 'a "schema" (and a "name")')
+    if text_format.type != "text":
+        raise InvalidRequest('text.format: cannot be combined with tools (unless tool_choice is "none")',
+                             param="text.format")
+    return tools_grammar(tools, required, request.parallel_tool_calls)

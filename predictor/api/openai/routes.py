@@ -24,6 +24,7 @@ stream has begun, an error is sent as a ``data: {"error": ...}`` event before ``
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -40,6 +41,7 @@ from ...errors import Draining, ModelNotFound, NotFound, NotReady, PredictorErro
 from ..chat_format import CHAT_STOP, render_chat
 from ..json_body import decode_json_body
 from ..model import FalconModel
+from ..openapi import errors, json_body
 from ..streaming import sse_response, stream_text, unless_disconnected
 from ..tracing import current_request_id
 from .mapping import check_sequences, to_generation_job
@@ -53,9 +55,10 @@ from .reply import (
     echoed_tokens,
 )
 from .response_reply import ResponseReply
-from .responses import ResponsesRequest, check_input_items
+from .responses import NEUTRAL, ResponsesRequest, check_input_items
 from .responses import to_generation_job as to_response_job
 from .schema import (
+    NEUTRAL_VALUES,
     ChatCompletionRequest,
     CompletionRequest,
     GenerationFields,
@@ -63,6 +66,7 @@ from .schema import (
 )
 
 logger = logging.getLogger(__name__)
+GENERATION_ERRORS = errors((400, 401, 404, 413, 429, 500, 503))
 
 
 def install_openai_routes(app: FastAPI, model: FalconModel, prefix: str | None = None) -> None:
@@ -84,15 +88,18 @@ def _install_under(app: FastAPI, model: FalconModel, base: str, started: int) ->
     router = APIRouter(prefix=base, tags=["openai"])
     completions, chat = CompletionsApi(f"{base}/completions"), ChatCompletionsApi(f"{base}/chat/completions")
 
-    @router.post("/completions", summary="OpenAI completions, from the same engine as /chat")
+    @router.post("/completions", summary="OpenAI completions, from the same engine as /chat",
+                 openapi_extra=json_body(CompletionRequest, NEUTRAL_VALUES), responses=GENERATION_ERRORS)
     async def create_completion(request: Request) -> Response:
         return await create(request, model, completions, CompletionRequest)
 
-    @router.post("/chat/completions", summary="OpenAI chat completions in Falcon-instruct's conversation format")
+    @router.post("/chat/completions", summary="OpenAI chat completions in Falcon-instruct's conversation format",
+                 openapi_extra=json_body(ChatCompletionRequest, NEUTRAL_VALUES), responses=GENERATION_ERRORS)
     async def create_chat_completion(request: Request) -> Response:
         return await create(request, model, chat, ChatCompletionRequest)
 
-    @router.post("/responses", summary="OpenAI's Responses API: a conversation's answer, whole or as typed events")
+    @router.post("/responses", summary="OpenAI's Responses API: a conversation's answer, whole or as typed events",
+                 openapi_extra=json_body(ResponsesRequest, NEUTRAL), responses=GENERATION_ERRORS)
     async def create_response(request: Request) -> Response:
         return await respond(request, model, f"{base}/responses")
 
@@ -103,11 +110,12 @@ def _install_under(app: FastAPI, model: FalconModel, base: str, started: int) ->
             "is all there is)", param="response_id"))
 
     def card(name: str) -> dict[str, Any]:
-        """A model's card; an adapter's names its base model as ``parent`` (vLLM's cards)."""
-        card = {"id": name, "object": "model", "created": started, "owned_by": "kserve"}
-        if not model.is_base(name):
-            card |= {"root": name, "parent": model.name}
-        return card
+        """A model's card, as vLLM's: ``root`` the model it is served from (an adapter's own name, its base model as
+        ``parent``), ``max_model_len`` the context a prompt and its answer share (what benchmark clients read)."""
+        base = model.is_base(name)
+        return {"id": name, "object": "model", "created": started, "owned_by": "kserve",
+                "root": model.name if base else name, "parent": None if base else model.name,
+                "max_model_len": model.limits.context_length}
 
     @router.get("/models", summary="The served model and its adapters, in OpenAI's shape and KServe's at once")
     async def list_models() -> dict[str, Any]:
@@ -164,11 +172,13 @@ async def create(request: Request, model: FalconModel, api: CompletionsApi,
         return _failed(api, exc)
     token_text = _token_id_text if body.return_tokens_as_token_ids else lambda token_id: engine.decode([token_id])
     reply_prompts = [_reply_prompt(job, ticket, engine) for job, ticket in zip(jobs, tickets, strict=True)]
-    reply = Reply(api, adapter or model.name, reply_prompts, body.n, token_text, jobs[0].options.logprobs)
+    reply = Reply(api, adapter or model.name, reply_prompts, body.n, token_text, jobs[0].options.logprobs,
+                  tools=bool(body.tool_mode()[0]))
     deltas = merge_streams([stream_text(model, job, ticket) for job, ticket in zip(jobs, tickets, strict=True)],
                            body.n)
     if body.stream:
-        return sse_response(reply.chunks(deltas, body.include_usage), api.route, openai_error_body)
+        return sse_response(reply.chunks(deltas, body.include_usage, body.continuous_usage), api.route,
+                            openai_error_body)
     try:
         finished, answer = await unless_disconnected(request, reply.collect(deltas))
     except PredictorError as exc:
@@ -181,11 +191,12 @@ async def _prompts(body: GenerationFields, engine: Engine) -> tuple[list[tuple[s
     """Each prompt's text and token ids (a chat's one rendered conversation), and the texts the answer stops
     before."""
     if isinstance(body, ChatCompletionRequest):
-        messages = [{"role": message.role, "content": message.text()} for message in body.messages]
-        prompt = render_chat(engine.tokenizer, messages)
-        return [(prompt, await asyncio.to_thread(engine.encode, prompt))], [*body.stops(), CHAT_STOP]
+        prompt = render_chat(engine.tokenizer, body.turns())
+        return ([(prompt, await asyncio.to_thread(engine.encode, prompt, body.add_special_tokens))],
+                [*body.stops(), CHAT_STOP])
     assert isinstance(body, CompletionRequest)
-    prompts = await prompt_texts_and_ids(body.prompts(), engine.encode, engine.decode, engine.info)
+    encode = functools.partial(engine.encode, add_special_tokens=body.add_special_tokens)
+    prompts = await prompt_texts_and_ids(body.prompts(), encode, engine.decode, engine.info)
     return prompts, body.stops()
 
 
@@ -196,7 +207,8 @@ def _reply_prompt(job: GenerationJob, ticket: Ticket, engine: Engine) -> ReplyPr
     if job.options.prompt_logprobs is not None:
         def echoed() -> list[LoggedToken]:
             return echoed_tokens(job.prompt_ids, ticket.prompt_logprobs, lambda token_id: engine.decode([token_id]))
-    return ReplyPrompt(len(job.prompt_ids), job.prompt if job.return_full_text else "", echoed)
+    return ReplyPrompt(len(job.prompt_ids), job.prompt if job.return_full_text else "", echoed,
+                       lambda: ticket.cached_tokens)
 
 
 async def respond(request: Request, model: FalconModel, route: str) -> Response:
@@ -219,7 +231,7 @@ async def respond(request: Request, model: FalconModel, route: str) -> Response:
     except PredictorError as exc:
         metrics.REQUESTS.labels(route, exc.outcome).inc()
         return openai_error_response(exc)
-    reply = ResponseReply(body, adapter or model.name, len(job.prompt_ids))
+    reply = ResponseReply(body, adapter or model.name, len(job.prompt_ids), lambda: ticket.cached_tokens)
     deltas = stream_text(model, job, ticket)
     if body.stream:
         return sse_response(reply.events(deltas), route, reply.error_event, typed=True)
@@ -252,5 +264,6 @@ def openai_error_body(exc: PredictorError) -> dict[str, Any]:
         logger.error("%s: %s", exc.error_type, exc.message)
     kind = {401: "authentication_error", 429: "rate_limit_error"}.get(
         exc.status, "invalid_request_error" if exc.status < 500 else "server_error")
-    return {"error": {"message": exc.message, "type": kind, "param": exc.param, "code": exc.error_type},
+    return {"object": "error", "error": {"message": exc.message, "type": kind, "param": exc.param,
+                                         "code": exc.error_type},
             "request_id": current_request_id()}

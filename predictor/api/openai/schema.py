@@ -2,8 +2,9 @@
 
 Pydantic lives here for the OpenAI routes as ``chat.schema`` holds it for /chat. ``parse_openai_request`` turns a
 decoded JSON body into a request or raises an ``InvalidRequest`` naming the field at fault as OpenAI does
-(``messages[0].content``); a field this server refuses (``REFUSED``: tools, ``best_of``...) is named with the
-reason. vLLM's ``/tokenize`` and ``/detokenize`` bodies are here too.
+(``messages[0].content``); a field this server refuses (``REFUSED``: ``best_of``, ``audio``...) is named with the
+reason. Tools and tool messages are described in ``tools``. vLLM's ``/tokenize`` and ``/detokenize`` bodies are
+here too.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ import os
 from abc import abstractmethod
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ...errors import InvalidRequest, UnknownParameter
+from .tools import Tool, ToolCall, ToolChoice, callable_tools, calls_text, describe_tools
+from .wire import STRICT, WireModel
 
-MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+# OpenAI allows 4; vLLM sets no limit, and lm-eval sends each task's whole ``until`` list. The bound keeps the stop
+# matching that runs on every streamed piece cheap.
+MAX_STOP_SEQUENCES = 64
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, 100 all but forces it
 # Options the engine cannot honour, with the values that ask for nothing (clients often send those explicitly).
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {"best_of": (1,), "suffix": ("",), "use_beam_search": (False,)}
@@ -25,22 +30,22 @@ REFUSED = {
     "best_of": "best_of (several completions ranked server-side) is not supported: ask for n and choose",
     "suffix": "suffix (insertion) is not supported by Falcon",
     "use_beam_search": "beam search is not offered on the OpenAI routes: use POST /chat with num_beams",
-    "tools": "tool calling is not supported", "tool_choice": "tool calling is not supported",
-    "parallel_tool_calls": "tool calling is not supported", "functions": "function calling is not supported",
-    "function_call": "function calling is not supported", "audio": "audio output is not supported",
+    "functions": "functions (OpenAI's deprecated function calling) are not supported: send tools",
+    "function_call": "function_call (OpenAI's deprecated function calling) is not supported: send tool_choice",
+    "audio": "audio output is not supported",
     "modalities": "only text output is supported", "prediction": "predicted outputs are not supported",
     "reasoning_effort": "Falcon is not a reasoning model", "web_search_options": "web search is not supported",
 }
-_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+_STRICT = STRICT
 
 
-class StreamOptions(BaseModel):
-    model_config = _STRICT
-
+class StreamOptions(WireModel):
     include_usage: bool = False  # a last chunk, with no choices, carries the usage
+    continuous_usage_stats: bool = Field(False, description="vLLM's extension: with include_usage, every chunk "
+                                                            "carries the usage so far")
 
 
-class JsonSchemaFormat(BaseModel):
+class JsonSchemaFormat(WireModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
 
     name: str = Field(max_length=64)
@@ -49,19 +54,15 @@ class JsonSchemaFormat(BaseModel):
     strict: bool | None = None  # the schema is always enforced exactly
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(WireModel):
     """``{"type": "text"}``, ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``."""
-
-    model_config = _STRICT
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
 
-class GenerationFields(BaseModel):
+class GenerationFields(WireModel):
     """The fields completions and chat completions share."""
-
-    model_config = _STRICT
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -78,6 +79,12 @@ class GenerationFields(BaseModel):
     ignore_eos: bool = Field(False, description="vLLM's extension: go on past eos")
     return_tokens_as_token_ids: bool = Field(False, description="vLLM's extension: logprobs name tokens "
                                                                 '"token_id:<id>" rather than by their text')
+    include_stop_str_in_output: bool = Field(False, description="vLLM's extension: the stop string that ended a "
+                                                                "choice stays at the end of its text")
+    skip_special_tokens: bool = Field(True, description="vLLM's extension: false writes special tokens (eos) "
+                                                        "into the text")
+    add_special_tokens: bool = Field(False, description="vLLM's extension: the tokenizer's special tokens (a "
+                                                        "BOS) around the prompt; Falcon's tokenizer adds none")
     n: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
@@ -116,8 +123,16 @@ class GenerationFields(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
     @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.stream_options.continuous_usage_stats
+
+    @property
     def echo_prompt(self) -> bool:
         return False
+
+    def tool_mode(self) -> tuple[list[Tool], bool]:
+        """The tools the model may call, and whether it must call one (chat completions' ``tools``)."""
+        return [], False
 
     @abstractmethod
     def logprobs_asked(self) -> tuple[bool, int]:
@@ -158,21 +173,37 @@ class CompletionRequest(GenerationFields):
         return [("prompt" if single else f"prompt[{i}]", one) for i, one in enumerate(prompts)]
 
 
-class TextPart(BaseModel):
-    model_config = _STRICT
-
+class TextPart(WireModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = _STRICT
+class ChatMessage(WireModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # developer: OpenAI's newer name for system
+    content: str | list[TextPart] | None = None  # None only for an assistant's turn that called tools
+    name: str | None = None  # a participant's name: accepted, not rendered (Falcon's format has no names)
+    tool_calls: list[ToolCall] = Field(default_factory=list)  # an assistant's calls, sent back
+    tool_call_id: str | None = None  # the call a tool's result answers: accepted, not rendered
 
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant's message with tool_calls may leave it out)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant's message has tool_calls")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
+
+    def to_turn(self) -> dict[str, str]:
+        """The message as a turn of the conversation format (an assistant's calls as the list it wrote)."""
+        text = self.text()
+        if self.tool_calls:
+            text = f"{text}\n{calls_text(self.tool_calls)}" if text else calls_text(self.tool_calls)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
 class ChatCompletionRequest(GenerationFields):
@@ -182,6 +213,9 @@ class ChatCompletionRequest(GenerationFields):
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens; wins over it
     logprobs: bool = False
     top_logprobs: int = Field(0, ge=0, le=20)
+    tools: list[Tool] = Field(default_factory=list, max_length=128)
+    tool_choice: ToolChoice | None = None  # None: "auto" with tools, "none" without
+    parallel_tool_calls: bool = True  # false: at most one call per answer
 
     def logprobs_asked(self) -> tuple[bool, int]:
         if self.top_logprobs and not self.logprobs:
@@ -191,6 +225,21 @@ class ChatCompletionRequest(GenerationFields):
     @property
     def asked_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def tool_mode(self) -> tuple[list[Tool], bool]:
+        return callable_tools(self.tools, self.tool_choice)
+
+    def turns(self) -> list[dict[str, str]]:
+        """The conversation's turns, the callable tools described in the system turn (one is added if needed)."""
+        turns = [message.to_turn() for message in self.messages]
+        tools, _ = self.tool_mode()
+        if tools:
+            described = describe_tools(tools)
+            if turns[0]["role"] == "system":
+                turns[0] = {"role": "system", "content": f"{turns[0]['content']}\n\n{described}"}
+            else:
+                turns.insert(0, {"role": "system", "content": described})
+        return turns
 
 
 R = TypeVar("R", bound=BaseModel)
@@ -234,10 +283,8 @@ def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
     return any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in neutral)
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(WireModel):
     """vLLM's ``POST /tokenize``: a ``prompt``, or chat ``messages`` rendered in the conversation format."""
-
-    model_config = _STRICT
 
     model: str | None = None
     prompt: str | None = None
@@ -247,10 +294,8 @@ class TokenizeRequest(BaseModel):
     return_token_strs: bool = False
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(WireModel):
     """vLLM's ``POST /detokenize``."""
-
-    model_config = _STRICT
 
     model: str | None = None
     tokens: list[int]

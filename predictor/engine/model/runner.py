@@ -175,11 +175,13 @@ class Engine:
         return pad or 0
 
     # -- text ------------------------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
-    def decode(self, ids: list[int], clean_up_tokenization_spaces: bool = False) -> str:
-        text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    def decode(self, ids: list[int], clean_up_tokenization_spaces: bool = False,
+               skip_special_tokens: bool = True) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens,
+                                     clean_up_tokenization_spaces=False)
         if clean_up_tokenization_spaces:
             # transformers 5 ignores this flag for BPE tokenizers such as Falcon's; the /chat service this replaces
             # ran on transformers 4, where it removed spaces before punctuation. Clients asking for it get that.

@@ -35,6 +35,19 @@ def json_schema_grammar(schema: dict[str, Any]) -> str:
     return grammar
 
 
+def lark_grammar(lark: str) -> str:
+    """llguidance's grammar of a Lark grammar (which may embed JSON schemas as ``%json {...}``); raises
+    ``ValueError`` saying why it cannot be compiled."""
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(str(exc)) from None
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise ValueError(error)
+    return grammar
+
+
 class GrammarMask(LogitsProcessor):
     """Bans the tokens ``grammar`` does not allow next; the matcher advances on the tokens generated since the
     last call (``input_ids`` is the whole sequence, prompt first)."""

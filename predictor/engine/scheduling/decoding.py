@@ -95,6 +95,7 @@ class DecodeBatch:
             hit = cache.find_prefix(prompt, salt)
             metrics.PREFIX_CACHE_QUERIES.inc(len(prompt))
             metrics.PREFIX_CACHE_HITS.inc(hit.tokens if hit else 0)
+            ticket.cached_tokens = hit.tokens if hit else 0
         sequences: list[RunningSequence] = []
         try:
             for index, sampler in enumerate(samplers):

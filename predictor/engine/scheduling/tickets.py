@@ -66,6 +66,7 @@ class Ticket:
         self.first_token_at: float | None = None
         # Set by the worker before the request's first token event, when the options ask for it.
         self.prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+        self.cached_tokens = 0  # prompt tokens taken from the prefix cache, set when the request starts
         self._running = False  # counted in falcon_running_requests
         self._loop = loop
         self._future: asyncio.Future[GenerationResult] = loop.create_future()
