@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any
+from typing import Any, Callable
 
 import llguidance
 import llguidance.hf
@@ -24,26 +24,23 @@ from transformers.generation.logits_process import LogitsProcessor
 def json_schema_grammar(schema: dict[str, Any]) -> str:
     """The grammar for JSON matching ``schema``, written compactly (free whitespace would let a weak model
     write spaces forever); raises ``ValueError`` saying why llguidance cannot compile it."""
-    try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema),
-                                                                defaults={"whitespace_flexible": False})
-    except (TypeError, ValueError) as exc:
-        raise ValueError(str(exc)) from None
-    error = llguidance.LLMatcher.validate_grammar(grammar)
-    if error:
-        raise ValueError(error)
-    return grammar
+    return _validated(lambda: llguidance.LLMatcher.grammar_from_json_schema(
+        json.dumps(schema), defaults={"whitespace_flexible": False}))
 
 
 def lark_grammar(lark: str) -> str:
     """llguidance's grammar of a Lark grammar (which may embed JSON schemas as ``%json {...}``); raises
     ``ValueError`` saying why it cannot be compiled."""
+    return _validated(lambda: llguidance.LLMatcher.grammar_from_lark(lark))
+
+
+def _validated(build: Callable[[], str]) -> str:
+    """The grammar ``build`` makes, once llguidance has checked it; ``ValueError`` saying why not."""
     try:
-        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        grammar = build()
     except (TypeError, ValueError) as exc:
         raise ValueError(str(exc)) from None
-    error = llguidance.LLMatcher.validate_grammar(grammar)
-    if error:
+    if error := llguidance.LLMatcher.validate_grammar(grammar):
         raise ValueError(error)
     return grammar
 
