@@ -24,7 +24,8 @@ from .health import EngineHealth
 from ..lora.bank import BASE
 from ..model.runner import Engine
 from .running import RunningRequest, RunningSequence
-from ..sampling.sampler import TokenLogprob, choose_next_tokens, make_sampler
+from ..sampling.choice import ChoicePlan, SamplingTable, choose_tokens
+from ..sampling.sampler import TokenLogprob, make_sampler
 from .tickets import Ticket, TokenEvent
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ class DecodeBatch:
         self.max_prefill_tokens = max_prefill_tokens
         self.prefix_caching = prefix_caching
         self.requests: list[RunningRequest] = []
+        self.sampling = SamplingTable(engine.device, engine.info.vocab_size)  # each cache row's options
+        self._admitted = 0  # requests started so far: a row's options change only when one starts
+        self._plan: tuple[object, ChoicePlan] | None = None  # the last step's choice plan, and whom it was for
 
     @property
     def running_sequences(self) -> int:
@@ -55,6 +59,7 @@ class DecodeBatch:
                 return None
             try:
                 self.requests.append(self._start(ticket, self.running_sequences, slot))
+                self._admitted += 1
             except BaseException:
                 self._release_slot(slot)
                 raise
@@ -100,6 +105,7 @@ class DecodeBatch:
             for index, sampler in enumerate(samplers):
                 row = cache.allocate(running + index, hit if index == 0 else None, salt)
                 self.engine.use_adapter(row, slot)
+                self.sampling.set_row(row, sampler, prompt)
                 sequences.append(RunningSequence(ticket, index, row, list(prompt), sampler, len(prompt),
                                                  computed=cache.length(row)))
                 faults.inject("rows", prompt)
@@ -232,8 +238,7 @@ class DecodeBatch:
         try:
             for seq in sequences:
                 faults.inject("sampling", seq.ticket.job.prompt_ids)
-            tokens, logprobs = choose_next_tokens(logits, [s.sampler for s in sequences],
-                                                  [s.tokens for s in sequences], self.rng)
+            tokens, logprobs = self._choose_tokens(sequences, logits, self._plan_for(sequences))
         except Exception:  # noqa: BLE001 - find whose choice fails: each request's rows on their own
             sequences, tokens, logprobs = self._choose_each(sequences, logits)
         for seq, token, logprob in zip(sequences, tokens, logprobs):
@@ -242,6 +247,22 @@ class DecodeBatch:
                 seq.logprobs.append(logprob)
             seq.finish_reason = seq.finish_reason_after(token)
             seq.ticket.emit(TokenEvent(seq.index, token, seq.finish_reason, logprob))
+
+    def _plan_for(self, sequences: list[RunningSequence]) -> ChoicePlan:
+        """The choice plan of these rows: the last step's while the same sequences run in the same order."""
+        key = (self._admitted, [seq.row for seq in sequences])
+        if self._plan is None or self._plan[0] != key:
+            self._plan = key, ChoicePlan.of([seq.sampler for seq in sequences], key[1], self.engine.device)
+        return self._plan[1]
+
+    def _choose_tokens(self, sequences: list[RunningSequence], logits: torch.Tensor, plan: ChoicePlan
+                       ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The batch's tokens, chosen on the device, read back once; the rows' counts move on once read."""
+        ids = [seq.tokens for seq in sequences] if plan.id_rows else []
+        tokens, logprobs = choose_tokens(logits, plan, self.sampling, ids, self.rng)
+        chosen = tokens.tolist()
+        self.sampling.advance(plan.rows, tokens)
+        return chosen, logprobs or [None] * len(chosen)
 
     def _choose_each(self, sequences: list[RunningSequence], logits: torch.Tensor
                      ) -> tuple[list[RunningSequence], list[int], list[TokenLogprob | None]]:
@@ -254,8 +275,8 @@ class DecodeBatch:
             try:
                 for seq in mine:
                     faults.inject("sampling", seq.ticket.job.prompt_ids)
-                chosen, scored = choose_next_tokens(logits[torch.tensor(rows, device=logits.device)],
-                                                    [s.sampler for s in mine], [s.tokens for s in mine], self.rng)
+                plan = ChoicePlan.of([s.sampler for s in mine], [s.row for s in mine], self.engine.device)
+                chosen, scored = self._choose_tokens(mine, logits[torch.tensor(rows, device=logits.device)], plan)
             except Exception as exc:  # noqa: BLE001
                 self._fail_requests([request], exc, stage="sampling")
                 continue
