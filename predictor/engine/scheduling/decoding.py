@@ -45,6 +45,7 @@ class DecodeBatch:
         self.sampling = SamplingTable(engine.device, engine.info.vocab_size)  # each cache row's options
         self._admitted = 0  # requests started so far: a row's options change only when one starts
         self._plan: tuple[object, ChoicePlan] | None = None  # the last step's choice plan, and whom it was for
+        self._waited = 0.0  # this step's time reading tokens back (waiting for the device)
 
     @property
     def running_sequences(self) -> int:
@@ -128,6 +129,12 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def step(self) -> None:
+        started, self._waited = time.perf_counter(), 0.0
+        self._step()
+        metrics.STEP_DEVICE_WAIT_SECONDS.observe(self._waited)
+        metrics.STEP_HOST_SECONDS.observe(time.perf_counter() - started - self._waited)
+
+    def _step(self) -> None:
         self._drop_unstarted()
         decoding = [seq for request in self.requests if not request.leader.prefilling for seq in request.sequences
                     if seq.finish_reason is None]
@@ -260,9 +267,16 @@ class DecodeBatch:
         """The batch's tokens, chosen on the device, read back once; the rows' counts move on once read."""
         ids = [seq.tokens for seq in sequences] if plan.id_rows else []
         tokens, logprobs = choose_tokens(logits, plan, self.sampling, ids, self.rng)
-        chosen = tokens.tolist()
+        chosen = self._read_back(tokens)
         self.sampling.advance(plan.rows, tokens)
         return chosen, logprobs or [None] * len(chosen)
+
+    def _read_back(self, tokens: torch.Tensor) -> list[int]:
+        """The chosen tokens on the host: where the step waits for the device (timed)."""
+        started = time.perf_counter()
+        chosen = tokens.tolist()
+        self._waited += time.perf_counter() - started
+        return chosen
 
     def _choose_each(self, sequences: list[RunningSequence], logits: torch.Tensor
                      ) -> tuple[list[RunningSequence], list[int], list[TokenLogprob | None]]:
