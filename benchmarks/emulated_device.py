@@ -52,11 +52,12 @@ class EmulatedDevice:
 
             read_back_owner._read_back = waiting_read_back
 
-    def step(self, decode, chunks=()):
+    def step(self, decode, chunks=(), decode_ids=None):
         self.busy_until = max(time.perf_counter(), self.busy_until) + self.device_s
         self.steps += 1
-        for row, token in decode:
-            self.engine.cache.extend(row, (token,))
+        if decode_ids is None:  # else the batch tells the cache once it read the tokens back
+            for row, token in decode:
+                self.engine.cache.extend(row, (token,))
         for row, tokens, _ in chunks:
             self.engine.cache.extend(row, tokens)
         if not self.waits_at_read_back:
