@@ -139,12 +139,27 @@ class SequenceSampler:
     top_logprobs: int = 0
     stop_strings: StopStringCriteria | TextStopCriteria | None = None  # see ``stop_string_criteria``
 
-    def stopped(self, tokens: list[int]) -> bool:
-        """Whether the sequence now ends with one of its stop strings."""
-        if self.stop_strings is None or len(tokens) <= self.prompt_len:
-            return False
-        ids = torch.tensor([tokens[-self.stop_strings.maximum_token_len:]])  # [1, tail]: all the matcher reads
-        return bool(self.stop_strings(ids, None)[0])
+
+
+def stopped_on_strings(samplers: Sequence[SequenceSampler], sequences: Sequence[list[int]]) -> list[bool]:
+    """Whether each sequence now ends with one of its stop strings: one matcher call for all the sequences that
+    share a set of stop strings (the matcher is kept per set) and hold at least its tail of tokens."""
+    stopped = [False] * len(samplers)
+    groups: dict[int, list[int]] = {}
+    for i, (sampler, tokens) in enumerate(zip(samplers, sequences)):
+        if sampler.stop_strings is not None and len(tokens) > sampler.prompt_len:
+            groups.setdefault(id(sampler.stop_strings), []).append(i)
+    for rows in groups.values():
+        matcher = samplers[rows[0]].stop_strings
+        tail = matcher.maximum_token_len
+        full = [i for i in rows if len(sequences[i]) >= tail]
+        parts = [full] if full else []
+        parts += [[i] for i in rows if len(sequences[i]) < tail]  # shorter than the tail: each alone, unpadded
+        for part in parts:
+            ids = torch.tensor([sequences[i][-tail:] for i in part])  # [rows, tail]: all the matcher reads
+            for i, hit in zip(part, matcher(ids, None).tolist()):
+                stopped[i] = bool(hit)
+    return stopped
 
 
 def make_sampler(options: GenerationOptions, prompt_ids: list[int], sequence_index: int, device: torch.device,

@@ -25,8 +25,8 @@ from ..lora.bank import BASE
 from ..model.runner import Engine
 from .running import PendingTokens, RunningRequest, RunningSequence
 from ..sampling.choice import ChoicePlan, SamplingTable, choose_tokens
-from ..sampling.sampler import TokenLogprob, make_sampler
-from .tickets import Ticket, TokenEvent
+from ..sampling.sampler import TokenLogprob, make_sampler, stopped_on_strings
+from .tickets import Ticket, TokenEvent, emit_all
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +185,7 @@ class DecodeBatch:
         its token: no text past its end is ever sent."""
         tokens = self._read_back(pending.tokens)
         fed_now = {id(seq) for seq in fed}
+        taking = []
         for seq, token, logprob in zip(pending.sequences, tokens, pending.logprobs):
             if seq.finish_reason is not None or seq.row < 0:
                 continue
@@ -193,8 +194,13 @@ class DecodeBatch:
             seq.tokens.append(token)
             if logprob is not None:
                 seq.logprobs.append(logprob)
-            seq.finish_reason = seq.finish_reason_after(token)
-            seq.ticket.emit(TokenEvent(seq.index, token, seq.finish_reason, logprob))
+            taking.append((seq, token, logprob))
+        stopped = stopped_on_strings([seq.sampler for seq, _, _ in taking], [seq.tokens for seq, _, _ in taking])
+        events = []
+        for (seq, token, logprob), stop in zip(taking, stopped):
+            seq.finish_reason = seq.finish_reason_after(token, stop)
+            events.append((seq.ticket, TokenEvent(seq.index, token, seq.finish_reason, logprob)))
+        emit_all(events)
 
     def _forward(self, decoding: list[RunningSequence], prefilling: list[tuple[RunningRequest, int, int]],
                  pending: PendingTokens | None

@@ -34,10 +34,11 @@ class RunningSequence:
     def prefilling(self) -> bool:
         return self.computed < self.prompt_len
 
-    def finish_reason_after(self, token: int) -> str | None:
-        """Why the sequence ends with ``token`` just chosen, or None while it goes on."""
+    def finish_reason_after(self, token: int, stopped: bool) -> str | None:
+        """Why the sequence ends with ``token`` just chosen (``stopped``: completing one of its stop strings), or
+        None while it goes on."""
         options = self.ticket.job.options
-        if token in options.eos_token_ids or self.sampler.stopped(self.tokens):
+        if token in options.eos_token_ids or stopped:
             return "stop"
         if len(self.generated) >= options.max_new_tokens:
             return "length"
