@@ -52,10 +52,10 @@ class EmulatedDevice:
 
             read_back_owner._read_back = waiting_read_back
 
-    def step(self, decode, chunks=(), decode_ids=None):
+    def step(self, decode, chunks=()):
         self.busy_until = max(time.perf_counter(), self.busy_until) + self.device_s
         self.steps += 1
-        if decode_ids is None:  # else the batch tells the cache once it read the tokens back
+        if not hasattr(decode, "ids"):  # tokens on the device: the batch tells the cache once it read them back
             for row, token in decode:
                 self.engine.cache.extend(row, (token,))
         for row, tokens, _ in chunks:

@@ -66,11 +66,11 @@ def raise_if_marked(tokenizer, prompts: list[list[int]]) -> None:
 def install_faults() -> None:
     step, probe, generate_beams = engine.Engine.step, engine.Engine.probe, engine.Engine.generate_beams
 
-    def faulty_step(self: engine.Engine, decode, chunks=(), **kwargs):
+    def faulty_step(self: engine.Engine, decode, chunks=()):
         raise_if_marked(self.tokenizer, [list(tokens) for _, tokens, _ in chunks])
         if device_lost:
             raise RuntimeError(f"CUDA error: device lost ({SECRET})")
-        return step(self, decode, chunks, **kwargs)
+        return step(self, decode, chunks)
 
     def faulty_probe(self: engine.Engine):
         if device_lost:

@@ -116,10 +116,10 @@ def test_a_failed_step_fails_its_requests_and_the_worker_goes_on(engine, monkeyp
     poison = engine.encode("poison")
     device_lost = False
 
-    def step(decode, chunks=(), **kwargs):
+    def step(decode, chunks=()):
         if device_lost or any(list(tokens) == poison for _, tokens, _ in chunks):
             raise RuntimeError("injected fault")
-        return real_step(decode, chunks, **kwargs)
+        return real_step(decode, chunks)
 
     def probe():
         if device_lost:
@@ -165,10 +165,10 @@ def test_a_request_failing_to_start_does_not_fail_the_running_batch(engine, monk
     real_step = engine.step
     poison = engine.encode("poison")
 
-    def step(decode, chunks=(), **kwargs):
+    def step(decode, chunks=()):
         if any(list(tokens) == poison for _, tokens, _ in chunks):
             raise RuntimeError("injected fault")
-        return real_step(decode, chunks, **kwargs)
+        return real_step(decode, chunks)
 
     monkeypatch.setattr(engine, "step", step)
 

@@ -196,17 +196,17 @@ class Engine:
 
     # -- batched steps ---------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, decode: Sequence[tuple[int, int | None]], chunks: Sequence[tuple[int, Sequence[int], int]] = (),
-             decode_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, decode: Sequence[tuple[int, int | None]], chunks: Sequence[tuple[int, Sequence[int], int]] = ()
+             ) -> torch.Tensor:
         """One forward pass: each ``(row, token)`` of ``decode`` feeds a running row its last token; each
         ``(row, tokens, logits)`` of ``chunks`` writes the next prompt tokens of a row and wants the next-token
         logits of its last ``logits`` tokens (0, 1 at the end of a prompt, or all for prompt log-probabilities).
         Returns those logits [decode rows, then each chunk's, vocab].
 
-        With ``decode_ids`` [decode rows], the decode tokens are those, still on the device (chosen by the step
-        before, not read back yet): ``decode``'s tokens are placeholders, and the caller tells the cache which
-        tokens its rows took (``cache.extend``) once it has read them."""
+        When ``decode`` is ``DeviceTokens``, its tokens are still on the device (chosen by the step before, not read
+        back yet), and the caller tells the cache which tokens its rows took (``cache.extend``) once it read them."""
         cache = self.cache
+        decode_ids = decode.ids if isinstance(decode, DeviceTokens) else None
         if self._compiled is not None and not chunks and decode:
             # Padded to a static shape; the logits of every token are computed, so that one graph serves any
             # number of running rows up to its own, and the running rows' are taken after it.
@@ -313,6 +313,15 @@ class Engine:
         eos = set(options.eos_token_ids)
         finished = [bool(seq) and seq[-1] in eos for seq in sequences]
         return BeamOutput(sequences=sequences, logprobs=logprobs, finished=finished)
+
+
+class DeviceTokens(list):
+    """``Engine.step``'s decode rows ``(row, None)`` whose tokens are still on the device, in ``ids`` [rows]: a list
+    like any other ``decode``, so whatever wraps the step passes it on unchanged."""
+
+    def __init__(self, rows: Sequence[int], ids: torch.Tensor) -> None:
+        super().__init__((row, None) for row in rows)
+        self.ids = ids
 
 
 def _decode_groups(positions: list[int], rows: list[int], device: torch.device) -> DecodePlan | None:

@@ -22,7 +22,7 @@ from ...errors import GenerationFailed, ModelNotFound, PredictorError
 from .. import faults
 from .health import EngineHealth
 from ..lora.bank import BASE
-from ..model.runner import Engine
+from ..model.runner import DeviceTokens, Engine
 from .running import PendingTokens, RunningRequest, RunningSequence
 from ..sampling.choice import ChoicePlan, SamplingTable, choose_tokens
 from ..sampling.sampler import TokenLogprob, make_sampler, stopped_on_strings
@@ -246,8 +246,7 @@ class DecodeBatch:
                   for r, take, wanted in prefilling]
         if pending is None or not decoding:
             return self.engine.step([(seq.row, seq.tokens[-1]) for seq in decoding], chunks)
-        return self.engine.step([(seq.row, None) for seq in decoding], chunks,
-                                decode_ids=pending.of_sequences(decoding))
+        return self.engine.step(DeviceTokens([seq.row for seq in decoding], pending.of_sequences(decoding)), chunks)
 
     def _requests_of(self, sequences: list[RunningSequence]) -> list[RunningRequest]:
         tickets = {id(seq.ticket) for seq in sequences}
