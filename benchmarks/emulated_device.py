@@ -32,42 +32,48 @@ STOP = "zq zq zq"  # a stop string the emulated tokens practically never complet
 
 
 class EmulatedDevice:
-    """Stands in for ``Engine.step``: a device that runs each step for ``device_s`` after the one before it."""
+    """Stands in for ``Engine.step``: a device that runs each step for ``device_s`` after the one before it. The
+    tokens chosen from a step's logits are ready when that step ends; reading them back waits until then."""
 
-    def __init__(self, engine, read_back_owner) -> None:
+    def __init__(self, engine, batch_type) -> None:
         import torch
 
-        self.engine, self.device_s, self.busy_until = engine, 0.0, 0.0
+        self.engine, self.device_s = engine, 0.0
+        self.ends: list[float] = [0.0]  # when each launched step ends on the device
         self.steps, self.waited = 0, 0.0
         self.logits = torch.randn(4096, engine.info.vocab_size, generator=torch.Generator().manual_seed(0)) * 3
         self._offset = 0
+        self._ready: dict[int, float] = {}  # id(tokens tensor) -> when the step it was chosen from ends
         engine.step = self.step
-        self.waits_at_read_back = hasattr(read_back_owner, "_read_back")
+        self.waits_at_read_back = hasattr(batch_type, "_read_back")
         if self.waits_at_read_back:
-            read_back = read_back_owner._read_back
+            read_back, choose = batch_type._read_back, batch_type._choose_tokens
 
-            def waiting_read_back(batch, *args, **kwargs):
-                self.wait()
-                return read_back(batch, *args, **kwargs)
+            def waiting_read_back(batch, tokens):
+                self.wait(self._ready.pop(id(tokens), self.ends[-1]))
+                return read_back(batch, tokens)
 
-            read_back_owner._read_back = waiting_read_back
+            def tagged_choose(batch, *args, **kwargs):
+                tokens, logprobs = choose(batch, *args, **kwargs)
+                self._ready[id(tokens)] = self.ends[-1]
+                return tokens, logprobs
+
+            batch_type._read_back, batch_type._choose_tokens = waiting_read_back, tagged_choose
 
     def step(self, decode, chunks=()):
-        self.busy_until = max(time.perf_counter(), self.busy_until) + self.device_s
+        self.ends.append(max(time.perf_counter(), self.ends[-1]) + self.device_s)
         self.steps += 1
         if not hasattr(decode, "ids"):  # tokens on the device: the batch tells the cache once it read them back
             for row, token in decode:
                 self.engine.cache.extend(row, (token,))
-        for row, tokens, _ in chunks:
-            self.engine.cache.extend(row, tokens)
         if not self.waits_at_read_back:
-            self.wait()
+            self.wait(self.ends[-1])
         rows = len(decode) + sum(wanted for _, _, wanted in chunks)
         self._offset = (self._offset + rows) % (self.logits.shape[0] - rows)
         return self.logits[self._offset:self._offset + rows]
 
-    def wait(self) -> None:
-        delay = self.busy_until - time.perf_counter()
+    def wait(self, until: float) -> None:
+        delay = until - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
             self.waited += delay
@@ -114,7 +120,7 @@ def measure(model_dir: str, rows: list[int], device_ms: list[float], tokens: int
         batcher = Batcher(engine, max_batch_size=n, max_queue=n, prefix_caching=False)
         batcher.start()
         await asyncio.gather(*(consume(batcher, i) for i in range(n)))  # warm-up
-        device.steps, device.waited = 0, 0.0
+        device.steps, device.waited, device.ends = 0, 0.0, device.ends[-1:]
         started = time.perf_counter()
         await asyncio.gather(*(consume(batcher, i) for i in range(n)))
         elapsed = time.perf_counter() - started
