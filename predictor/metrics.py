@@ -17,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 _TOKEN_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _SECOND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 # Time per output token: decode steps are ~1 ms (tiny model on a CPU) to ~100 ms (falcon-40b over two GPUs).
+_HOST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 
 REQUESTS = Counter("falcon_requests_total", "Generation requests by route and outcome "
@@ -39,6 +40,11 @@ REQUEST_PROMPT_TOKENS = Histogram("falcon_request_prompt_tokens", "Prompt tokens
                                   buckets=_TOKEN_BUCKETS)
 REQUEST_GENERATION_TOKENS = Histogram("falcon_request_generation_tokens",
                                       "Generated tokens per request (all sequences)", buckets=_TOKEN_BUCKETS)
+STEP_HOST_SECONDS = Histogram("falcon_step_host_seconds", "Host time of one decode-worker step: its wall time less "
+                              "its wait for the device (on a CPU the forward's compute counts here too)",
+                              buckets=_HOST_BUCKETS)
+STEP_DEVICE_WAIT_SECONDS = Histogram("falcon_step_device_wait_seconds", "Time one decode-worker step waited for "
+                                     "the device, reading its tokens back", buckets=_HOST_BUCKETS)
 PROMPT_TOKENS = Counter("falcon_prompt_tokens_total", "Prompt tokens of the requests answered")
 GENERATION_TOKENS = Counter("falcon_generation_tokens_total", "Tokens generated for the requests answered")
 

@@ -11,7 +11,18 @@ from transformers import AutoTokenizer
 
 from predictor.engine.sampling.grammar import GrammarMask, json_schema_grammar
 from predictor.engine.options import GenerationOptions
-from predictor.engine.sampling.sampler import LOWEST_LOGPROB, OpenAIPenalties, choose_next_tokens, make_sampler
+from predictor.engine.sampling.choice import ChoicePlan, SamplingTable, choose_tokens
+from predictor.engine.sampling.sampler import LOWEST_LOGPROB, OpenAIPenalties, make_sampler
+
+
+def choose_next_tokens(logits, samplers, sequences, rng=None):
+    """Choose with a table made for these rows alone (rows 0..n-1): the tokens and log-probabilities, as lists."""
+    table = SamplingTable(torch.device("cpu"), logits.shape[-1])
+    for row, (sampler, ids) in enumerate(zip(samplers, sequences)):
+        table.set_row(row, sampler, ids)
+    plan = ChoicePlan.of(samplers, list(range(len(samplers))), torch.device("cpu"))
+    tokens, logprobs = choose_tokens(logits, plan, table, sequences, rng or torch.Generator().manual_seed(0))
+    return tokens.tolist(), logprobs or [None] * len(samplers)
 
 
 def test_penalties_count_generated_tokens_only():

@@ -198,24 +198,30 @@ class Engine:
 
     # -- batched steps ---------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, decode: Sequence[tuple[int, int]], chunks: Sequence[tuple[int, Sequence[int], int]] = ()
+    def step(self, decode: Sequence[tuple[int, int | None]], chunks: Sequence[tuple[int, Sequence[int], int]] = ()
              ) -> torch.Tensor:
         """One forward pass: each ``(row, token)`` of ``decode`` feeds a running row its last token; each
         ``(row, tokens, logits)`` of ``chunks`` writes the next prompt tokens of a row and wants the next-token
         logits of its last ``logits`` tokens (0, 1 at the end of a prompt, or all for prompt log-probabilities).
-        Returns those logits [decode rows, then each chunk's, vocab]."""
+        Returns those logits [decode rows, then each chunk's, vocab].
+
+        When ``decode`` is ``DeviceTokens``, its tokens are still on the device (chosen by the step before, not read
+        back yet), and the caller tells the cache which tokens its rows took (``cache.extend``) once it read them."""
         cache = self.cache
+        decode_ids = decode.ids if isinstance(decode, DeviceTokens) else None
         if self._compiled is not None and not chunks and decode:
             # Padded to a static shape; the logits of every token are computed, so that one graph serves any
             # number of running rows up to its own, and the running rows' are taken after it.
             tokens = smallest_at_least(self._buckets, len(decode))
             blocks = smallest_at_least(self._block_tiers(tokens), sum(map(self._blocks_of, decode)))
-            logits = self._forward(self._decode_tensors(decode, tokens, blocks), compiled=True)
+            logits = self._forward(self._decode_tensors(decode, tokens, blocks, (), decode_ids), compiled=True)
             logits = logits[:len(decode)]
         else:
-            logits = self._forward(self._decode_tensors(decode, len(decode), None, chunks), compiled=False)
-        for row, token in decode:
-            cache.extend(row, (token,))
+            logits = self._forward(self._decode_tensors(decode, len(decode), None, chunks, decode_ids),
+                                   compiled=False)
+        if decode_ids is None:
+            for row, token in decode:
+                cache.extend(row, (token,))
         for row, tokens, _ in chunks:
             cache.extend(row, tokens)
         return logits
@@ -229,14 +235,15 @@ class Engine:
         """Blocks of decode attention a running row reads: its columns and the new token's, in whole blocks."""
         return self.cache.length(decode[0]) // DECODE_BLOCK + 1
 
-    def _decode_tensors(self, decode: Sequence[tuple[int, int]], tokens: int, blocks: int | None,
-                        chunks: Sequence[tuple[int, Sequence[int], int]] = ()) -> StepTensors:
+    def _decode_tensors(self, decode: Sequence[tuple[int, int | None]], tokens: int, blocks: int | None,
+                        chunks: Sequence[tuple[int, Sequence[int], int]] = (),
+                        decode_ids: torch.Tensor | None = None) -> StepTensors:
         """Host-built inputs of a step: ``tokens`` decode tokens (past ``decode``'s, padding that writes the
         scratch row) reading ``blocks`` blocks (None: just those of ``decode``, an eager step; past them, padding),
         then the chunks' tokens. Logits are kept for every decode token and the chunks that ask for them."""
         cache, scratch = self.cache, self.cache.scratch_row
         padding = tokens - len(decode)
-        ids = [token for _, token in decode] + [self._pad_token_id] * padding
+        ids = ([token for _, token in decode] if decode_ids is None else []) + [self._pad_token_id] * padding
         positions = [cache.length(row) for row, _ in decode] + [0] * padding
         write_rows = [row for row, _ in decode] + [scratch] * padding
         slots = [self._row_slots[row] for row, _ in decode] + [BASE] * padding
@@ -255,7 +262,9 @@ class Engine:
         device, at, rows = self.device, positions[:len(decode)], write_rows[:len(decode)]
         plan = (_decode_groups(at, rows, device) if blocks is None
                 else _decode_blocks(at, rows, tokens, blocks, scratch, device))
-        return StepTensors(ids=torch.tensor(ids, device=device), positions=torch.tensor(positions, device=device),
+        host_ids = torch.tensor(ids, dtype=torch.long, device=device)
+        return StepTensors(ids=host_ids if decode_ids is None else torch.cat([decode_ids, host_ids]),
+                           positions=torch.tensor(positions, device=device),
                            write_rows=torch.tensor(write_rows, device=device), decode=plan, chunks=tuple(packed),
                            keep=torch.tensor(keep, dtype=torch.long, device=device),
                            lora=self._lora_step(slots, compiled=blocks is not None))
@@ -306,6 +315,15 @@ class Engine:
         eos = set(options.eos_token_ids)
         finished = [bool(seq) and seq[-1] in eos for seq in sequences]
         return BeamOutput(sequences=sequences, logprobs=logprobs, finished=finished)
+
+
+class DeviceTokens(list):
+    """``Engine.step``'s decode rows ``(row, None)`` whose tokens are still on the device, in ``ids`` [rows]: a list
+    like any other ``decode``, so whatever wraps the step passes it on unchanged."""
+
+    def __init__(self, rows: Sequence[int], ids: torch.Tensor) -> None:
+        super().__init__((row, None) for row in rows)
+        self.ids = ids
 
 
 def _decode_groups(positions: list[int], rows: list[int], device: torch.device) -> DecodePlan | None:

@@ -1,14 +1,13 @@
-"""Choosing each sequence's next token, with every sequence's own options, inside a shared batch.
+"""How each sequence picks its tokens: its options, built once when it starts, with transformers' meaning.
 
 Sequences in one batch may ask for different things (greedy or sampled, their own temperature, top-k, seed, banned
-words...). The logits processors are transformers' own, so each option means exactly what it means in
-``generate``; they are applied to each sequence's own unpadded token ids, so a sequence gets the same tokens alone
-or in a batch. Options that do not depend on the token ids (the sampling warpers) run once per group of sequences
-that share them, which in practice is the whole batch. OpenAI's presence and frequency penalties, which
-transformers does not have, are one small processor of the same kind here (``OpenAIPenalties``).
+words...). The common options become values of a row in the batch's tensors and are applied for the whole batch at
+once (``choice``); the rare ones that read a sequence's own token ids keep transformers' logits processors, applied to
+that sequence's unpadded ids, so a sequence gets the same tokens alone or in a batch. OpenAI's presence and frequency
+penalties, which transformers does not have, are one small processor of the same kind here (``OpenAIPenalties``).
 
 The log-probabilities a request asks for (``/chat``'s ``output_scores``, OpenAI's ``logprobs`` and
-``top_logprobs``) are taken here, from the scores the token was chosen from, for every route alike.
+``top_logprobs``) are taken from the scores the token was chosen from, for every route alike.
 """
 
 from __future__ import annotations
@@ -106,6 +105,25 @@ class TextStopCriteria(StoppingCriteria):
         return any(text.count(stop) > before.count(stop) for stop in self.stop_strings)
 
 
+@dataclass(frozen=True)
+class RowOptions:
+    """A sequence's options as values of its row in the batch's tensors; neutral values leave its scores alone."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p_drop: float = 0.0  # 1 - top_p, computed as transformers' ``TopPLogitsWarper`` does
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    rare_warp: bool = False  # top-h, epsilon or eta: the row is warped by transformers' own warpers
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
 @dataclass
 class SequenceSampler:
     """How one sequence picks its tokens; built once when the sequence starts."""
@@ -113,26 +131,43 @@ class SequenceSampler:
     prompt_len: int
     min_new_tokens: int
     eos_token_ids: tuple[int, ...]
-    processors: LogitsProcessorList  # those that read the sequence's token ids
+    processors: LogitsProcessorList  # the rare ones that read the sequence's token ids, in generate's order
     warp_key: WarpKey | None  # None: greedy
+    row_options: RowOptions
     generator: torch.Generator | None  # set when the request gave a seed
     logprobs: bool
     top_logprobs: int = 0
     stop_strings: StopStringCriteria | TextStopCriteria | None = None  # see ``stop_string_criteria``
 
-    def stopped(self, tokens: list[int]) -> bool:
-        """Whether the sequence now ends with one of its stop strings."""
-        if self.stop_strings is None or len(tokens) <= self.prompt_len:
-            return False
-        ids = torch.tensor([tokens[-self.stop_strings.maximum_token_len:]])  # [1, tail]: all the matcher reads
-        return bool(self.stop_strings(ids, None)[0])
+
+
+def stopped_on_strings(samplers: Sequence[SequenceSampler], sequences: Sequence[list[int]]) -> list[bool]:
+    """Whether each sequence now ends with one of its stop strings: one matcher call for all the sequences that
+    share a set of stop strings (the matcher is kept per set) and hold at least its tail of tokens."""
+    stopped = [False] * len(samplers)
+    groups: dict[int, list[int]] = {}
+    for i, (sampler, tokens) in enumerate(zip(samplers, sequences)):
+        if sampler.stop_strings is not None and len(tokens) > sampler.prompt_len:
+            groups.setdefault(id(sampler.stop_strings), []).append(i)
+    for rows in groups.values():
+        matcher = samplers[rows[0]].stop_strings
+        tail = matcher.maximum_token_len
+        full = [i for i in rows if len(sequences[i]) >= tail]
+        parts = [full] if full else []
+        parts += [[i] for i in rows if len(sequences[i]) < tail]  # shorter than the tail: each alone, unpadded
+        for part in parts:
+            ids = torch.tensor([sequences[i][-tail:] for i in part])  # [rows, tail]: all the matcher reads
+            for i, hit in zip(part, matcher(ids, None).tolist()):
+                stopped[i] = bool(hit)
+    return stopped
 
 
 def make_sampler(options: GenerationOptions, prompt_ids: list[int], sequence_index: int, device: torch.device,
                  tokenizer: PreTrainedTokenizerBase) -> SequenceSampler:
     """The sampler for sequence ``sequence_index`` of a request (several with num_return_sequences); stop strings
     and grammars read the ``tokenizer``'s vocabulary."""
-    processors = _id_processors(options, prompt_ids, device)
+    reads_ids = _reads_ids(options) or options.grammar is not None
+    processors = _id_processors(options, prompt_ids, device) if reads_ids else LogitsProcessorList()
     if options.grammar is not None:  # its state: this sequence's
         processors.append(_option("grammar", prompt_ids, lambda: _grammar_mask(options.grammar, tokenizer, prompt_ids)))
     generator = None
@@ -140,13 +175,40 @@ def make_sampler(options: GenerationOptions, prompt_ids: list[int], sequence_ind
         generator = torch.Generator(device=device).manual_seed(sequence_seed(options.seed, sequence_index))
     warp_key = (options.temperature, options.top_h, options.top_k, options.top_p, options.min_p, options.typical_p,
                 options.epsilon_cutoff, options.eta_cutoff) if options.do_sample else None
+    row = _row_options(options, batched_penalties=not reads_ids)
+    if row.penalized:  # built as its processor would be: a failure is the option's (a 422 naming it)
+        name = ("repetition_penalty" if options.repetition_penalty != 1.0
+                else "presence_penalty" if options.presence_penalty else "frequency_penalty")
+        row = _option(name, prompt_ids, lambda: row)
     stops = None
     if options.stop_strings:
         stops = _option("stop_strings", prompt_ids, lambda: stop_string_criteria(tokenizer, options.stop_strings))
     return SequenceSampler(prompt_len=len(prompt_ids), min_new_tokens=options.min_new_tokens,
                            eos_token_ids=options.eos_token_ids, processors=processors, warp_key=warp_key,
-                           generator=generator, logprobs=options.logprobs, top_logprobs=options.top_logprobs,
-                           stop_strings=stops)
+                           row_options=row, generator=generator, logprobs=options.logprobs,
+                           top_logprobs=options.top_logprobs, stop_strings=stops)
+
+
+def _reads_ids(options: GenerationOptions) -> bool:
+    """Whether a rare option that reads the sequence's ids is set (then its penalties run in the same list; a
+    grammar is one too)."""
+    return bool(options.sequence_bias or options.no_repeat_ngram_size or options.encoder_no_repeat_ngram_size
+                or options.bad_words_ids or options.forced_bos_token_id is not None or options.forced_eos_token_id
+                or options.remove_invalid_values or options.exponential_decay_length_penalty is not None
+                or options.suppress_tokens or options.begin_suppress_tokens)
+
+
+def _row_options(options: GenerationOptions, batched_penalties: bool) -> RowOptions:
+    """The batched values of a sequence's options: its warpers when it samples, its penalties unless its own
+    processors apply them; ``1 - top_p`` in double precision, as transformers computes it."""
+    penalties = dict(repetition_penalty=options.repetition_penalty, presence_penalty=options.presence_penalty,
+                     frequency_penalty=options.frequency_penalty) if batched_penalties else {}
+    if not options.do_sample:
+        return RowOptions(**penalties)
+    return RowOptions(temperature=options.temperature, top_k=options.top_k, top_p_drop=1 - options.top_p,
+                      min_p=options.min_p, typical_p=options.typical_p, **penalties,
+                      rare_warp=options.top_h < 1.0 or 0.0 < options.epsilon_cutoff < 1.0
+                      or 0.0 < options.eta_cutoff < 1.0)
 
 
 def _option(option: str, prompt_ids: Sequence[int], build: Callable[[], T]) -> T:
@@ -249,59 +311,8 @@ def sequence_seed(seed: int, sequence_index: int) -> int:
     return (seed * 1_000_003 + sequence_index * 7_919) % 2**63
 
 
-def choose_next_tokens(logits: torch.Tensor, samplers: list[SequenceSampler], sequences: list[list[int]],
-                       rng: torch.Generator | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
-    """Pick one token per row of ``logits`` [batch, vocab]; ``sequences`` holds each row's ids so far.
-
-    Sequences without a seed of their own draw from ``rng`` (the batcher's), never from torch's global generator,
-    which a seeded beam search on another thread may be using."""
-    scores = logits.float()  # [batch, vocab]
-    _apply_id_processors(scores, samplers, sequences)
-    _suppress_early_eos(scores, samplers, sequences)
-    groups = _group_by_warp(samplers)
-    if len(groups) == 1:  # the usual case: every sequence shares its warpers, no indexing needed
-        (warp_key, rows), = groups.items()
-        if warp_key is not None:
-            scores = _warp(scores, warp_key)
-        tokens = _pick(scores, warp_key, [samplers[i].generator or rng for i in rows])
-    else:
-        tokens = torch.empty(len(samplers), dtype=torch.long, device=scores.device)
-        for warp_key, rows in groups.items():
-            index = torch.tensor(rows, device=scores.device)
-            if warp_key is not None:
-                scores[index] = _warp(scores[index], warp_key)
-            tokens[index] = _pick(scores[index], warp_key, [samplers[i].generator or rng for i in rows])
-    chosen = tokens.tolist()
-    return chosen, _logprobs(scores, tokens, samplers)
-
-
-def _apply_id_processors(scores: torch.Tensor, samplers: list[SequenceSampler], sequences: list[list[int]]) -> None:
-    for row, sampler in enumerate(samplers):
-        if sampler.processors:
-            ids = torch.tensor([sequences[row]], device=scores.device)  # [1, seq]
-            scores[row : row + 1] = sampler.processors(ids, scores[row : row + 1])
-
-
-def _suppress_early_eos(scores: torch.Tensor, samplers: list[SequenceSampler], sequences: list[list[int]]) -> None:
-    """min_new_tokens / min_length: eos may not be chosen before that many tokens were generated."""
-    rows, columns = [], []
-    for row, sampler in enumerate(samplers):
-        if len(sequences[row]) - sampler.prompt_len < sampler.min_new_tokens:
-            rows += [row] * len(sampler.eos_token_ids)
-            columns += sampler.eos_token_ids
-    if rows:  # one indexed write for the whole batch
-        scores[torch.tensor(rows, device=scores.device), torch.tensor(columns, device=scores.device)] = -torch.inf
-
-
-def _group_by_warp(samplers: list[SequenceSampler]) -> dict[WarpKey | None, list[int]]:
-    groups: dict[WarpKey | None, list[int]] = {}
-    for row, sampler in enumerate(samplers):
-        groups.setdefault(sampler.warp_key, []).append(row)
-    return groups
-
-
-def _warp(scores: torch.Tensor, key: WarpKey) -> torch.Tensor:
-    """transformers' sampling warpers, in generate's order."""
+def warp(scores: torch.Tensor, key: WarpKey) -> torch.Tensor:
+    """transformers' sampling warpers, in generate's order (for the rows whose warpers are not batched)."""
     temperature, top_h, top_k, top_p, min_p, typical_p, epsilon, eta = key
     if temperature != 1.0:
         scores = TemperatureLogitsWarper(temperature)(None, scores)
@@ -322,35 +333,12 @@ def _warp(scores: torch.Tensor, key: WarpKey) -> torch.Tensor:
     return scores
 
 
-def _pick(scores: torch.Tensor, warp_key: WarpKey | None, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """Greedy rows take the best token; sampled rows draw from their (already warped) distribution."""
-    if warp_key is None:
-        return scores.argmax(dim=-1)
-    probs = scores.softmax(dim=-1)
-    broken = ~torch.isfinite(probs).all(dim=-1)  # every token banned, or logits that overflowed
-    if broken.any():
-        # Such a row has no distribution to sample from; its best finite score is the only sensible choice, and a
-        # bad row must not fail the other requests sharing the batch.
-        best = torch.nan_to_num(scores[broken], nan=-torch.inf).argmax(dim=-1)
-        probs[broken] = torch.nn.functional.one_hot(best, probs.shape[-1]).to(probs.dtype)
-    return _sample(probs, generators)
-
-
-def _sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One draw per row; rows with a seed use their own generator so batching cannot change their draws."""
-    if all(g is generators[0] for g in generators):
-        return torch.multinomial(probs, num_samples=1, generator=generators[0]).squeeze(1)
-    return torch.cat([torch.multinomial(probs[i], num_samples=1, generator=g) for i, g in enumerate(generators)])
-
-
-def _logprobs(scores: torch.Tensor, tokens: torch.Tensor,
-              samplers: list[SequenceSampler]) -> list[TokenLogprob | None]:
-    """The chosen tokens' log-probabilities (and the top ones') under the distribution they were chosen from."""
-    wanted = [row for row, sampler in enumerate(samplers) if sampler.logprobs]
+def token_logprobs(scores: torch.Tensor, tokens: torch.Tensor, samplers: list[SequenceSampler],
+                   wanted: Sequence[int]) -> list[TokenLogprob | None]:
+    """The chosen tokens' log-probabilities (and the top ones') under the distribution they were chosen from, for
+    the ``wanted`` rows (None for the others)."""
     values: list[TokenLogprob | None] = [None] * len(samplers)
-    if not wanted:
-        return values
-    index = torch.tensor(wanted, device=scores.device)
+    index = torch.tensor(list(wanted), device=scores.device)
     logprobs = scores[index].log_softmax(dim=-1).nan_to_num(nan=-torch.inf).clamp(min=LOWEST_LOGPROB)  # [rows, vocab]
     picked = logprobs.gather(1, tokens[index].unsqueeze(1)).squeeze(1).tolist()
     most = max(samplers[row].top_logprobs for row in wanted)

@@ -22,10 +22,11 @@ from ...errors import GenerationFailed, ModelNotFound, PredictorError
 from .. import faults
 from .health import EngineHealth
 from ..lora.bank import BASE
-from ..model.runner import Engine
-from .running import RunningRequest, RunningSequence
-from ..sampling.sampler import TokenLogprob, choose_next_tokens, make_sampler
-from .tickets import Ticket, TokenEvent
+from ..model.runner import DeviceTokens, Engine
+from .running import PendingTokens, RunningRequest, RunningSequence
+from ..sampling.choice import ChoicePlan, SamplingTable, choose_tokens
+from ..sampling.sampler import TokenLogprob, make_sampler, stopped_on_strings
+from .tickets import Ticket, TokenEvent, emit_all
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ class DecodeBatch:
         self.max_prefill_tokens = max_prefill_tokens
         self.prefix_caching = prefix_caching
         self.requests: list[RunningRequest] = []
+        self.sampling = SamplingTable(engine.device, engine.info.vocab_size)  # each cache row's options
+        self._admitted = 0  # requests started so far: a row's options change only when one starts
+        self._plan: tuple[object, ChoicePlan] | None = None  # the last step's choice plan, and whom it was for
+        self._pending: PendingTokens | None = None  # tokens chosen by the last step, on the device, not read yet
+        self._waited = 0.0  # this step's time reading tokens back (waiting for the device)
 
     @property
     def running_sequences(self) -> int:
@@ -55,6 +61,7 @@ class DecodeBatch:
                 return None
             try:
                 self.requests.append(self._start(ticket, self.running_sequences, slot))
+                self._admitted += 1
             except BaseException:
                 self._release_slot(slot)
                 raise
@@ -101,6 +108,7 @@ class DecodeBatch:
             for index, sampler in enumerate(samplers):
                 row = cache.allocate(running + index, hit if index == 0 else None, salt)
                 self.engine.use_adapter(row, slot)
+                self.sampling.set_row(row, sampler, prompt)
                 sequences.append(RunningSequence(ticket, index, row, list(prompt), sampler, len(prompt),
                                                  computed=cache.length(row)))
                 faults.inject("rows", prompt)
@@ -123,15 +131,26 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def step(self) -> None:
+        started, self._waited = time.perf_counter(), 0.0
+        self._step()
+        metrics.STEP_DEVICE_WAIT_SECONDS.observe(self._waited)
+        metrics.STEP_HOST_SECONDS.observe(time.perf_counter() - started - self._waited)
+
+    def _step(self) -> None:
+        """Launch this step's forward pass and token choice, then read back the tokens chosen by the step before
+        (the device computes this step meanwhile) and give them to their sequences: one step ahead."""
         self._drop_unstarted()
-        decoding = [seq for request in self.requests if not request.leader.prefilling for seq in request.sequences
-                    if seq.finish_reason is None]
+        pending, self._pending = self._pending, None
+        decoding = self._decoding(pending)
+        if pending is not None and not pending.holds(decoding):  # a row whose token is on the host already
+            self._settle(pending, [])
+            pending = None
         prefilling = self._plan_prefill()
-        if decoding or prefilling:
-            forwarded = self._forward(decoding, prefilling)
-            if forwarded is None:  # every request in the pass failed: nothing to choose, no sign of health
-                return
+        fed: list[RunningSequence] = []  # fed their token still on the device
+        forwarded = self._forward(decoding, prefilling, pending) if decoding or prefilling else None
+        if forwarded is not None:
             logits, decoding, prefilling = forwarded
+            fed = decoding if pending is not None else []
             finishing, row = [], len(decoding)
             for request, take, wanted in prefilling:
                 request.note_prompt_logprobs(take, logits[row:row + wanted])
@@ -139,19 +158,61 @@ class DecodeBatch:
                 row += wanted
                 if not request.leader.prefilling:
                     finishing.append((request, row - 1))  # its first token comes from its last row of logits
-            self._choose_first_and_next(decoding, finishing, logits)
+            choosers, logits = self._choosers(decoding, finishing, logits)
+            if choosers:
+                plan = self._plan_for(choosers)
+                if pending is not None and plan.id_rows:  # their processors read the tokens on the device
+                    self._settle(pending, fed)
+                    pending = None
+                self._pending = self._choose(choosers, logits, plan)
+        if pending is not None:
+            self._settle(pending, fed)
         self._retire()
-        self.health.succeeded()
+        if forwarded is not None or not (decoding or prefilling):  # every request in the pass failed: no sign
+            self.health.succeeded()
 
-    def _forward(self, decoding: list[RunningSequence], prefilling: list[tuple[RunningRequest, int, int]]
+    def _decoding(self, pending: PendingTokens | None) -> list[RunningSequence]:
+        """The sequences to feed this step: every running one past its prompt, but one whose token on the device
+        is its last by length (the step after it would be wasted)."""
+        ahead = pending.position if pending is not None else {}
+        return [seq for request in self.requests if not request.leader.prefilling for seq in request.sequences
+                if seq.finish_reason is None
+                and len(seq.tokens) - seq.prompt_len + (id(seq) in ahead) < seq.ticket.job.options.max_new_tokens]
+
+    def _settle(self, pending: PendingTokens, fed: list[RunningSequence]) -> None:
+        """Read back the tokens chosen by the step before and give them to their sequences: the cache learns those
+        ``fed`` this step, each sequence checks whether it ends (eos, stop strings, length, cancellation) and its
+        client gets its event. A sequence that ended already (on the token before, or its request failed) drops
+        its token: no text past its end is ever sent."""
+        tokens = self._read_back(pending.tokens)
+        fed_now = {id(seq) for seq in fed}
+        taking = []
+        for seq, token, logprob in zip(pending.sequences, tokens, pending.logprobs):
+            if seq.finish_reason is not None or seq.row < 0:
+                continue
+            if id(seq) in fed_now:
+                self.engine.cache.extend(seq.row, (token,))
+            seq.tokens.append(token)
+            if logprob is not None:
+                seq.logprobs.append(logprob)
+            taking.append((seq, token, logprob))
+        stopped = stopped_on_strings([seq.sampler for seq, _, _ in taking], [seq.tokens for seq, _, _ in taking])
+        events = []
+        for (seq, token, logprob), stop in zip(taking, stopped):
+            seq.finish_reason = seq.finish_reason_after(token, stop)
+            events.append((seq.ticket, TokenEvent(seq.index, token, seq.finish_reason, logprob)))
+        emit_all(events)
+
+    def _forward(self, decoding: list[RunningSequence], prefilling: list[tuple[RunningRequest, int, int]],
+                 pending: PendingTokens | None
                  ) -> tuple[torch.Tensor, list[RunningSequence], list[tuple[RunningRequest, int, int]]] | None:
         """One forward pass for the decoding sequences and the planned prompt chunks: (logits, and the sequences
         and chunks they are for), None if every request in it failed. If the pass raises, the prompts are presumed
         at fault and fail; if the decode rows alone fail too, each request's rows run on their own, and only the
         requests whose rows fail again end. Keys and values are committed only by a pass that succeeded, so a
-        pass can be rerun."""
+        pass can be rerun. The decoding sequences' tokens are ``pending``'s, on the device, when it is given."""
         try:
-            return self._run_step(decoding, prefilling), decoding, prefilling
+            return self._run_step(decoding, prefilling, pending), decoding, prefilling
         except Exception as exc:  # noqa: BLE001 - fail the prompts, keep the others
             error = exc
         if prefilling:
@@ -159,7 +220,7 @@ class DecodeBatch:
             if not decoding:
                 return None
             try:
-                return self._run_step(decoding, []), decoding, []
+                return self._run_step(decoding, [], pending), decoding, []
             except Exception as exc:  # noqa: BLE001
                 error = exc
         requests = self._requests_of(decoding)
@@ -170,32 +231,32 @@ class DecodeBatch:
         for request in requests:
             rows = [seq for seq in decoding if seq.ticket is request.ticket]
             try:
-                parts.append(self._run_step(rows, []))
+                parts.append(self._run_step(rows, [], pending))
                 kept += rows
             except Exception as exc:  # noqa: BLE001
                 self._fail_requests([request], exc)
         return (torch.cat(parts), kept, []) if parts else None
 
-    def _run_step(self, decoding: list[RunningSequence], prefilling: list[tuple[RunningRequest, int, int]]
-                  ) -> torch.Tensor:
+    def _run_step(self, decoding: list[RunningSequence], prefilling: list[tuple[RunningRequest, int, int]],
+                  pending: PendingTokens | None) -> torch.Tensor:
         for seq in decoding:
             faults.inject("decode", seq.ticket.job.prompt_ids)
         for request, _, _ in prefilling:
             faults.inject("prefill", request.ticket.job.prompt_ids)
-        decode = [(seq.row, seq.tokens[-1]) for seq in decoding]
         chunks = [(r.leader.row, r.leader.tokens[r.leader.computed:r.leader.computed + take], wanted)
                   for r, take, wanted in prefilling]
-        return self.engine.step(decode, chunks)
+        if pending is None or not decoding:
+            return self.engine.step([(seq.row, seq.tokens[-1]) for seq in decoding], chunks)
+        return self.engine.step(DeviceTokens([seq.row for seq in decoding], pending.of_sequences(decoding)), chunks)
 
     def _requests_of(self, sequences: list[RunningSequence]) -> list[RunningRequest]:
         tickets = {id(seq.ticket) for seq in sequences}
         return [request for request in self.requests if id(request.ticket) in tickets]
 
-    def _choose_first_and_next(self, decoding: list[RunningSequence], finishing: list[tuple[RunningRequest, int]],
-                               logits: torch.Tensor) -> None:
-        """Pick the decoding sequences' next tokens, and the first tokens of the requests whose prompts are now
-        complete: every sequence of such a request picks from its leader's row of logits, after copying its
-        prompt."""
+    def _choosers(self, decoding: list[RunningSequence], finishing: list[tuple[RunningRequest, int]],
+                  logits: torch.Tensor) -> tuple[list[RunningSequence], torch.Tensor]:
+        """Who picks a token from which row of ``logits``: the decoding sequences, and every sequence of each
+        request whose prompt is now complete, from its leader's row, after copying its prompt."""
         choosers, rows = list(decoding), list(range(len(decoding)))
         for request, row in finishing:
             for seq in request.sequences[1:]:
@@ -203,10 +264,9 @@ class DecodeBatch:
                 seq.computed = seq.prompt_len
             choosers += request.sequences
             rows += [row] * len(request.sequences)
-        if choosers:
-            if rows != list(range(logits.shape[0])):
-                logits = logits[torch.tensor(rows, device=logits.device)]
-            self._choose(choosers, logits)
+        if choosers and rows != list(range(logits.shape[0])):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        return choosers, logits
 
     def _plan_prefill(self) -> list[tuple[RunningRequest, int, int]]:
         """This step's prompt chunks, oldest request first, within ``max_prefill_tokens``: (request, tokens, logits
@@ -228,24 +288,42 @@ class DecodeBatch:
                 for seq in request.sequences:
                     seq.finish_reason = reason
 
-    @torch.inference_mode()
-    def _choose(self, sequences: list[RunningSequence], logits: torch.Tensor) -> None:
+    def _choose(self, sequences: list[RunningSequence], logits: torch.Tensor, plan: ChoicePlan
+                ) -> PendingTokens | None:
+        """Launch the choice of ``sequences``' next tokens; they are read back by the next step."""
         try:
             for seq in sequences:
                 faults.inject("sampling", seq.ticket.job.prompt_ids)
-            tokens, logprobs = choose_next_tokens(logits, [s.sampler for s in sequences],
-                                                  [s.tokens for s in sequences], self.rng)
+            tokens, logprobs = self._choose_tokens(sequences, logits, plan)
         except Exception:  # noqa: BLE001 - find whose choice fails: each request's rows on their own
             sequences, tokens, logprobs = self._choose_each(sequences, logits)
-        for seq, token, logprob in zip(sequences, tokens, logprobs):
-            seq.tokens.append(token)
-            if logprob is not None:
-                seq.logprobs.append(logprob)
-            seq.finish_reason = seq.finish_reason_after(token)
-            seq.ticket.emit(TokenEvent(seq.index, token, seq.finish_reason, logprob))
+        return PendingTokens.of(sequences, tokens, logprobs) if sequences else None
+
+    def _plan_for(self, sequences: list[RunningSequence]) -> ChoicePlan:
+        """The choice plan of these rows: the last step's while the same sequences run in the same order."""
+        key = (self._admitted, [seq.row for seq in sequences])
+        if self._plan is None or self._plan[0] != key:
+            self._plan = key, ChoicePlan.of([seq.sampler for seq in sequences], key[1], self.engine.device)
+        return self._plan[1]
+
+    def _choose_tokens(self, sequences: list[RunningSequence], logits: torch.Tensor, plan: ChoicePlan
+                       ) -> tuple[torch.Tensor, list[TokenLogprob | None]]:
+        """The rows' tokens, chosen on the device, and their counts moved on there; nothing is read back but the
+        log-probabilities of the rows that ask."""
+        ids = [seq.tokens for seq in sequences] if plan.id_rows else []
+        tokens, logprobs = choose_tokens(logits, plan, self.sampling, ids, self.rng)
+        self.sampling.advance(plan.rows, tokens)
+        return tokens, logprobs or [None] * len(sequences)
+
+    def _read_back(self, tokens: torch.Tensor) -> list[int]:
+        """The chosen tokens on the host: where the step waits for the device (timed)."""
+        started = time.perf_counter()
+        chosen = tokens.tolist()
+        self._waited += time.perf_counter() - started
+        return chosen
 
     def _choose_each(self, sequences: list[RunningSequence], logits: torch.Tensor
-                     ) -> tuple[list[RunningSequence], list[int], list[TokenLogprob | None]]:
+                     ) -> tuple[list[RunningSequence], torch.Tensor, list[TokenLogprob | None]]:
         """Token choice request by request, after it failed for the batch: the requests it fails for again end,
         the others get their tokens."""
         kept, tokens, logprobs = [], [], []
@@ -255,15 +333,15 @@ class DecodeBatch:
             try:
                 for seq in mine:
                     faults.inject("sampling", seq.ticket.job.prompt_ids)
-                chosen, scored = choose_next_tokens(logits[torch.tensor(rows, device=logits.device)],
-                                                    [s.sampler for s in mine], [s.tokens for s in mine], self.rng)
+                plan = ChoicePlan.of([s.sampler for s in mine], [s.row for s in mine], self.engine.device)
+                chosen, scored = self._choose_tokens(mine, logits[torch.tensor(rows, device=logits.device)], plan)
             except Exception as exc:  # noqa: BLE001
                 self._fail_requests([request], exc, stage="sampling")
                 continue
             kept += mine
-            tokens += chosen
+            tokens.append(chosen)
             logprobs += scored
-        return kept, tokens, logprobs
+        return kept, torch.cat(tokens) if tokens else torch.empty(0, dtype=torch.long), logprobs
 
     def _retire(self) -> None:
         """Free the rows of finished sequences; answer a request once all of its sequences are done. A request
@@ -298,6 +376,7 @@ class DecodeBatch:
         for request in self.requests:
             self._release_adapter(request)
         self.requests = []
+        self._pending = None
         self.engine.cache.clear()
         fail_tickets(self.health, tickets, exc)
 

@@ -4,6 +4,7 @@ itself (its next prompt chunk, its prompt's log-probabilities, when a sequence i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -33,10 +34,11 @@ class RunningSequence:
     def prefilling(self) -> bool:
         return self.computed < self.prompt_len
 
-    def finish_reason_after(self, token: int) -> str | None:
-        """Why the sequence ends with ``token`` just chosen, or None while it goes on."""
+    def finish_reason_after(self, token: int, stopped: bool) -> str | None:
+        """Why the sequence ends with ``token`` just chosen (``stopped``: completing one of its stop strings), or
+        None while it goes on."""
         options = self.ticket.job.options
-        if token in options.eos_token_ids or self.sampler.stopped(self.tokens):
+        if token in options.eos_token_ids or stopped:
             return "stop"
         if len(self.generated) >= options.max_new_tokens:
             return "length"
@@ -95,3 +97,27 @@ class RunningRequest:
 
     def outputs(self) -> list[SequenceOutput]:
         return [seq.output() for seq in sorted(self.sequences, key=lambda s: s.index)]
+
+
+@dataclass
+class PendingTokens:
+    """Tokens a step chose, still on the device: the next step feeds them to its forward pass before reading them
+    back (one step ahead)."""
+
+    sequences: list[RunningSequence]
+    tokens: torch.Tensor  # [len(sequences)], on the device
+    logprobs: Sequence[TokenLogprob | None]
+    position: dict[int, int]  # id(sequence) -> its index in ``sequences``
+
+    @classmethod
+    def of(cls, sequences: list[RunningSequence], tokens: torch.Tensor, logprobs: Sequence[TokenLogprob | None]
+           ) -> PendingTokens:
+        return cls(sequences, tokens, logprobs, {id(seq): i for i, seq in enumerate(sequences)})
+
+    def holds(self, sequences: list[RunningSequence]) -> bool:
+        return all(id(seq) in self.position for seq in sequences)
+
+    def of_sequences(self, sequences: list[RunningSequence]) -> torch.Tensor:
+        """The tokens of ``sequences`` [n], on the device."""
+        index = torch.tensor([self.position[id(seq)] for seq in sequences], device=self.tokens.device)
+        return self.tokens[index]
