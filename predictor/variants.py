@@ -11,11 +11,16 @@ import difflib
 import os
 from dataclasses import dataclass
 
+from .engine.quantization.schemes import BYTES_PER_WEIGHT
+
 FALCON_CONTEXT_LENGTH = 2048  # every Falcon was trained with a 2048-token context
 FALCON_HEAD_DIM = 64
 # GPU memory a replica keeps out of the KV cache besides the weights: the CUDA context and torch's allocator, per GPU
 GPU_OVERHEAD_GIB = 2.0
 KV_CACHE_SHARE = 0.9  # of what the weights leave, as the engine's default budget (GPU_KV_CACHE_SHARE)
+FALCON_VOCAB = 65024  # the embedding, tied with lm_head: kept in bfloat16 whatever the linear layers' scheme
+# What a head of one token takes in the KV cache: bfloat16, or fp8 with a bfloat16 scale (``kv_cache``)
+KV_BYTES_PER_HEAD = {"auto": FALCON_HEAD_DIM * 2, "fp8": FALCON_HEAD_DIM + 2}
 
 
 @dataclass(frozen=True)
@@ -34,18 +39,37 @@ class Variant:
     layers: int
     kv_heads: int  # K/V heads per layer: what one token costs in the KV cache
     gpu_gb: int  # the smallest GPU (GB each) the manifests deploy it on
+    hidden_size: int = 4544
 
     @property
     def kv_bytes_per_token(self) -> int:
         """Keys and values of one token in every layer, in the 2-byte serving dtype."""
-        return 2 * self.layers * self.kv_heads * FALCON_HEAD_DIM * 2
+        return self.kv_bytes_per_token_in("auto")
+
+    def kv_bytes_per_token_in(self, kv_cache_dtype: str) -> int:
+        """Keys and values of one token in every layer, stored as ``--kv_cache_dtype`` says."""
+        return 2 * self.layers * self.kv_heads * KV_BYTES_PER_HEAD[kv_cache_dtype]
+
+    def weight_bytes(self, scheme: str | None = None) -> float:
+        """The weights on GPUs: the linear layers in ``scheme`` (None: bfloat16), the embedding in bfloat16."""
+        embedding = FALCON_VOCAB * self.hidden_size
+        return (self.parameters_b * 1e9 - embedding) * BYTES_PER_WEIGHT[scheme] + embedding * 2
+
+    def gpu_memory_gib_in(self, scheme: str | None) -> float:
+        """GPU memory one replica needs in ``scheme``: ``gpu_memory_gib`` with the weights in that scheme."""
+        return self.gpu_memory_gib - (self.weight_bytes() - self.weight_bytes(scheme)) / 2**30
 
     @property
     def kv_rows(self) -> int:
         """Full-context sequences the default KV cache budget holds on ``gpus`` GPUs of ``gpu_gb``: 90% of what
         the bf16 weights and each GPU's overhead leave."""
-        free = self.gpus * (self.gpu_gb * 1e9 - GPU_OVERHEAD_GIB * 2**30) - self.parameters_b * 1e9 * 2
-        return int(KV_CACHE_SHARE * free) // (self.context_length * self.kv_bytes_per_token)
+        return self.rows_on(self.gpus, self.gpu_gb)
+
+    def rows_on(self, gpus: int, gpu_gb: int, scheme: str | None = None, kv_cache_dtype: str = "auto") -> int:
+        """Full-context sequences the default KV cache budget holds on ``gpus`` GPUs of ``gpu_gb``, the weights in
+        ``scheme`` and the cache in ``kv_cache_dtype``: 90% of what the weights and each GPU's overhead leave."""
+        free = gpus * (gpu_gb * 1e9 - GPU_OVERHEAD_GIB * 2**30) - self.weight_bytes(scheme)
+        return max(0, int(KV_CACHE_SHARE * free) // (self.context_length * self.kv_bytes_per_token_in(kv_cache_dtype)))
 
     @property
     def hf_uri(self) -> str:
@@ -64,10 +88,10 @@ VARIANTS: dict[str, Variant] = {
                 parameters_b=6.9, layers=32, kv_heads=1, gpu_gb=24),
         Variant("falcon-40b", "tiiuae/falcon-40b", "4a70170c215b36a3cce4b4253f6d0612bb7d4146",
                 "bfloat16", FALCON_CONTEXT_LENGTH, gpus=2, gpu_memory_gib=90, instruct=False,
-                parameters_b=41.3, layers=60, kv_heads=8, gpu_gb=80),
+                parameters_b=41.3, layers=60, kv_heads=8, gpu_gb=80, hidden_size=8192),
         Variant("falcon-40b-instruct", "tiiuae/falcon-40b-instruct", "ecb78d97ac356d098e79f0db222c9ce7c5d9ee5f",
                 "bfloat16", FALCON_CONTEXT_LENGTH, gpus=2, gpu_memory_gib=90, instruct=True,
-                parameters_b=41.3, layers=60, kv_heads=8, gpu_gb=80),
+                parameters_b=41.3, layers=60, kv_heads=8, gpu_gb=80, hidden_size=8192),
     )
 }
 
@@ -101,14 +125,29 @@ def cpu_memory_warning(variant: Variant, dtype: str, memory_gib: float | None = 
             f"On GPUs it is served in {variant.dtype} ({variant.gpus} GPU(s), about {variant.gpu_memory_gib} GiB).")
 
 
-def memory_shortfall(variant: Variant, gpu_gib: list[float], load_in_8bit: bool = False) -> str | None:
-    """Why ``variant`` cannot be served on GPUs of these sizes, and what would work; None when it fits."""
-    needed = variant.gpu_memory_gib / (2 if load_in_8bit else 1)
+def memory_shortfall(variant: Variant, gpu_gib: list[float], scheme: str | None = None) -> str | None:
+    """Why ``variant`` cannot be served on GPUs of these sizes with its weights in ``scheme`` (None: bfloat16), and
+    what would work, naming the scheme that fits; None when it fits."""
+    needed = variant.gpu_memory_gib_in(scheme)
     total = sum(gpu_gib)
     if total >= needed:
         return None
-    dtype = "8-bit" if load_in_8bit else variant.dtype
-    return (f"{variant.name} needs about {needed:.0f} GiB of GPU memory in {dtype}; this machine has "
-            f"{len(gpu_gib)} GPU(s) with {total:.0f} GiB in all. Ways that work: {variant.gpus} GPUs of 80 GB "
-            "(the layers are split across them), one GPU with more memory (e.g. 141 GB), or --load_in_8bit "
-            "(needs bitsandbytes; about half the memory).")
+    held = f"--quantization {scheme}" if scheme else variant.dtype
+    ways = []
+    for fewer in SMALLER_SCHEMES[scheme]:
+        if variant.gpu_memory_gib_in(fewer) <= total:
+            ways.append(f"{SCHEME_NAMES[fewer]} (about {variant.gpu_memory_gib_in(fewer):.0f} GiB)")
+            break
+    if scheme is None:
+        ways.append(f"{variant.gpus} GPUs of 80 GB (--tensor_parallel_size {variant.gpus})" if variant.gpus > 1
+                    else "a GPU of 24 GB or more")
+    ways.append("one GPU with more memory (e.g. 141 GB)")
+    return (f"{variant.name} needs about {needed:.0f} GiB of GPU memory in {held}; this machine has "
+            f"{len(gpu_gib)} GPU(s) with {total:.0f} GiB in all. Ways that work: {', '.join(ways)}.")
+
+
+# The schemes that take less memory than each, fewest bits last; and how to ask for them.
+SMALLER_SCHEMES: dict[str | None, tuple[str, ...]] = {None: ("fp8", "int4"), "int8": ("int4",), "fp8": ("int4",),
+                                                      "int4": ()}
+SCHEME_NAMES = {"fp8": "--quantization fp8 (H100, H200, L4; int8 on other GPUs)",
+                "int4": "--quantization int4"}
