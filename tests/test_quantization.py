@@ -23,7 +23,7 @@ import torch
 from generation import generated, make_job, run
 from lora_adapters import ALL_TARGETS, make_adapter, peft_model
 from predictor.engine.lora.adapter import TARGETS, linear_shapes, read_adapter
-from predictor.engine.model.runner import LoadSpec, load_engine
+from predictor.engine.model.runner import LoadSpec, load_engine, quantize
 from predictor.engine.parallel.ranks import ParallelSpec, load_sharded_engine
 from predictor.engine.quantization.linear import Int8Linear, weight_bytes
 from predictor.engine.quantization.schemes import scheme_refusal
@@ -119,6 +119,21 @@ def test_fp8_kv_cache_holds_about_twice_the_rows_of_bfloat16(engines):
     head = bf16.shape.head_dim
     assert fp8.cache_shape.bytes_per_token * 2 * head == bf16.cache_shape.bytes_per_token * (head + 2)
     assert fp8.rows_that_fit(2**30) / bf16.rows_that_fit(2**30) == pytest.approx(2 * head / (head + 2), rel=0.01)
+
+
+@pytest.mark.parametrize("arch", ["7b", "40b"])
+def test_loading_a_layer_at_a_time_gives_the_whole_loads_weights(tiny_dirs, arch):
+    """The layer-by-layer loader (what a quantized local checkpoint loads with) against loading the whole model and
+    quantizing it after: the same tensors, tied embeddings, rotary buffers and generation config."""
+    by_layers = load_engine(LoadSpec(str(tiny_dirs[arch]), device="cpu", quantization="int8"))
+    whole = load_engine(LoadSpec(str(tiny_dirs[arch]), device="cpu"))
+    quantize(whole.model, "int8", torch.device("cpu"))
+    ours, theirs = by_layers.model.state_dict(), whole.model.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == tensor.dtype and torch.equal(ours[name], tensor), name
+    assert by_layers.model.lm_head.weight is by_layers.model.transformer.word_embeddings.weight
+    assert by_layers.info == whole.info
 
 
 def test_gpu_schemes_are_refused_on_the_cpu_in_one_line():
@@ -217,7 +232,7 @@ def test_a_server_with_int8_weights_and_an_fp8_cache_answers_chat(start_server, 
     assert response.status_code == 200, response.text
     assert response.json()["Result"]
     log = server.log()
-    assert "Quantized the linear layers to int8: weights take" in log
+    assert "a layer at a time" in log and "the linear layers to int8: weights take" in log
     assert "stored as fp8 e4m3 + a bfloat16 scale per head" in log
     server.stop()
 

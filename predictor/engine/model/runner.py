@@ -26,6 +26,7 @@ from .kv_cache import CacheShape, KVCache, column_tiers, default_row_cap, row_bu
 from ..lora.adapter import AdapterError, linear_shapes
 from ..lora.bank import BASE, AdapterBank, LoraStep
 from ..lora.merge import merge_adapters
+from .loading import can_load_by_layers, load_by_layers
 from ..options import GenerationOptions, ModelInfo
 from ..quantization.linear import quantize_linears, weight_bytes
 from ..quantization.schemes import scheme_refusal
@@ -402,6 +403,12 @@ def load_engine(spec: LoadSpec) -> Engine:
         raise SystemExit(refusal)
     logger.info("Loading %s (revision %s) on %s as %s", spec.source, spec.revision or "default", device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(spec.source, revision=spec.revision, trust_remote_code=False)
+    if spec.quantization is not None and not spec.merged_adapters and can_load_by_layers(spec.source):
+        before = time.monotonic()
+        model = load_by_layers(spec.source, dtype, spec.quantization, torch.device(device))
+        logger.info("Loaded %s a layer at a time in %.1f s; quantized the linear layers to %s: weights take %s",
+                    type(model).__name__, time.monotonic() - before, spec.quantization, _size(weight_bytes(model)))
+        return Engine(model, tokenizer, spec.kv_cache_dtype)
     # PyTorch's scaled-dot-product attention (fused kernels on GPUs); named so a transformers default cannot change it
     kwargs: dict = dict(revision=spec.revision, dtype=dtype, trust_remote_code=False, attn_implementation="sdpa")
     if device == "cuda" and spec.quantization is None:
@@ -427,5 +434,9 @@ def quantize(model: torch.nn.Module, scheme: str, device: torch.device) -> None:
     before = weight_bytes(model)
     quantize_linears(model, scheme, device if device.type == "cuda" else None)
     model.to(device)
-    logger.info("Quantized the linear layers to %s: weights take %.2f GiB (%.2f GiB unquantized, %.2fx)", scheme,
-                weight_bytes(model) / 2**30, before / 2**30, weight_bytes(model) / before)
+    logger.info("Quantized the linear layers to %s: weights take %s (%s unquantized)", scheme,
+                _size(weight_bytes(model)), _size(before))
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"

@@ -68,13 +68,18 @@ def quantize_linears(model: torch.nn.Module, scheme: str, device: torch.device |
     for layer in model.transformer.h:
         if device is not None:
             layer.to(device)
-        for target, block in TARGETS.items():
-            parent = getattr(layer, block)
-            linear = getattr(parent, target)
-            if scheme == "int8":
-                setattr(parent, target, Int8Linear.from_linear(linear))
-            else:
-                _quantize_with_torchao(linear, scheme)
+        quantize_layer(layer, scheme)
+
+
+def quantize_layer(layer: torch.nn.Module, scheme: str) -> None:
+    """Quantize one decoder layer's four linear layers to ``scheme``, in place, where the layer lies."""
+    for target, block in TARGETS.items():
+        parent = getattr(layer, block)
+        linear = getattr(parent, target)
+        if scheme == "int8":
+            setattr(parent, target, Int8Linear.from_linear(linear))
+        else:
+            _quantize_with_torchao(linear, scheme)
 
 
 def _quantize_with_torchao(linear: torch.nn.Linear, scheme: str) -> None:
