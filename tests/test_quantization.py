@@ -39,7 +39,7 @@ GREEDY_TOKENS, GREEDY_FIRST, GREEDY_PREFIX = 8, 0.75, {"int8": 0.6, "fp8_kv": 0.
 
 
 def load(model_dir, **spec):
-    engine = load_engine(LoadSpec(str(model_dir), device="cpu", **spec))
+    engine = load_engine(LoadSpec(str(model_dir), **{"device": "cpu", **spec}))
     engine.reserve(8)
     return engine
 
@@ -245,3 +245,24 @@ def test_kaito_flags_map_onto_schemes():
     assert parse_config(["--quantization", "int8", "--load_in_8bit"]).quantization == "int8"
     assert parse_config([]).quantization is None and parse_config([]).kv_cache_dtype == "auto"
     assert dataclasses.replace(parse_config(["--kv_cache_dtype", "fp8"])).kv_cache_dtype == "fp8"
+
+
+# ---- on a GPU --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["int8", "fp8", "int4"])
+def test_on_a_gpu_each_scheme_runs_within_its_tolerance(tiny_dirs, scheme):
+    """torchao's fp8 and int4 where the GPU has them (refused in one line otherwise), int8 everywhere: the logits of
+    the bfloat16 model quantized, against the bfloat16 model's, within twice int8's CPU bound (int4 keeps 16 levels
+    a group: eight times)."""
+    refusal = scheme_refusal(scheme, "cuda", torch.cuda.get_device_capability())
+    if refusal:
+        with pytest.raises(SystemExit, match=f"--quantization {scheme} needs"):
+            load_engine(LoadSpec(str(tiny_dirs["40b"]), device="cuda", dtype="bfloat16", quantization=scheme))
+        return
+    for arch in ("7b", "40b"):
+        reference = load(tiny_dirs[arch], device="cuda", dtype="bfloat16")
+        quantized = load(tiny_dirs[arch], device="cuda", dtype="bfloat16", quantization=scheme)
+        out, ref = all_logits(quantized), all_logits(reference)
+        bound = INT8_MEAN * (8 if scheme == "int4" else 2)
+        assert ((out - ref).abs().mean() / ref.std()).item() < bound, (arch, scheme)
