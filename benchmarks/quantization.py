@@ -8,7 +8,7 @@ a real one does. One run measures, each configuration in a process of its own:
 for float32, bfloat16, and int8 weights over each (``--quantization int8``); and the rows a KV cache budget holds
 with ``--kv_cache_dtype fp8`` against bfloat16, for this model and for the real falcon-7b and falcon-40b shapes.
 
-    python benchmarks/quantization.py [--layers 2] [--steps 10]
+    python benchmarks/quantization.py [--layers 2] [--steps 10] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -136,14 +136,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # one configuration, in a child
-    parser.add_argument("--dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--dir", default=None, help="where the random checkpoint is kept (default: a temporary folder)")
     args = parser.parse_args()
     if args.measure is not None:
         dtype, quantization = CONFIGS[args.measure]
         print(json.dumps(measure(args.dir, dtype, quantization, args.steps)))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = str(build_checkpoint(Path(tmp) / "falcon-7b-width", args.layers))
+        model_dir = str(build_checkpoint(Path(args.dir or tmp) / f"falcon-7b-width-{args.layers}", args.layers))
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         configs = {}
         for name in CONFIGS:

@@ -16,6 +16,7 @@ from ..lora.adapter import TARGETS
 from .schemes import INT4_GROUP_SIZE
 
 INT8_MAX = 127
+QUANTIZE_ROWS = 256  # rows quantized at a time
 
 
 class Int8Linear(torch.nn.Module):
@@ -33,11 +34,17 @@ class Int8Linear(torch.nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: torch.nn.Linear) -> Int8Linear:
-        weight = linear.weight.detach().float()
-        # The scale is rounded to bfloat16 (the kernel's) before the weights are divided by it, so that rounding
-        # costs nothing: a weight's error is at most half a step, a row's largest weight / 254.
-        scale = (weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float).tiny) / INT8_MAX).bfloat16()
-        quantized = (weight / scale.float()[:, None]).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+        weight = linear.weight.detach()
+        quantized = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(weight.shape[0], dtype=torch.bfloat16, device=weight.device)
+        # In blocks of rows, so that the float32 copies stay small beside the layer (loading peaks at the quantized
+        # model and one layer). The scale is rounded to bfloat16 (the kernel's) before the weights are divided by
+        # it, so that rounding costs nothing: a weight's error is at most half a step, a row's largest weight / 254.
+        for start in range(0, weight.shape[0], QUANTIZE_ROWS):
+            rows = weight[start:start + QUANTIZE_ROWS].float()
+            block = (rows.abs().amax(dim=1).clamp_min(torch.finfo(torch.float).tiny) / INT8_MAX).bfloat16()
+            quantized[start:start + QUANTIZE_ROWS] = (rows / block.float()[:, None]).round().clamp(-INT8_MAX, INT8_MAX)
+            scale[start:start + QUANTIZE_ROWS] = block
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls(quantized, scale, bias)
 
