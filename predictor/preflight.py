@@ -7,7 +7,6 @@ once with one line saying what to do, rather than with a traceback from deep ins
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import re
 from pathlib import Path
