@@ -24,7 +24,7 @@ RUN groupadd --gid 1000 predictor \
 WORKDIR /build
 COPY pyproject.toml README.md ./
 COPY predictor/ predictor/
-RUN pip install . && rm -rf /build
+RUN pip install '.[gpu]' && rm -rf /build
 
 USER 1000:1000
 WORKDIR /home/predictor

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .engine.options import Limits
+from .engine.quantization.schemes import KAITO_FLAGS, KV_CACHE_DTYPES, SCHEMES
 from .logs import LOG_FORMATS
 from .variants import VARIANTS, closest_variant, find_variant
 
@@ -69,7 +70,7 @@ class ServerConfig:
     dead_after_s: float  # how long the engine may stay broken before liveness fails
     api_key: str | None
     log_prompts: bool
-    load_in_8bit: bool
+    quantization: str | None  # "int8", "fp8" or "int4": the linear layers' weights; None: the model's dtype
     compile: bool  # a compiled decode step over static shapes
     kv_cache_memory_gib: float | None  # None: derived from the free memory
     max_prefill_tokens: int  # prompt tokens one step computes
@@ -82,6 +83,7 @@ class ServerConfig:
     max_lora_rank: int = 16
     runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
     lora_root: str | None = None  # where those may load from; None: adapter_dir
+    kv_cache_dtype: str = "auto"  # "fp8": keys and values in 8 bits
     tensor_parallel_size: int = 1  # ranks (processes, one per GPU) every layer is split over
     collective_timeout_s: float = 60.0  # how long a rank may keep the others waiting before the server ends
 
@@ -155,8 +157,15 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
                        help="weights dtype; auto is bfloat16 on a GPU, float32 on the CPU")
     model.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
                        help="auto uses every visible GPU (layers split across them) if any, else the CPU")
+    model.add_argument("--quantization", default=None, choices=SCHEMES,
+                       help="store Falcon's linear layers in fewer bits: int8 (weight-only, per row; the CPU and "
+                            "every GPU), fp8 (weights and activations; GPUs with FP8, compute capability 8.9+: "
+                            "L4, H100, H200), int4 (weight-only, groups of 128; GPUs of compute capability 8.0+). "
+                            "falcon-40b fits one 80 GB GPU in int8 or fp8. Default: the model's dtype")
     model.add_argument("--load_in_8bit", action=argparse.BooleanOptionalAction, default=False,
-                       help="load weights in 8 bits (needs bitsandbytes): falcon-40b on one 80 GB GPU")
+                       help="Kaito's flag: the same as --quantization int8")
+    model.add_argument("--load_in_4bit", action=argparse.BooleanOptionalAction, default=False,
+                       help="Kaito's flag: the same as --quantization int4 (GPUs only)")
     model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="decode with a torch.compile'd step over a few static shapes of the KV cache, "
                             "replayed as CUDA graphs on a GPU; every shape is compiled while loading, before the "
@@ -204,6 +213,10 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
                         help="GiB reserved at start-up for the KV cache, which holds a row of the full context per "
                              "running sequence; default: 90%% of the GPU memory the weights leave free, 4 GiB on "
                              "the CPU. Rows are capped at --max_batch_size")
+    engine.add_argument("--kv_cache_dtype", default="auto", choices=KV_CACHE_DTYPES,
+                        help="how the KV cache stores keys and values: auto, in the model's dtype; fp8, as float8 "
+                             "e4m3 with a scale per token and head (CPU and GPU), so the same --kv_cache_memory "
+                             "holds about twice the rows (attention still computes in the model's dtype)")
     engine.add_argument("--max_prefill_tokens", type=int, default=512,
                         help="prompt tokens computed in one step beside the running sequences' next tokens: a "
                              "longer prompt is computed in chunks over several steps, so running streams never "
@@ -306,12 +319,24 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_header_bytes=args.max_header_bytes, header_timeout_s=args.header_timeout,
         drain_timeout_s=args.drain_timeout, dead_after_s=args.dead_after,
         api_key=args.api_key or os.environ.get("PREDICTOR_API_KEY") or None, log_prompts=args.log_prompts,
-        load_in_8bit=args.load_in_8bit, compile=args.compile, kv_cache_memory_gib=args.kv_cache_memory,
+        quantization=quantization_from_args(args), compile=args.compile, kv_cache_memory_gib=args.kv_cache_memory,
         max_prefill_tokens=args.max_prefill_tokens, prefix_caching=args.prefix_caching,
         log_format=args.log_format, log_requests=args.log_requests, adapter_dir=args.adapter_dir,
         lora_modules=lora_modules, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
         runtime_lora_updating=args.runtime_lora_updating, lora_root=args.lora_root,
-        tensor_parallel_size=args.tensor_parallel_size, collective_timeout_s=args.collective_timeout)
+        tensor_parallel_size=args.tensor_parallel_size, collective_timeout_s=args.collective_timeout,
+        kv_cache_dtype=args.kv_cache_dtype)
+
+
+def quantization_from_args(args: argparse.Namespace) -> str | None:
+    """The scheme ``--quantization`` names, or Kaito's ``--load_in_8bit`` / ``--load_in_4bit`` mean; two that
+    disagree exit with one line."""
+    asked = {f"--{flag}": scheme for flag, scheme in KAITO_FLAGS.items() if getattr(args, flag)}
+    if args.quantization is not None:
+        asked[f"--quantization {args.quantization}"] = args.quantization
+    if len(set(asked.values())) > 1:
+        raise SystemExit(f"{' and '.join(asked)} ask for different weights; give one of them")
+    return next(iter(asked.values()), None)
 
 
 def parse_lora_modules(values: Sequence[str], model_names: Sequence[str]) -> tuple[tuple[str, str], ...]:

@@ -7,12 +7,12 @@ once with one line saying what to do, rather than with a traceback from deep ins
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 from .config import ServerConfig
+from .engine.quantization.schemes import scheme_refusal
 from .variants import find_variant, memory_shortfall
 
 HUB_TIMEOUT_S = 3.0  # a reachable Hub answers in well under a second; an unreachable one should not cost a minute
@@ -54,25 +54,28 @@ def check_model_source(config: ServerConfig) -> ServerConfig:
 
 
 def check_accelerator(config: ServerConfig) -> None:
-    """Exit with one line when the GPUs (or bitsandbytes) asked for are not there, or a variant's weights cannot
-    fit the visible GPUs (saying what would work)."""
+    """Exit with one line when the GPUs asked for are not there, the quantization scheme cannot run on them, or a
+    variant's weights cannot fit the visible GPUs in the scheme asked for (saying which scheme would)."""
     variant = find_variant(config.model_id) or find_variant(config.model_name)
-    eight_bit = "--load_in_8bit needs a CUDA GPU and the bitsandbytes package (pip install bitsandbytes)"
-    if config.load_in_8bit and (config.device == "cpu" or importlib.util.find_spec("bitsandbytes") is None):
-        raise SystemExit(eight_bit)
-    if config.device == "cpu" or (config.device == "auto" and variant is None and not config.load_in_8bit):
+    gpu_scheme = scheme_refusal(config.quantization, "cpu") is not None  # fp8, int4: GPUs only
+    if config.device == "cpu" and gpu_scheme:
+        raise SystemExit(scheme_refusal(config.quantization, "cpu"))
+    if config.device == "cpu" or (config.device == "auto" and variant is None and not gpu_scheme):
         return  # nothing to check: no need to import torch before the port opens
     import torch  # noqa: PLC0415 - only when there is a GPU to check
 
     if config.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for but no CUDA GPU is visible (torch.cuda.is_available() is "
                          "False); use --device auto or --device cpu")
-    if config.load_in_8bit and not torch.cuda.is_available():
-        raise SystemExit(eight_bit)
-    if variant is None or not torch.cuda.is_available():
+    gpu = torch.cuda.is_available()
+    refusal = scheme_refusal(config.quantization, "cuda" if gpu else "cpu",
+                             torch.cuda.get_device_capability() if gpu else None)
+    if refusal:
+        raise SystemExit(refusal)
+    if variant is None or not gpu:
         return
     gpu_gib = [torch.cuda.mem_get_info(i)[1] / 2**30 for i in range(torch.cuda.device_count())]
-    problem = memory_shortfall(variant, gpu_gib, config.load_in_8bit)
+    problem = memory_shortfall(variant, gpu_gib, config.quantization)
     if problem:
         raise SystemExit(problem)
 

@@ -12,15 +12,19 @@ import difflib
 import os
 from dataclasses import dataclass
 
+from .engine.quantization.schemes import BYTES_PER_WEIGHT
+
 FALCON_CONTEXT_LENGTH = 2048  # every Falcon was trained with a 2048-token context
 FALCON_HEAD_DIM = 64
-FALCON_VOCAB = 65024
+FALCON_VOCAB = 65024  # the embedding, tied with lm_head: kept in bfloat16 whatever the linear layers' scheme
 # GPU memory a replica keeps out of the KV cache besides the weights: the CUDA context and torch's allocator, per GPU
 GPU_OVERHEAD_GIB = 2.0
 KV_CACHE_SHARE = 0.9  # of what the weights leave, as the engine's default budget (GPU_KV_CACHE_SHARE)
 # Memory bandwidth of an H100 as measured (FIELD.md): the floor of a decode step, which reads every weight once.
 # Figures derived from it are estimates until benchmarks/gpu.sh has measured a GPU.
 H100_BANDWIDTH_GB_S = 3000
+# What a head of one token takes in the KV cache: bfloat16, or fp8 with a bfloat16 scale (``kv_cache``)
+KV_BYTES_PER_HEAD = {"auto": FALCON_HEAD_DIM * 2, "fp8": FALCON_HEAD_DIM + 2}
 
 
 @dataclass(frozen=True)
@@ -44,14 +48,36 @@ class Variant:
     @property
     def weights_gb(self) -> float:
         """The weights in the 2-byte serving dtype, all GPUs together."""
-        return self.parameters_b * 2
+        return self.weight_bytes() / 1e9
+
+    def weight_bytes(self, scheme: str | None = None) -> float:
+        """The weights on GPUs, all together: the linear layers in ``scheme`` (None: bfloat16), the embedding in
+        bfloat16."""
+        return self.weight_bytes_per_gpu(1, scheme)
+
+    def weight_bytes_per_gpu(self, gpus: int, scheme: str | None = None) -> float:
+        """What each of ``gpus`` tensor-parallel ranks holds: its share of every linear layer in ``scheme``, plus
+        the embedding (tied to ``lm_head``), which every rank keeps whole in bfloat16."""
+        embedding = FALCON_VOCAB * self.hidden_size
+        return (self.parameters_b * 1e9 - embedding) * BYTES_PER_WEIGHT[scheme] / gpus + embedding * 2
 
     @property
     def weights_per_gpu_gb(self) -> float:
-        """What each of ``gpus`` tensor-parallel ranks holds: its share of every layer, plus the embeddings (tied
-        to ``lm_head``), which every rank keeps whole."""
-        replicated_b = FALCON_VOCAB * self.hidden_size / 1e9
-        return ((self.parameters_b - replicated_b) / self.gpus + replicated_b) * 2
+        """Each of the variant's ``gpus`` ranks' share of the bfloat16 weights."""
+        return self.weight_bytes_per_gpu(self.gpus) / 1e9
+
+    def gpu_memory_gib_in(self, scheme: str | None) -> float:
+        """GPU memory one replica needs in ``scheme``: ``gpu_memory_gib`` with the weights in that scheme."""
+        return self.gpu_memory_gib - (self.weight_bytes() - self.weight_bytes(scheme)) / 2**30
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Keys and values of one token in every layer, in the 2-byte serving dtype."""
+        return self.kv_bytes_per_token_in("auto")
+
+    def kv_bytes_per_token_in(self, kv_cache_dtype: str) -> int:
+        """Keys and values of one token in every layer, stored as ``--kv_cache_dtype`` says."""
+        return 2 * self.layers * self.kv_heads * KV_BYTES_PER_HEAD[kv_cache_dtype]
 
     @property
     def kv_bytes_per_token_per_gpu(self) -> int:
@@ -60,25 +86,27 @@ class Variant:
 
     @property
     def decode_floor_ms(self) -> float:
-        """A decode step's floor on an H100: each GPU reads its weights once (an estimate, not a measurement)."""
-        return self.weights_per_gpu_gb / H100_BANDWIDTH_GB_S * 1e3
+        """A decode step's floor on H100s as the manifests deploy it: each GPU reads its bfloat16 weights once
+        (an estimate, not a measurement)."""
+        return self.decode_floor_ms_on(self.gpus)
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Keys and values of one token in every layer, in the 2-byte serving dtype."""
-        return 2 * self.layers * self.kv_heads * FALCON_HEAD_DIM * 2
+    def decode_floor_ms_on(self, gpus: int, scheme: str | None = None) -> float:
+        """The same on ``gpus`` H100s with the weights in ``scheme``."""
+        return self.weight_bytes_per_gpu(gpus, scheme) / 1e9 / H100_BANDWIDTH_GB_S * 1e3
 
     @property
     def kv_rows(self) -> int:
         """Full-context sequences the default KV cache budget holds on the GPUs the manifests deploy it on."""
-        return self.rows_on(self.gpu_gb)
+        return self.rows_on(self.gpus, self.gpu_gb)
 
-    def rows_on(self, gpu_gb: float) -> int:
-        """Full-context sequences the default KV cache budget holds on ``gpus`` GPUs of ``gpu_gb`` GB each (an
-        estimate: the server measures the free memory at start-up and logs its own figure): on each GPU, 90% of
-        what its share of the bf16 weights and its overhead leave, holding its share of every row."""
-        free = gpu_gb * 1e9 - GPU_OVERHEAD_GIB * 2**30 - self.weights_per_gpu_gb * 1e9
-        return int(KV_CACHE_SHARE * free) // (self.context_length * self.kv_bytes_per_token_per_gpu)
+    def rows_on(self, gpus: int, gpu_gb: float, scheme: str | None = None, kv_cache_dtype: str = "auto") -> int:
+        """Full-context sequences the default KV cache budget holds on ``gpus`` GPUs of ``gpu_gb`` GB each, the
+        weights in ``scheme`` and the cache in ``kv_cache_dtype`` (an estimate: the server measures the free memory
+        at start-up and logs its own figure): on each GPU, 90% of what its share of the weights and its overhead
+        leave, holding its share of every row."""
+        free = gpu_gb * 1e9 - GPU_OVERHEAD_GIB * 2**30 - self.weight_bytes_per_gpu(gpus, scheme)
+        per_row = self.context_length * self.kv_bytes_per_token_in(kv_cache_dtype) // gpus
+        return max(0, int(KV_CACHE_SHARE * free) // per_row)
 
     @property
     def hf_uri(self) -> str:
@@ -134,14 +162,29 @@ def cpu_memory_warning(variant: Variant, dtype: str, memory_gib: float | None = 
             f"On GPUs it is served in {variant.dtype} ({variant.gpus} GPU(s), about {variant.gpu_memory_gib} GiB).")
 
 
-def memory_shortfall(variant: Variant, gpu_gib: list[float], load_in_8bit: bool = False) -> str | None:
-    """Why ``variant`` cannot be served on GPUs of these sizes, and what would work; None when it fits."""
-    needed = variant.gpu_memory_gib / (2 if load_in_8bit else 1)
+def memory_shortfall(variant: Variant, gpu_gib: list[float], scheme: str | None = None) -> str | None:
+    """Why ``variant`` cannot be served on GPUs of these sizes with its weights in ``scheme`` (None: bfloat16), and
+    what would work, naming the scheme that fits; None when it fits."""
+    needed = variant.gpu_memory_gib_in(scheme)
     total = sum(gpu_gib)
     if total >= needed:
         return None
-    dtype = "8-bit" if load_in_8bit else variant.dtype
-    return (f"{variant.name} needs about {needed:.0f} GiB of GPU memory in {dtype}; this machine has "
-            f"{len(gpu_gib)} GPU(s) with {total:.0f} GiB in all. Ways that work: {variant.gpus} GPUs of 80 GB "
-            f"(every layer split over them: --tensor_parallel_size {variant.gpus}), one GPU with more memory "
-            "(e.g. 141 GB), or --load_in_8bit (needs bitsandbytes; about half the memory).")
+    held = f"--quantization {scheme}" if scheme else variant.dtype
+    ways = []
+    for fewer in SMALLER_SCHEMES[scheme]:
+        if variant.gpu_memory_gib_in(fewer) <= total:
+            ways.append(f"{SCHEME_NAMES[fewer]} (about {variant.gpu_memory_gib_in(fewer):.0f} GiB)")
+            break
+    if scheme is None:
+        ways.append(f"{variant.gpus} GPUs of 80 GB (--tensor_parallel_size {variant.gpus})" if variant.gpus > 1
+                    else "a GPU of 24 GB or more")
+    ways.append("one GPU with more memory (e.g. 141 GB)")
+    return (f"{variant.name} needs about {needed:.0f} GiB of GPU memory in {held}; this machine has "
+            f"{len(gpu_gib)} GPU(s) with {total:.0f} GiB in all. Ways that work: {', '.join(ways)}.")
+
+
+# The schemes that take less memory than each, fewest bits last; and how to ask for them.
+SMALLER_SCHEMES: dict[str | None, tuple[str, ...]] = {None: ("fp8", "int4"), "int8": ("int4",), "fp8": ("int4",),
+                                                      "int4": ()}
+SCHEME_NAMES = {"fp8": "--quantization fp8 (H100, H200, L4; int8 on other GPUs)",
+                "int4": "--quantization int4"}

@@ -209,24 +209,35 @@ def variant_problems(isvc: Doc, pod: Doc) -> list[str]:
         problems.append(f"storage {uri!r} is not {variant.hf_uri} (the pinned revision)")
     # The batch: what the KV cache holds on the variant's smallest GPUs, within the server's cap on those GPUs (the
     # A100s and 24 GB GPUs the manifests also run on); pinned, because the autoscale/ target follows it.
-    batch = min(variant.kv_rows, ROW_CAP)
+    gpus, rows = needs(variant, config)
+    batch = min(rows, ROW_CAP)
     if config.max_batch_size != batch:
-        problems.append(f"--max_batch_size {config.max_batch_size} but {variant.gpus} x {variant.gpu_gb} GB hold "
-                        f"{variant.kv_rows} full {variant.name} sequences and the cap is {ROW_CAP}: want {batch}")
+        problems.append(f"--max_batch_size {config.max_batch_size} but {gpus} x {variant.gpu_gb} GB hold "
+                        f"{rows} full {variant.name} sequences and the cap is {ROW_CAP}: want {batch}")
     resources = container.get("resources", {})
     limits, requests = resources.get("limits", {}), resources.get("requests", {})
-    if int(limits.get("nvidia.com/gpu", 0)) != variant.gpus:
-        problems.append(f"nvidia.com/gpu limit {limits.get('nvidia.com/gpu')} but {variant.name} needs {variant.gpus}")
-    if int(requests.get("nvidia.com/gpu", variant.gpus)) != variant.gpus:
+    if int(limits.get("nvidia.com/gpu", 0)) != gpus:
+        problems.append(f"nvidia.com/gpu limit {limits.get('nvidia.com/gpu')} but {variant.name} needs {gpus}")
+    if int(requests.get("nvidia.com/gpu", gpus)) != gpus:
         problems.append("nvidia.com/gpu request differs from the limit")
     problems += tensor_parallel_problems(config, variant)
-    return problems + memory_problems(variant, pod, container)
+    return problems + memory_problems(variant, pod, container, config.quantization)
+
+
+def needs(variant: Variant, config: ServerConfig) -> tuple[int, int]:
+    """GPUs (of the variant's ``gpu_gb``) a replica takes: the variant's, or one where ``--quantization`` makes its
+    weights fit one; and the full-context rows its KV cache (in ``--kv_cache_dtype``) holds there."""
+    one_gpu_gib = variant.gpu_gb * 1e9 / 2**30 * 0.99  # what the driver reports of it
+    fits_one = config.quantization is not None and variant.gpu_memory_gib_in(config.quantization) <= one_gpu_gib
+    gpus = 1 if fits_one else variant.gpus
+    return gpus, variant.rows_on(gpus, variant.gpu_gb, config.quantization, config.kv_cache_dtype)
 
 
 def tensor_parallel_problems(config: ServerConfig, variant: Variant) -> list[str]:
     """A multi-GPU variant runs one tensor-parallel rank per GPU; a one-GPU variant runs one process."""
-    if config.tensor_parallel_size != variant.gpus:
-        return [f"--tensor_parallel_size {config.tensor_parallel_size} but {variant.name} runs on {variant.gpus} "
+    gpus, _ = needs(variant, config)
+    if config.tensor_parallel_size != gpus:
+        return [f"--tensor_parallel_size {config.tensor_parallel_size} but {variant.name} runs on {gpus} "
                 "GPU(s): one rank per GPU"]
     return []
 
@@ -244,7 +255,7 @@ def modelcar_problems(uri: str, variant: Variant) -> list[str]:
     return problems
 
 
-def memory_problems(variant: Variant, pod: Doc, container: Doc) -> list[str]:
+def memory_problems(variant: Variant, pod: Doc, container: Doc, scheme: str | None = None) -> list[str]:
     """The memory rule: host memory holds a copy of the model's GPU memory while loading, plus memory-backed
     volumes (they are charged to the container); multi-GPU replicas get a memory-backed /dev/shm."""
     resources = container.get("resources", {})
@@ -255,11 +266,12 @@ def memory_problems(variant: Variant, pod: Doc, container: Doc) -> list[str]:
     mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
     shm = sum(in_memory.get(name, 0) for name in mounts.values())
     problems = []
-    if request < variant.gpu_memory_gib:
-        problems.append(f"memory request {request} GiB < {variant.gpu_memory_gib} GiB, the model's GPU memory")
-    if limit < max(request, variant.gpu_memory_gib + shm):
-        problems.append(f"memory limit {limit} GiB < {variant.gpu_memory_gib} GiB + {shm} GiB memory-backed volumes")
-    if variant.gpus > 1 and mounts.get("/dev/shm") not in in_memory:
+    needed = round(variant.gpu_memory_gib_in(scheme))
+    if request < needed:
+        problems.append(f"memory request {request} GiB < {needed} GiB, the model's GPU memory")
+    if limit < max(request, needed + shm):
+        problems.append(f"memory limit {limit} GiB < {needed} GiB + {shm} GiB memory-backed volumes")
+    if variant.gpus > 1 and scheme is None and mounts.get("/dev/shm") not in in_memory:
         problems.append("a multi-GPU replica needs a memory-backed emptyDir at /dev/shm")
     return problems
 
@@ -298,7 +310,8 @@ def probe_problems(container: Doc, config: ServerConfig) -> list[str]:
 def timing_problems(pod: Doc, config: ServerConfig) -> list[str]:
     """The nesting that lets a long generation finish: generation < gateway, preStop + drain + exit < grace period."""
     variant = VARIANTS[config.model_name]
-    longest = 2 * variant.context_length * EAGER_OVER_FLOOR * variant.decode_floor_ms / 1e3
+    gpus, _ = needs(variant, config)
+    longest = 2 * variant.context_length * EAGER_OVER_FLOOR * variant.decode_floor_ms_on(gpus, config.quantization) / 1e3
     sleep = pre_stop_seconds(kserve_container(pod))
     problems = []
     if config.request_timeout_s < longest:

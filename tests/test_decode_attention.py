@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from predictor.engine.model.falcon import DECODE_BLOCK
+from predictor.engine.model.kv_cache import LayerCache, to_fp8
 from predictor.engine.model.runner import _decode_blocks, _decode_groups
 
 CPU = torch.device("cpu")
@@ -24,6 +25,10 @@ def _cache(kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(kv_heads)
     shape = (ROWS + 1, kv_heads, CAPACITY, DIM)
     return torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+
+
+def _layer(keys: torch.Tensor, values: torch.Tensor) -> LayerCache:
+    return LayerCache(keys, values, None, None, keys.dtype)
 
 
 def _reference(keys, values, q, running, kv_heads):
@@ -47,12 +52,12 @@ def test_eager_groups_and_compiled_blocks_equal_attention_over_the_own_row(heads
     expected = _reference(keys, values, q, RUNNING, kv_heads)
 
     groups = _decode_groups(positions, rows, CPU)
-    torch.testing.assert_close(groups.attend(shape, keys, values, q), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(groups.attend(shape, _layer(keys, values), q), expected, atol=1e-5, rtol=1e-5)
 
     pairs = sum(position // DECODE_BLOCK + 1 for position in positions)
     blocks = _decode_blocks(positions, rows, len(RUNNING) + 2, pairs + 5, ROWS, CPU)  # padded, as compiled
     padded_q = torch.cat((q, torch.zeros(2, heads, DIM)))
-    torch.testing.assert_close(blocks.attend(shape, keys, values, padded_q)[:len(RUNNING)], expected,
+    torch.testing.assert_close(blocks.attend(shape, _layer(keys, values), padded_q)[:len(RUNNING)], expected,
                                atol=1e-5, rtol=1e-5)
 
 
@@ -60,11 +65,11 @@ def test_a_token_is_unchanged_by_what_runs_beside_it():
     keys, values = _cache(2)
     q = torch.randn(2, 8, DIM, generator=torch.Generator().manual_seed(3))
     shape = SimpleNamespace(heads=8, kv_heads=2)
-    alone = _decode_groups([40], [1], CPU).attend(shape, keys, values, q[:1])
+    alone = _decode_groups([40], [1], CPU).attend(shape, _layer(keys, values), q[:1])
     for neighbour in (10, 60):  # the same group: its width is the longer row's, the extra columns masked out
-        beside = _decode_groups([40, neighbour], [1, 6], CPU).attend(shape, keys, values, q)
+        beside = _decode_groups([40, neighbour], [1, 6], CPU).attend(shape, _layer(keys, values), q)
         torch.testing.assert_close(beside[0], alone[0], atol=1e-6, rtol=1e-6)
-    beside = _decode_groups([40, 1900], [1, 6], CPU).attend(shape, keys, values, q)  # another group: untouched
+    beside = _decode_groups([40, 1900], [1, 6], CPU).attend(shape, _layer(keys, values), q)  # another group: untouched
     assert torch.equal(beside[0], alone[0])
 
 
@@ -89,3 +94,29 @@ def test_consecutive_rows_are_read_in_place_and_others_gathered():
     assert group.rows == slice(4, 8) and group.tokens.tolist() == [1, 2, 0, 3]  # tokens in their rows' order
     (apart,) = _decode_groups([10, 20], [2, 9], CPU).groups
     assert apart.rows.tolist() == [2, 9]
+
+
+@pytest.mark.parametrize("plan", ["groups", "blocks"])
+def test_an_fp8_cache_is_read_back_in_the_models_dtype(plan):
+    """Keys and values stored as fp8 with a scale per token and head: attention over them equals attention over
+    what they round to, and is within e4m3's rounding (3 mantissa bits: 1/16 of a value at most, far less on
+    average over a softmax) of attention over the unrounded ones."""
+    heads, kv_heads = 8, 2
+    keys, values = _cache(kv_heads)
+    (k8, k_scale), (v8, v_scale) = to_fp8(keys), to_fp8(values)
+    stored = LayerCache(k8, v8, k_scale, v_scale, torch.float32)
+    rounded = _layer(*stored.read(slice(None), CAPACITY))
+    q = torch.randn(len(RUNNING), heads, DIM, generator=torch.Generator().manual_seed(5))
+    shape = SimpleNamespace(heads=heads, kv_heads=kv_heads)
+    rows, positions = [row for row, _ in RUNNING], [position for _, position in RUNNING]
+    if plan == "groups":
+        attend = _decode_groups(positions, rows, CPU).attend
+        out, on_rounded = attend(shape, stored, q), attend(shape, rounded, q)
+    else:
+        pairs = sum(position // DECODE_BLOCK + 1 for position in positions)
+        attend = _decode_blocks(positions, rows, len(RUNNING), pairs, ROWS, CPU).attend
+        out, on_rounded = attend(shape, stored, q), attend(shape, rounded, q)
+    torch.testing.assert_close(out, on_rounded, atol=1e-5, rtol=1e-5)
+    exact = _reference(keys, values, q, RUNNING, kv_heads)
+    assert (out - exact).abs().max() < 0.1 and (out - exact).abs().mean() < 0.01
+    assert k8.dtype == torch.float8_e4m3fn and k_scale.shape == keys.shape[:-1]

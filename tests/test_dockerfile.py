@@ -114,8 +114,9 @@ def test_the_install_step_is_the_projects_own_install() -> None:
     installs = [args for args in args_of("RUN") if "pip install" in args]
     assert len(installs) == 1, "one pip install: the project's own"
     command = installs[0].split("&&")[0].split()
-    assert command[:2] == ["pip", "install"] and command[2:] == ["."], (
-        f"{installs[0]!r}: the install is `pip install .`, dependencies from pyproject.toml only")
+    assert command[:2] == ["pip", "install"] and command[2:] == ["'.[gpu]'"], (
+        f"{installs[0]!r}: the install is `pip install '.[gpu]'` (torchao for the GPU schemes), dependencies from "
+        "pyproject.toml only")
     assert "test" not in installs[0], "the test extra stays out of the image"
 
 

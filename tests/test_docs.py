@@ -18,7 +18,8 @@ from starlette.routing import Match
 
 from predictor.config import KSERVE_REFUSED_FLAGS, KSERVE_TRANSFORMER_FLAGS, add_predictor_arguments, build_parser
 from predictor.engine.scheduling.tickets import FINISH_REASONS
-from predictor.variants import VARIANTS
+from predictor.engine.quantization.schemes import BYTES_PER_WEIGHT
+from predictor.variants import KV_BYTES_PER_HEAD, VARIANTS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md"), ROOT / "inferenceservices" / "README.md",
@@ -179,8 +180,12 @@ def figure_texts() -> dict[str, str]:
 
 def test_rows_per_replica_agree_with_the_variants() -> None:
     """`~N sequences` and `hold(s) ~N`: the default cache's full-length rows on the GPUs named."""
-    known = {variant.rows_on(gpu_gb) for variant in VARIANTS.values() for gpu_gb in (24, 80)
+    known = {variant.rows_on(variant.gpus, gpu_gb) for variant in VARIANTS.values() for gpu_gb in (24, 80)
              if gpu_gb >= variant.gpu_gb}
+    # quantized: a variant's weights in a scheme, its cache in a dtype, on one GPU or its usual count
+    known |= {variant.rows_on(gpus, variant.gpu_gb, scheme, kv_cache_dtype) for variant in VARIANTS.values()
+              for gpus in {1, variant.gpus} for scheme in BYTES_PER_WEIGHT for kv_cache_dtype in KV_BYTES_PER_HEAD}
+    known.discard(0)
     wrong = []
     for name, text in figure_texts().items():
         text = " ".join(text.split())
@@ -192,8 +197,10 @@ def test_rows_per_replica_agree_with_the_variants() -> None:
 
 def test_kv_bytes_and_weights_agree_with_the_variants() -> None:
     kib = {v.kv_bytes_per_token // 1024 for v in VARIANTS.values()} | {
-        v.kv_bytes_per_token_per_gpu // 1024 for v in VARIANTS.values()}
-    weights = {f"{gb:.1f}" for v in VARIANTS.values() for gb in (v.weights_gb, v.weights_per_gpu_gb)}
+        v.kv_bytes_per_token_per_gpu // 1024 for v in VARIANTS.values()} | {
+        round(v.kv_bytes_per_token_in(dtype) / 1024) for v in VARIANTS.values() for dtype in KV_BYTES_PER_HEAD}
+    weights = {f"{gb:.1f}" for v in VARIANTS.values() for gb in (v.weights_gb, v.weights_per_gpu_gb)} | {
+        f"{v.weight_bytes(scheme) / 1e9:.1f}" for v in VARIANTS.values() for scheme in BYTES_PER_WEIGHT}
     wrong = []
     for name, text in figure_texts().items():
         text = " ".join(text.split())

@@ -363,7 +363,7 @@ def test_the_default_batch_is_capped_by_the_device_as_vllm_does():
 
 def test_start_up_runs_as_many_rows_as_memory_holds_and_says_why(start_server, tiny_dirs, tiny_server):
     log = tiny_server.log()
-    assert "KV cache: 256 bytes per token (2 layers x 1 K/V heads x 16), 0.5 MiB per 2048-token row" in log
+    assert "KV cache: 256 bytes per token (2 layers x 1 K/V heads x 16, stored as float32), 0.5 MiB per 2048-token row" in log
     # 4 GiB on the CPU hold 8,192 rows of the tiny model: the CPU's cap decides.
     assert "Running up to 256 sequences at once: the KV cache budget holds 8192 rows, the cap on the CPU is 256" in log
     assert "KV cache reserved: 256 rows x 2048 tokens, 128 MiB" in log

@@ -164,9 +164,18 @@ def test_device_cuda_without_a_gpu_is_refused_before_the_port_opens(tiny_dir, hf
     assert line.startswith("--device cuda was asked for but no CUDA GPU is visible")
 
 
-def test_load_in_8bit_without_what_it_needs_is_refused_before_the_port_opens(tiny_dir, hf_cache) -> None:
-    line = refuse("--model_dir", str(tiny_dir), "--load_in_8bit", "--device", "cpu", hf_cache=hf_cache)
-    assert line == "--load_in_8bit needs a CUDA GPU and the bitsandbytes package (pip install bitsandbytes)"
+@pytest.mark.parametrize("flags, words", [
+    (("--quantization", "fp8"), "--quantization fp8 needs a GPU with FP8 tensor cores"),
+    (("--load_in_4bit",), "--quantization int4 needs a CUDA GPU of compute capability 8.0+"),
+])
+def test_a_gpu_scheme_on_the_cpu_is_refused_before_the_port_opens(tiny_dir, hf_cache, flags, words) -> None:
+    line = refuse("--model_dir", str(tiny_dir), *flags, "--device", "cpu", hf_cache=hf_cache)
+    assert line.startswith(words) and line.endswith("on the CPU use --quantization int8")
+
+
+def test_kaito_flags_that_disagree_with_quantization_are_refused(tiny_dir, hf_cache) -> None:
+    line = refuse("--model_dir", str(tiny_dir), "--load_in_8bit", "--quantization", "int4", hf_cache=hf_cache)
+    assert line == "--load_in_8bit and --quantization int4 ask for different weights; give one of them"
 
 
 def test_the_cpu_warning_counts_the_weights_in_the_dtype_in_force() -> None:

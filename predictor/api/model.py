@@ -124,10 +124,15 @@ class FalconModel(kserve.Model):
         budget = engine.kv_cache_budget(config.kv_cache_memory_gib)
         per_token = engine.cache_shape.bytes_per_token
         fit = engine.rows_that_fit(budget)
-        logger.info("KV cache: %s bytes per token (%d layers x %d K/V heads x %d), %.1f MiB per %d-token row; a "
-                    "budget of %.2f GiB holds %d rows", f"{per_token:,}", engine.cache_shape.layers,
-                    engine.shape.kv_heads, engine.shape.head_dim, engine.row_bytes / 2**20, engine.context_length,
-                    budget / 2**30, fit)
+        logger.info("KV cache: %s bytes per token (%d layers x %d K/V heads x %d, stored as %s), %.1f MiB per "
+                    "%d-token row; a budget of %.2f GiB holds %d rows", f"{per_token:,}", engine.cache_shape.layers,
+                    engine.shape.kv_heads, engine.shape.head_dim, engine.cache_shape.storage,
+                    engine.row_bytes / 2**20, engine.context_length, budget / 2**30, fit)
+        if engine.cache_shape.fp8:
+            unquantized = dataclasses.replace(engine.cache_shape, fp8=False).bytes_per_token
+            logger.info("KV cache in fp8: %.2fx the rows the same budget holds in %s (%d)", unquantized / per_token,
+                        str(engine.cache_shape.dtype).removeprefix("torch."),
+                        budget // (engine.context_length * unquantized))
         if fit < self.limits.max_num_return_sequences:
             raise SystemExit(f"the KV cache budget of {budget / 2**30:.2f} GiB holds {fit} full-context sequences, "
                              f"fewer than --max_num_return_sequences ({self.limits.max_num_return_sequences}): "
@@ -163,7 +168,8 @@ class FalconModel(kserve.Model):
                            "(or falcon-7b-instruct, falcon-40b, falcon-40b-instruct), or --model_dir DIR with a "
                            "Hugging Face-format Falcon checkpoint.", source)
         return LoadSpec(source=source, revision=revision, dtype=config.dtype, device=config.device,
-                        load_in_8bit=config.load_in_8bit, merged_adapters=merged_adapters(config.adapter_dir))
+                        quantization=config.quantization, kv_cache_dtype=config.kv_cache_dtype,
+                        merged_adapters=merged_adapters(config.adapter_dir))
 
     def _compile(self) -> None:
         """Compile the decode step for every static shape it can take (on the batcher's decode thread: CUDA graphs

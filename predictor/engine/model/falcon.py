@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import KVCache
+from .kv_cache import KVCache, LayerCache
 from ..lora.bank import LoraStep
 
 DECODE_BLOCK = 64  # cache columns per block of decode attention: a row reads its length rounded up to this
@@ -63,14 +63,14 @@ class DecodeGroups:
     groups: tuple[DecodeGroup, ...]
     tokens: int
 
-    def attend(self, shape: FalconShape, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    def attend(self, shape: FalconShape, cache: LayerCache, q: torch.Tensor) -> torch.Tensor:
         """Each decode token's attention over its own row [tokens, heads, dim]: one SDPA call per group, over the
         group's rows and width."""
         out = torch.empty_like(q)
         heads, dim = q.shape[1:]
         for group in self.groups:
             width = group.mask.shape[1]
-            k, v = keys[group.rows, :, :width], values[group.rows, :, :width]  # [n, kv_heads, width, dim]
+            k, v = cache.read(group.rows, width)  # [n, kv_heads, width, dim]
             # The query heads sharing a K/V head are that head's queries: [n, kv_heads, heads per K/V head, dim].
             grouped = q[group.tokens].view(-1, shape.kv_heads, heads // shape.kv_heads, dim)
             attended = F.scaled_dot_product_attention(grouped, k, v, attn_mask=group.mask[:, None, None, :])
@@ -90,8 +90,8 @@ class DecodeBlocks:
     owners: torch.Tensor  # [pairs] the decode token it serves
     mask: torch.Tensor  # [pairs, DECODE_BLOCK] True for the block's columns at or before its token's position
 
-    def attend(self, shape: FalconShape, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        return _block_attention(shape, keys, values, q, self)
+    def attend(self, shape: FalconShape, cache: LayerCache, q: torch.Tensor) -> torch.Tensor:
+        return _block_attention(shape, cache, q, self)
 
 
 DecodePlan = DecodeGroups | DecodeBlocks
@@ -185,26 +185,23 @@ def _attention(module: torch.nn.Module, shape: FalconShape, cache: KVCache, inde
                cos: torch.Tensor, sin: torch.Tensor, step: StepTensors) -> torch.Tensor:
     q, k, v = shape.split(_linear(module, "query_key_value", hidden, step, index))  # [tokens, heads | kv_heads, dim]
     q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-    keys, values = cache.keys[index], cache.values[index]  # [rows + 1, kv_heads, capacity, dim]
-    keys[step.write_rows, :, step.positions] = k
-    values[step.write_rows, :, step.positions] = v
+    layer = cache.layer(index)  # [rows + 1, kv_heads, capacity, dim], read in the model's dtype
+    layer.write(step.write_rows, step.positions, k, v)
     gqa = shape.kv_heads != shape.heads
     parts = []
     decode = step.decode
     if decode is not None:
         tokens = decode.tokens if isinstance(decode, DecodeGroups) else decode.tokens.shape[0]
-        parts.append(decode.attend(shape, keys, values, q[:tokens]))
+        parts.append(decode.attend(shape, layer, q[:tokens]))
     for chunk in step.chunks:
         end = chunk.start + chunk.length
         query = q[chunk.offset:chunk.offset + chunk.length].transpose(0, 1)[None]  # [1, heads, length, dim]
-        row = slice(chunk.row, chunk.row + 1)
+        keys, values = layer.read(slice(chunk.row, chunk.row + 1), end)  # [1, kv_heads, end, dim]
         if chunk.start == 0:
-            out = F.scaled_dot_product_attention(query, keys[row, :, :end], values[row, :, :end], is_causal=True,
-                                                 enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=gqa)
         else:  # a later chunk sees the columns before it and itself causally
             mask = torch.ones(chunk.length, end, dtype=torch.bool, device=q.device).tril(chunk.start)
-            out = F.scaled_dot_product_attention(query, keys[row, :, :end], values[row, :, :end], attn_mask=mask,
-                                                 enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=gqa)
         parts.append(out[0].transpose(0, 1))  # [length, heads, dim]
     out = torch.cat(parts) if len(parts) > 1 else parts[0]
     return _linear(module, "dense", out.reshape(out.shape[0], -1), step, index)
@@ -216,18 +213,16 @@ def _linear(block: torch.nn.Module, target: str, x: torch.Tensor, step: StepTens
     return step.lora.apply(index, target, x, out) if step.lora is not None else out
 
 
-def _block_attention(shape: FalconShape, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor,
-                     plan: DecodeBlocks) -> torch.Tensor:
+def _block_attention(shape: FalconShape, cache: LayerCache, q: torch.Tensor, plan: DecodeBlocks) -> torch.Tensor:
     """Each decode token's attention over its own row's blocks [tokens, heads, dim] (see the module docstring)."""
     tokens, heads, dim = q.shape
     kv_heads, groups = shape.kv_heads, heads // shape.kv_heads
-    blocks_per_row = keys.shape[2] // DECODE_BLOCK
+    blocks_per_row = cache.keys.shape[2] // DECODE_BLOCK
     # Each pair's block of each K/V head, as one index into the cache seen as [row, head, block]: one plain copy
     # of whole blocks (index_select), far cheaper than indexing two dimensions around a third.
     heads_of_row = plan.rows[:, None] * kv_heads + torch.arange(kv_heads, device=q.device)  # [pairs, kv_heads]
     index = (heads_of_row * blocks_per_row + plan.blocks[:, None]).flatten()
-    k = keys.view(-1, DECODE_BLOCK, dim).index_select(0, index).view(-1, kv_heads, DECODE_BLOCK, dim)
-    v = values.view(-1, DECODE_BLOCK, dim).index_select(0, index).view(-1, kv_heads, DECODE_BLOCK, dim)
+    k, v = (t.view(-1, kv_heads, DECODE_BLOCK, dim) for t in cache.read_blocks(index, DECODE_BLOCK))
     q = torch.cat((q, q.new_zeros(1, heads, dim)))[plan.owners]  # [pairs, heads, dim]; the dummy token last
     q = q.view(-1, kv_heads, groups, dim)  # query heads grouped by the K/V head they share
     scores = (q @ k.transpose(-1, -2)).float() * dim**-0.5  # [pairs, kv_heads, groups, block]

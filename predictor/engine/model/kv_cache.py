@@ -15,6 +15,10 @@ tokens, and a new sequence whose prompt begins with a cached prefix copies those
 system prompt, or ``num_return_sequences`` > 1, share it). A new sequence takes the lowest free row, whose cached
 tokens move up to the least recently used free row (one copy of that row), so running rows stay packed low while
 prefixes are evicted least recently used first; cached prefixes never take a row from a running request.
+
+With ``fp8`` (``--kv_cache_dtype fp8``) keys and values are stored as float8 e4m3, each token's head scaled by its
+largest value over e4m3's largest (448) with a bfloat16 scale beside it: 66 bytes per head of 64 where bfloat16
+takes 128, so a budget holds 1.94x the rows. Attention reads them back in the model's dtype (``LayerCache``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+SCALE_DTYPE = torch.bfloat16  # an fp8 head's scale: the range of float32 in 2 bytes
 BLOCK_SIZE = 16  # tokens per block of the prefix index: a prefix is reused in whole blocks
 # Sequences run at once by default, when the memory holds them: vLLM's defaults (``get_batch_defaults``), 1,024 on
 # GPUs of 70 GiB or more other than the A100 (where it measured no gain past 256), 256 elsewhere.
@@ -34,16 +41,75 @@ LARGE_GPU_GIB = 70
 
 @dataclass(frozen=True)
 class CacheShape:
-    """What one token costs: layers, K/V heads and head size, in a dtype."""
+    """What one token costs: layers, K/V heads and head size, in a dtype (the model's, which attention computes
+    in), stored as it is or, with ``fp8``, as float8 with a scale per head."""
 
     layers: int
     kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    fp8: bool = False
 
     @property
     def bytes_per_token(self) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+        per_head = (self.head_dim * FP8.itemsize + SCALE_DTYPE.itemsize if self.fp8
+                    else self.head_dim * self.dtype.itemsize)
+        return 2 * self.layers * self.kv_heads * per_head
+
+    @property
+    def storage(self) -> str:
+        """How a head is stored, for the start-up log."""
+        return "fp8 e4m3 + a bfloat16 scale per head" if self.fp8 else str(self.dtype).removeprefix("torch.")
+
+
+@dataclass
+class LayerCache:
+    """One layer's keys and values, written and read by attention in the model's dtype whatever the cache stores.
+    Rows are an index tensor or a slice; every read is [rows, kv_heads, columns, head_dim]."""
+
+    keys: torch.Tensor  # [rows + 1, kv_heads, capacity, head_dim]
+    values: torch.Tensor
+    key_scales: torch.Tensor | None  # [rows + 1, kv_heads, capacity] with fp8, else None
+    value_scales: torch.Tensor | None
+    dtype: torch.dtype
+
+    def write(self, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Each token's key and value [tokens, kv_heads, dim] into column ``positions`` of cache row ``rows``."""
+        if self.key_scales is None:
+            self.keys[rows, :, positions] = k
+            self.values[rows, :, positions] = v
+            return
+        self.keys[rows, :, positions], self.key_scales[rows, :, positions] = to_fp8(k)
+        self.values[rows, :, positions], self.value_scales[rows, :, positions] = to_fp8(v)
+
+    def read(self, rows: torch.Tensor | slice, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``width`` columns of ``rows``: keys and values [rows, kv_heads, width, dim]."""
+        k, v = self.keys[rows, :, :width], self.values[rows, :, :width]
+        if self.key_scales is None:
+            return k, v
+        return (from_fp8(k, self.key_scales[rows, :, :width], self.dtype),
+                from_fp8(v, self.value_scales[rows, :, :width], self.dtype))
+
+    def read_blocks(self, index: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks of ``block`` columns, ``index`` counting them over the cache seen as [row, head, block]: keys and
+        values [len(index), block, dim]."""
+        dim = self.keys.shape[-1]
+        k = self.keys.view(-1, block, dim).index_select(0, index)
+        v = self.values.view(-1, block, dim).index_select(0, index)
+        if self.key_scales is None:
+            return k, v
+        return (from_fp8(k, self.key_scales.view(-1, block).index_select(0, index), self.dtype),
+                from_fp8(v, self.value_scales.view(-1, block).index_select(0, index), self.dtype))
+
+
+def to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` [..., dim] as float8 e4m3 and a scale per vector [...]: its largest value maps to e4m3's largest."""
+    scale = (x.float().abs().amax(-1) / FP8_MAX).clamp_min(torch.finfo(torch.float).tiny).to(SCALE_DTYPE)
+    return (x.float() / scale.float()[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def from_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.to(dtype) * scale.to(dtype)[..., None]
 
 
 @dataclass(frozen=True)
@@ -63,8 +129,11 @@ class KVCache:
         self.nbytes = rows * capacity * shape.bytes_per_token
         size = (rows + 1, shape.kv_heads, capacity, shape.head_dim)
         try:
-            self.keys = [torch.zeros(size, dtype=shape.dtype, device=d) for d in devices]
-            self.values = [torch.zeros(size, dtype=shape.dtype, device=d) for d in devices]
+            stored = FP8 if shape.fp8 else shape.dtype
+            self.keys = [torch.zeros(size, dtype=stored, device=d) for d in devices]
+            self.values = [torch.zeros(size, dtype=stored, device=d) for d in devices]
+            scales = [torch.zeros(size[:-1], dtype=SCALE_DTYPE, device=d) for d in devices for _ in "kv"]
+            self.key_scales, self.value_scales = (scales[0::2], scales[1::2]) if shape.fp8 else (None, None)
         except (torch.OutOfMemoryError, RuntimeError):  # RuntimeError: the CPU allocator's refusal
             raise MemoryError(
                 f"the KV cache needs {self.nbytes / 2**30:.2f} GiB ({rows} rows x {capacity} tokens x "
@@ -82,6 +151,17 @@ class KVCache:
         self._clock = itertools.count(1)
         self.used_tokens = 0  # tokens held by running rows
         self.copies: list[tuple[int, int, int]] | None = None  # row copies not yet told to the other ranks
+
+    def layer(self, index: int) -> LayerCache:
+        """Layer ``index``'s keys and values, as attention writes and reads them."""
+        scales = self.key_scales is not None
+        return LayerCache(self.keys[index], self.values[index], self.key_scales[index] if scales else None,
+                          self.value_scales[index] if scales else None, self.shape.dtype)
+
+    @property
+    def buffers(self) -> list[torch.Tensor]:
+        """Every tensor the cache holds (a compiled step marks their addresses static)."""
+        return self.keys + self.values + (self.key_scales + self.value_scales if self.key_scales else [])
 
     # -- rows ----------------------------------------------------------------------------------------------------
     @property
@@ -202,9 +282,8 @@ class KVCache:
     def copy_columns(self, source: int, target: int, tokens: int) -> None:
         """Copy the first ``tokens`` columns of row ``source`` over row ``target``, in every layer; noted in
         ``copies`` when that is a list (tensor parallelism: the other ranks' caches make the same copies)."""
-        for buffers in (self.keys, self.values):
-            for buffer in buffers:
-                buffer[target, :, :tokens] = buffer[source, :, :tokens]
+        for buffer in self.buffers:
+            buffer[target, :, :tokens] = buffer[source, :, :tokens]
         if self.copies is not None:
             self.copies.append((source, target, tokens))
 

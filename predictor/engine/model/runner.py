@@ -10,7 +10,6 @@ transformers' ``generate`` in ``generate_beams``.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import time
 from dataclasses import dataclass
@@ -27,7 +26,10 @@ from .kv_cache import CacheShape, KVCache, column_tiers, default_row_cap, row_bu
 from ..lora.adapter import AdapterError, linear_shapes
 from ..lora.bank import BASE, AdapterBank, LoraStep
 from ..lora.merge import merge_adapters
+from .loading import can_load_by_layers, load_by_layers
 from ..options import GenerationOptions, ModelInfo
+from ..quantization.linear import quantize_linears, weight_bytes
+from ..quantization.schemes import scheme_refusal
 from ..sampling.sampler import stop_string_criteria
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,8 @@ class LoadSpec:
     revision: str | None = None
     dtype: str = "auto"
     device: str = "auto"
-    load_in_8bit: bool = False
+    quantization: str | None = None  # "int8", "fp8" or "int4" (``quantization.schemes``); None: the model's dtype
+    kv_cache_dtype: str = "auto"  # "fp8": keys and values stored in 8 bits (``kv_cache``)
     # (name, folder, strength) of adapters merged into the weights as they load (Kaito's adapter directory):
     # before any tensor-parallel split, so each rank cuts its shard out of the merged weights
     merged_adapters: tuple[tuple[str, str, float], ...] = ()
@@ -65,8 +68,10 @@ class BeamOutput:
 class Engine:
     """A loaded Falcon model and tokenizer, and (once reserved) its KV cache."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, kv_cache_dtype: str = "auto"
+                 ) -> None:
         self.model = model
+        self.kv_cache_dtype = kv_cache_dtype
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         config = model.config
@@ -90,7 +95,7 @@ class Engine:
     def cache_shape(self) -> CacheShape:
         dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
         return CacheShape(layers=len(self.model.transformer.h), kv_heads=self.shape.kv_heads,
-                          head_dim=self.shape.head_dim, dtype=dtype)
+                          head_dim=self.shape.head_dim, dtype=dtype, fp8=self.kv_cache_dtype == "fp8")
 
     def kv_cache_budget(self, gib: float | None) -> int:
         """Bytes the KV cache may take: ``gib`` if given; else, on GPUs, 90% of what the weights left free (the
@@ -135,7 +140,7 @@ class Engine:
         self.cache = KVCache(self.cache_shape, rows, self.context_length, devices)
         self._row_slots = [BASE] * (rows + 1)
         if compile:
-            for buffer in self.cache.keys + self.cache.values + (self.lora.tensors if self.lora else []):
+            for buffer in self.cache.buffers + (self.lora.tensors if self.lora else []):
                 torch._dynamo.mark_static_address(buffer)
             # On a GPU "reduce-overhead" records a CUDA graph per shape and replays it.
             mode = "reduce-overhead" if self.device.type == "cuda" else None
@@ -412,26 +417,46 @@ def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]
 def load_engine(spec: LoadSpec) -> Engine:
     """Load the tokenizer and model with transformers (native Falcon code; remote code is never run)."""
     device, dtype = resolve_device_and_dtype(spec.device, spec.dtype)
-    if spec.load_in_8bit and (device != "cuda" or importlib.util.find_spec("bitsandbytes") is None):
-        raise SystemExit("--load_in_8bit needs a CUDA GPU and the bitsandbytes package (pip install bitsandbytes)")
+    capability = torch.cuda.get_device_capability() if device == "cuda" else None
+    refusal = scheme_refusal(spec.quantization, device, capability)
+    if refusal:
+        raise SystemExit(refusal)
     logger.info("Loading %s (revision %s) on %s as %s", spec.source, spec.revision or "default", device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(spec.source, revision=spec.revision, trust_remote_code=False)
+    if spec.quantization is not None and not spec.merged_adapters and can_load_by_layers(spec.source):
+        before = time.monotonic()
+        model = load_by_layers(spec.source, dtype, spec.quantization, torch.device(device))
+        logger.info("Loaded %s a layer at a time in %.1f s; quantized the linear layers to %s: weights take %s",
+                    type(model).__name__, time.monotonic() - before, spec.quantization, _size(weight_bytes(model)))
+        return Engine(model, tokenizer, spec.kv_cache_dtype)
     # PyTorch's scaled-dot-product attention (fused kernels on GPUs); named so a transformers default cannot change it
     kwargs: dict = dict(revision=spec.revision, dtype=dtype, trust_remote_code=False, attn_implementation="sdpa")
-    if device == "cuda":
+    if device == "cuda" and spec.quantization is None:
         kwargs["device_map"] = "auto"  # splits the layers over every visible GPU (falcon-40b needs two)
-        if spec.load_in_8bit:
-            from transformers import BitsAndBytesConfig  # noqa: PLC0415 - needs bitsandbytes, GPU only
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    # Quantized, the model is read into host memory and goes to one GPU a decoder layer at a time, quantized there.
     model = AutoModelForCausalLM.from_pretrained(spec.source, **kwargs)
     if device == "cpu":
         model = model.to("cpu")
     model.eval()
-    if spec.merged_adapters:
+    if spec.merged_adapters:  # merged before quantizing, into the weights as published
         try:
             merge_adapters(model, spec.merged_adapters)
         except AdapterError as exc:
             raise SystemExit(str(exc)) from None
     logger.info("Loaded %s: %s parameters", type(model).__name__, f"{sum(p.numel() for p in model.parameters()):,}")
-    return Engine(model, tokenizer)
+    if spec.quantization is not None:
+        quantize(model, spec.quantization, torch.device(device))
+    return Engine(model, tokenizer, spec.kv_cache_dtype)
+
+
+def quantize(model: torch.nn.Module, scheme: str, device: torch.device) -> None:
+    """Quantize ``model``'s linear layers to ``scheme`` on ``device`` (``quantization``), logging the bytes."""
+    before = weight_bytes(model)
+    quantize_linears(model, scheme, device if device.type == "cuda" else None)
+    model.to(device)
+    logger.info("Quantized the linear layers to %s: weights take %s (%s unquantized)", scheme,
+                _size(weight_bytes(model)), _size(before))
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"

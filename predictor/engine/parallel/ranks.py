@@ -40,7 +40,8 @@ from ..model.falcon import FalconShape, StepTensors, moved
 from ..model.kv_cache import KVCache
 from ..lora.adapter import LoraAdapter
 from ..lora.bank import AdapterBank
-from ..model.runner import Engine, LoadSpec, load_engine, resolve_device_and_dtype
+from ..model.runner import Engine, LoadSpec, load_engine, quantize, resolve_device_and_dtype
+from ..quantization.schemes import QUANTIZED_BEFORE_THE_CUT, scheme_refusal
 from .sharding import shard_adapter, shard_model, tensor_parallel_refusal
 
 logger = logging.getLogger(__name__)
@@ -73,8 +74,6 @@ def load_sharded_engine(spec: LoadSpec, parallel: ParallelSpec) -> ShardedEngine
     Raises ``SystemExit`` with one line when the checkpoint or the machine cannot be split ``parallel.world`` ways,
     and ``RuntimeError`` when a follower dies while loading."""
     device, dtype = resolve_device_and_dtype(spec.device, spec.dtype)
-    if spec.load_in_8bit:
-        raise SystemExit("--load_in_8bit cannot be combined with --tensor_parallel_size above 1")
     from transformers import AutoConfig  # noqa: PLC0415
 
     gpus = torch.cuda.device_count() if device == "cuda" else 0
@@ -108,7 +107,8 @@ def load_sharded_engine(spec: LoadSpec, parallel: ParallelSpec) -> ShardedEngine
         raise
     logger.info("Tensor parallelism: %d ranks, each with %d of %d K/V groups per layer (%s)", parallel.world,
                 shape.kv_heads, shape.kv_heads * parallel.world, dist.get_backend())
-    return ShardedEngine(model, tokenizer, shape, adapter_shapes, followers, parallel.collective_timeout_s)
+    return ShardedEngine(model, tokenizer, shape, adapter_shapes, followers, parallel.collective_timeout_s,
+                         spec.kv_cache_dtype)
 
 
 class ShardedEngine(Engine):
@@ -117,8 +117,8 @@ class ShardedEngine(Engine):
 
     def __init__(self, model: torch.nn.Module, tokenizer, shape: FalconShape,
                  adapter_shapes: list[dict[str, tuple[int, int]]], followers: list[_Follower],
-                 collective_timeout_s: float) -> None:
-        super().__init__(model, tokenizer)
+                 collective_timeout_s: float, kv_cache_dtype: str = "auto") -> None:
+        super().__init__(model, tokenizer, kv_cache_dtype)
         self.adapter_shapes = adapter_shapes  # the whole model's: adapters are read whole, then cut per rank
         self.collective_timeout_s = collective_timeout_s
         self.shape = _reducing(shape)
@@ -261,7 +261,7 @@ def follow(spec: LoadSpec, parallel: ParallelSpec, rank: int, port: int,
         conn.send_bytes(pickle.dumps(("loaded",)))
         _expect(conn, "connect")
         _connect(spec.device, rank, parallel, port)
-        engine = Engine(model, tokenizer)
+        engine = Engine(model, tokenizer, spec.kv_cache_dtype)
         engine.shape = _reducing(shape)
         _follow_steps(engine, conn)
     except EOFError:
@@ -307,10 +307,18 @@ def _load_shard(spec: LoadSpec, rank: int, world: int
 
     Every rank reads the whole checkpoint once, the ranks one after another so that host memory holds one whole
     copy at a time (falcon-40b: 83 GB in bfloat16), and the page cache serves the file to the later ranks; only
-    the shard stays."""
-    engine = load_engine(dataclasses.replace(spec, device="cpu"))
+    the shard stays. int8 is quantized before the cut, each row's scale over the whole row, so that every rank
+    computes with the very weights one process would; torchao's GPU schemes quantize each rank's shard on its GPU."""
+    refusal = scheme_refusal(spec.quantization, spec.device,
+                             torch.cuda.get_device_capability(rank) if spec.device == "cuda" else None)
+    if refusal:
+        raise SystemExit(refusal)
+    before_cut = spec.quantization if spec.quantization in QUANTIZED_BEFORE_THE_CUT else None
+    engine = load_engine(dataclasses.replace(spec, device="cpu", quantization=before_cut))
     shape = shard_model(engine.model, engine.shape, rank, world)
     device = torch.device("cuda", rank) if spec.device == "cuda" else torch.device("cpu")
+    if spec.quantization is not None and before_cut is None:
+        quantize(engine.model, spec.quantization, device)
     return engine.model.to(device), engine.tokenizer, shape, engine.adapter_shapes
 
 

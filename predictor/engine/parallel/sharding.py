@@ -24,6 +24,7 @@ import torch
 
 from ..model.falcon import FalconShape
 from ..lora.adapter import TARGETS, LoraAdapter
+from ..quantization.linear import Int8Linear
 
 # Whether each linear layer is split by output rows (else by input columns). ``query_key_value``'s rows are laid out
 # per K/V group, so equal parts of them are whole groups; ``dense`` takes the matching heads' outputs as its columns.
@@ -93,15 +94,22 @@ def _part(size: int, rank: int, world: int) -> tuple[int, int]:
     return rank * count, count
 
 
-def _keep_rows(linear: torch.nn.Linear, start: int, count: int) -> None:
-    linear.weight = torch.nn.Parameter(linear.weight.data[start:start + count].clone(), requires_grad=False)
+def _keep_rows(linear: torch.nn.Module, start: int, count: int) -> None:
+    if isinstance(linear, Int8Linear):  # its rows' scales go with them
+        linear.weight = linear.weight[start:start + count].clone()
+        linear.scale = linear.scale[start:start + count].clone()
+    else:
+        linear.weight = torch.nn.Parameter(linear.weight.data[start:start + count].clone(), requires_grad=False)
     if linear.bias is not None:
         linear.bias = torch.nn.Parameter(linear.bias.data[start:start + count].clone(), requires_grad=False)
     linear.out_features = count
 
 
-def _keep_columns(linear: torch.nn.Linear, start: int, count: int, rank: int) -> None:
-    linear.weight = torch.nn.Parameter(linear.weight.data[:, start:start + count].clone(), requires_grad=False)
+def _keep_columns(linear: torch.nn.Module, start: int, count: int, rank: int) -> None:
+    if isinstance(linear, Int8Linear):  # every row keeps its whole row's scale
+        linear.weight = linear.weight[:, start:start + count].clone()
+    else:
+        linear.weight = torch.nn.Parameter(linear.weight.data[:, start:start + count].clone(), requires_grad=False)
     if linear.bias is not None and rank > 0:
         linear.bias = None
     linear.in_features = count

@@ -1,0 +1,98 @@
+"""Loading a quantized checkpoint a decoder layer at a time, so that memory peaks at the quantized model plus one
+unquantized layer rather than the whole unquantized model (falcon-40b: 42 GB in 8 bits, not 84 GB in bfloat16).
+
+The model is built with empty weights (accelerate's ``init_empty_weights``: parameters on the meta device, the
+rotary buffers real); each layer's tensors are then read from the safetensors files, converted to the serving dtype,
+quantized and moved to the device before the next layer is read. The files are read with plain reads at the offsets
+their headers give, not memory-mapped: a mapping keeps every page it touched resident in the process (counted in its
+memory, as a pod's limit counts it) until it is closed, which would hold the whole unquantized checkpoint again.
+Embeddings, layer norms and ``lm_head`` (tied to the embeddings) follow. Checkpoints without safetensors files, and
+those with merged adapters (which need a layer's unquantized weights with every adapter's delta), load whole
+through ``from_pretrained`` instead (``runner.load_engine``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+from ..quantization.linear import quantize_layer
+
+logger = logging.getLogger(__name__)
+LAYER_PREFIX = "transformer.h."
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lies in a safetensors file (its header says)."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offset in the file
+    end: int
+
+    def read(self) -> torch.Tensor:
+        data = bytearray(self.end - self.start)
+        with self.path.open("rb") as file:
+            file.seek(self.start)
+            file.readinto(data)
+        return torch.frombuffer(data, dtype=self.dtype).view(self.shape)
+
+
+def stored_tensors(path: Path) -> dict[str, StoredTensor]:
+    """The tensors of one safetensors file: an 8-byte header length, a JSON header, then the data."""
+    with path.open("rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(length))
+    header.pop("__metadata__", None)
+    base = 8 + length
+    return {name: StoredTensor(path, DTYPES[entry["dtype"]], tuple(entry["shape"]), base + entry["data_offsets"][0],
+                               base + entry["data_offsets"][1]) for name, entry in header.items()}
+
+
+def can_load_by_layers(source: str) -> bool:
+    """Whether ``source`` is a local directory of safetensors files (a Hub id is loaded whole)."""
+    return Path(source).is_dir() and any(Path(source).glob("*.safetensors"))
+
+
+@torch.no_grad()
+def load_by_layers(source: str, dtype: torch.dtype, scheme: str, device: torch.device) -> torch.nn.Module:
+    """The checkpoint in directory ``source`` with its linear layers in ``scheme``, on ``device``, read a decoder
+    layer at a time (module docstring)."""
+    config = AutoConfig.from_pretrained(source)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    where = {name: tensor for path in sorted(Path(source).glob("*.safetensors"))
+             for name, tensor in stored_tensors(path).items()}
+    by_layer: dict[int, list[str]] = {}
+    for name in where:
+        if name.startswith(LAYER_PREFIX):
+            by_layer.setdefault(int(name[len(LAYER_PREFIX):].split(".")[0]), []).append(name)
+    for index, layer in enumerate(model.transformer.h):
+        for name in by_layer.get(index, []):
+            set_module_tensor_to_device(model, name, "cpu", value=where[name].read(), dtype=dtype)
+        if device.type == "cuda":
+            layer.to(device)  # torchao quantizes on the GPU
+        quantize_layer(layer, scheme)
+        layer.to(device)
+    for name in where:
+        if not name.startswith(LAYER_PREFIX):
+            set_module_tensor_to_device(model, name, device, value=where[name].read(), dtype=dtype)
+    model.tie_weights()
+    missing = [name for name, tensor in model.named_parameters() if tensor.device.type == "meta"]
+    if missing:
+        raise SystemExit(f"{source} is not a complete Falcon checkpoint: no weights for {', '.join(missing[:3])}")
+    model.to(device)  # the rotary buffers
+    if (Path(source) / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    return model.eval()

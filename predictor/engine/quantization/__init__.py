@@ -1,0 +1,1 @@
+"""Quantized weights: the schemes this server runs, where each runs, and the linear layers that hold them."""
