@@ -4,6 +4,7 @@ the step already launched; none of that step's token may reach the client or its
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -17,8 +18,6 @@ STOPS = {"tiny-falcon": (" ex", 10), "tiny-falcon-40b": (" then", 8)}
 
 
 def sse_payloads(response: httpx.Response) -> list:
-    import json
-
     assert response.status_code == 200, response.read()
     lines = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"
@@ -141,3 +140,26 @@ def test_a_stream_whose_client_goes_away_leaves_the_running_batch(any_server, pa
     while running_sequences(any_server) != 0:
         assert time.monotonic() < deadline, "a cancelled stream's row stayed in the running batch"
         time.sleep(0.05)
+
+
+# -- other tokenizer kinds, in process -------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["wordlevel", "unigram"])
+def test_a_stop_string_ends_the_sequence_at_its_token_on_other_tokenizers(tmp_path_factory, kind):
+    """The stop-string check runs one step behind the device on every tokenizer kind (a word-level one is matched on
+    the decoded text): the sequence keeps exactly the tokens up to the one that completed the stop, while a neighbour
+    without a stop keeps the batch stepping past it."""
+    from generation import generated, make_job, reserved_engine, run
+
+    from predictor.tiny import build_tiny_falcon
+
+    engine = reserved_engine(build_tiny_falcon(tmp_path_factory.mktemp(kind), "7b", tokenizer=kind), rows=4)
+    prompt, steady = "Once upon a time", dict(do_sample=False, max_new_tokens=20, min_new_tokens=20)
+    ids = generated(run(engine, [make_job(engine, prompt, **steady)])[0])[0]
+    at, stop = next((k, engine.decode([ids[k]]).strip()) for k in range(3, len(ids) - 2)
+                    if engine.decode([ids[k]]).strip()
+                    and engine.decode([ids[k]]).strip() not in engine.decode(ids[:k])
+                    and engine.decode([ids[k]]).strip() in engine.decode(ids[:k + 1]))
+    stopped, neighbour = run(engine, [make_job(engine, prompt, do_sample=False, max_new_tokens=20, stop_strings=[stop]),
+                                      make_job(engine, "Hello", **steady)])
+    assert generated(stopped) == [ids[:at + 1]] and stopped.sequences[0].finish_reason == "stop"
+    assert len(generated(neighbour)[0]) == 20
