@@ -98,6 +98,39 @@ def test_cancel_and_time_budget_stop_generation(engine):
     asyncio.run(main())
 
 
+def test_a_cancelled_request_frees_its_row_within_a_step_or_two(engine):
+    """One step ahead, a cancelled row still rides in the step already launched; it must leave at the next settle,
+    not linger. Another request keeps the batch stepping, and the worker's step count (the step-time histogram)
+    says how many steps the cancelled row outlived its cancel by."""
+    from prometheus_client import REGISTRY
+
+    def steps() -> float:
+        return REGISTRY.get_sample_value("falcon_step_host_seconds_count") or 0.0
+
+    async def main():
+        batcher = Batcher(engine)
+        batcher.start()
+        long = dict(do_sample=False, max_new_tokens=1500, min_new_tokens=1500)
+        keeper = batcher.submit(make_job(engine, "Hello", **long))
+        doomed = batcher.submit(make_job(engine, "The quick brown fox", **long), stream=True)
+        events = doomed.events()
+        for _ in range(3):  # both rows are decoding
+            await anext(events)
+        assert batcher.running_sequences == 2
+        doomed.cancel()
+        cancelled_at = steps()
+        while batcher.running_sequences == 2:
+            await asyncio.sleep(0.0005)
+        # the step running when cancel() came (it may have checked the row already), the step launched one ahead
+        # with the row in it, and the one that settles it
+        assert steps() - cancelled_at <= 3
+        assert (await doomed.result()).sequences[0].finish_reason == "cancelled"
+        keeper.cancel()
+        await keeper.result()
+        batcher.close()
+    asyncio.run(main())
+
+
 def test_queue_bound_and_drain(engine):
     async def main():
         batcher = Batcher(engine, max_queue=1)  # not started: nothing leaves the queue
