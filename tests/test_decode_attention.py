@@ -9,9 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from predictor.engine.model.falcon import DECODE_BLOCK
+from predictor.engine.model.falcon import DECODE_BLOCK, decode_blocks, decode_groups
 from predictor.engine.model.kv_cache import LayerCache, to_fp8
-from predictor.engine.model.runner import _decode_blocks, _decode_groups
 
 CPU = torch.device("cpu")
 CAPACITY = 2048
@@ -51,11 +50,11 @@ def test_eager_groups_and_compiled_blocks_equal_attention_over_the_own_row(heads
     rows, positions = [row for row, _ in RUNNING], [position for _, position in RUNNING]
     expected = _reference(keys, values, q, RUNNING, kv_heads)
 
-    groups = _decode_groups(positions, rows, CPU)
+    groups = decode_groups(positions, rows, CPU)
     torch.testing.assert_close(groups.attend(shape, _layer(keys, values), q), expected, atol=1e-5, rtol=1e-5)
 
     pairs = sum(position // DECODE_BLOCK + 1 for position in positions)
-    blocks = _decode_blocks(positions, rows, len(RUNNING) + 2, pairs + 5, ROWS, CPU)  # padded, as compiled
+    blocks = decode_blocks(positions, rows, len(RUNNING) + 2, pairs + 5, ROWS, CPU)  # padded, as compiled
     padded_q = torch.cat((q, torch.zeros(2, heads, DIM)))
     torch.testing.assert_close(blocks.attend(shape, _layer(keys, values), padded_q)[:len(RUNNING)], expected,
                                atol=1e-5, rtol=1e-5)
@@ -65,18 +64,18 @@ def test_a_token_is_unchanged_by_what_runs_beside_it():
     keys, values = _cache(2)
     q = torch.randn(2, 8, DIM, generator=torch.Generator().manual_seed(3))
     shape = SimpleNamespace(heads=8, kv_heads=2)
-    alone = _decode_groups([40], [1], CPU).attend(shape, _layer(keys, values), q[:1])
+    alone = decode_groups([40], [1], CPU).attend(shape, _layer(keys, values), q[:1])
     for neighbour in (10, 60):  # the same group: its width is the longer row's, the extra columns masked out
-        beside = _decode_groups([40, neighbour], [1, 6], CPU).attend(shape, _layer(keys, values), q)
+        beside = decode_groups([40, neighbour], [1, 6], CPU).attend(shape, _layer(keys, values), q)
         torch.testing.assert_close(beside[0], alone[0], atol=1e-6, rtol=1e-6)
-    beside = _decode_groups([40, 1900], [1, 6], CPU).attend(shape, _layer(keys, values), q)  # another group: untouched
+    beside = decode_groups([40, 1900], [1, 6], CPU).attend(shape, _layer(keys, values), q)  # another group: untouched
     assert torch.equal(beside[0], alone[0])
 
 
 def test_a_row_reads_less_than_twice_its_columns_and_every_token_is_in_one_group():
     positions = list(range(0, CAPACITY, 7))
     rows = list(range(len(positions)))[::-1]
-    plan = _decode_groups(positions, rows, CPU)
+    plan = decode_groups(positions, rows, CPU)
     seen = []
     for group in plan.groups:
         width = group.mask.shape[1]
@@ -89,10 +88,10 @@ def test_a_row_reads_less_than_twice_its_columns_and_every_token_is_in_one_group
 
 
 def test_consecutive_rows_are_read_in_place_and_others_gathered():
-    plan = _decode_groups([10, 20, 30, 40], [6, 4, 5, 7], CPU)
+    plan = decode_groups([10, 20, 30, 40], [6, 4, 5, 7], CPU)
     (group,) = plan.groups
     assert group.rows == slice(4, 8) and group.tokens.tolist() == [1, 2, 0, 3]  # tokens in their rows' order
-    (apart,) = _decode_groups([10, 20], [2, 9], CPU).groups
+    (apart,) = decode_groups([10, 20], [2, 9], CPU).groups
     assert apart.rows.tolist() == [2, 9]
 
 
@@ -110,11 +109,11 @@ def test_an_fp8_cache_is_read_back_in_the_models_dtype(plan):
     shape = SimpleNamespace(heads=heads, kv_heads=kv_heads)
     rows, positions = [row for row, _ in RUNNING], [position for _, position in RUNNING]
     if plan == "groups":
-        attend = _decode_groups(positions, rows, CPU).attend
+        attend = decode_groups(positions, rows, CPU).attend
         out, on_rounded = attend(shape, stored, q), attend(shape, rounded, q)
     else:
         pairs = sum(position // DECODE_BLOCK + 1 for position in positions)
-        attend = _decode_blocks(positions, rows, len(RUNNING), pairs, ROWS, CPU).attend
+        attend = decode_blocks(positions, rows, len(RUNNING), pairs, ROWS, CPU).attend
         out, on_rounded = attend(shape, stored, q), attend(shape, rounded, q)
     torch.testing.assert_close(out, on_rounded, atol=1e-5, rtol=1e-5)
     exact = _reference(keys, values, q, RUNNING, kv_heads)

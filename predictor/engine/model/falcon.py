@@ -263,3 +263,49 @@ def moved(value, device: torch.device):
         return dataclasses.replace(value, **{field.name: moved(getattr(value, field.name), device)
                                              for field in dataclasses.fields(value) if field.init})
     return value
+
+
+def decode_groups(positions: list[int], rows: list[int], device: torch.device) -> DecodePlan | None:
+    """An eager step's decode tokens at ``positions`` of cache ``rows``, grouped by length: a group holds the rows
+    of ``DECODE_BLOCK`` columns or fewer, then those of (64, 128], (128, 256], ... columns, each group attending over
+    its longest row's columns, so that a row reads less than twice its own."""
+    if not positions:
+        return None
+    members: dict[int, list[int]] = {}
+    for token, position in enumerate(positions):
+        members.setdefault((position // DECODE_BLOCK).bit_length(), []).append(token)
+    groups = []
+    for tokens in members.values():
+        tokens.sort(key=rows.__getitem__)
+        at, rows_read = torch.tensor([positions[token] for token in tokens]), [rows[token] for token in tokens]
+        consecutive = rows_read == list(range(rows_read[0], rows_read[0] + len(rows_read)))
+        mask = torch.arange(int(at.max()) + 1) <= at[:, None]
+        groups.append(DecodeGroup(tokens=torch.tensor(tokens, device=device),
+                                  rows=(slice(rows_read[0], rows_read[-1] + 1) if consecutive
+                                        else torch.tensor(rows_read, device=device)),
+                                  mask=mask.to(device)))
+    return DecodeGroups(tuple(groups), len(positions))
+
+
+def decode_blocks(positions: list[int], rows: list[int], tokens: int, blocks: int, scratch: int,
+                   device: torch.device) -> DecodeBlocks:
+    """The blocks a compiled step's decode tokens at ``positions`` of cache ``rows`` read: each its row's blocks up
+    to its own column. ``tokens`` and ``blocks`` pad both counts (a static shape); padding pairs read the scratch
+    row's first column for a dummy token, ``tokens``."""
+    pair_rows, pair_blocks, owners, limits = [], [], [], []  # limits: the last column each pair's token sees
+    for token, (position, row) in enumerate(zip(positions, rows)):
+        count = position // DECODE_BLOCK + 1
+        pair_rows += [row] * count
+        pair_blocks += range(count)
+        owners += [token] * count
+        limits += [position] * count
+    padding = blocks - len(owners)
+    pair_rows += [scratch] * padding
+    pair_blocks += [0] * padding
+    owners += [tokens] * padding
+    limits += [0] * padding
+    block = torch.tensor(pair_blocks, dtype=torch.long)
+    mask = block[:, None] * DECODE_BLOCK + torch.arange(DECODE_BLOCK) <= torch.tensor(limits)[:, None]
+    return DecodeBlocks(tokens=torch.arange(tokens, device=device),
+                        rows=torch.tensor(pair_rows, dtype=torch.long, device=device), blocks=block.to(device),
+                        owners=torch.tensor(owners, dtype=torch.long, device=device), mask=mask.to(device))

@@ -19,8 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
-from .falcon import (DECODE_BLOCK, Chunk, DecodeBlocks, DecodeGroup, DecodeGroups, DecodePlan, FalconShape,
-                     StepTensors, forward)
+from .falcon import DECODE_BLOCK, Chunk, FalconShape, StepTensors, decode_blocks, decode_groups, forward
 from ..sampling.group_beam_search import group_beam_search
 from .kv_cache import CacheShape, KVCache, column_tiers, default_row_cap, row_buckets, smallest_at_least
 from ..lora.adapter import AdapterError, linear_shapes
@@ -265,8 +264,8 @@ class Engine:
             offset += len(chunk_tokens)
             keep.extend(range(offset - int(wants_logits), offset))  # the chunk's last ``wants_logits`` tokens
         device, at, rows = self.device, positions[:len(decode)], write_rows[:len(decode)]
-        plan = (_decode_groups(at, rows, device) if blocks is None
-                else _decode_blocks(at, rows, tokens, blocks, scratch, device))
+        plan = (decode_groups(at, rows, device) if blocks is None
+                else decode_blocks(at, rows, tokens, blocks, scratch, device))
         host_ids = torch.tensor(ids, dtype=torch.long, device=device)
         return StepTensors(ids=host_ids if decode_ids is None else torch.cat([decode_ids, host_ids]),
                            positions=torch.tensor(positions, device=device),
@@ -329,52 +328,6 @@ class DeviceTokens(list):
     def __init__(self, rows: Sequence[int], ids: torch.Tensor) -> None:
         super().__init__((row, None) for row in rows)
         self.ids = ids
-
-
-def _decode_groups(positions: list[int], rows: list[int], device: torch.device) -> DecodePlan | None:
-    """An eager step's decode tokens at ``positions`` of cache ``rows``, grouped by length: a group holds the rows
-    of ``DECODE_BLOCK`` columns or fewer, then those of (64, 128], (128, 256], ... columns, each group attending over
-    its longest row's columns, so that a row reads less than twice its own."""
-    if not positions:
-        return None
-    members: dict[int, list[int]] = {}
-    for token, position in enumerate(positions):
-        members.setdefault((position // DECODE_BLOCK).bit_length(), []).append(token)
-    groups = []
-    for tokens in members.values():
-        tokens.sort(key=rows.__getitem__)
-        at, rows_read = torch.tensor([positions[token] for token in tokens]), [rows[token] for token in tokens]
-        consecutive = rows_read == list(range(rows_read[0], rows_read[0] + len(rows_read)))
-        mask = torch.arange(int(at.max()) + 1) <= at[:, None]
-        groups.append(DecodeGroup(tokens=torch.tensor(tokens, device=device),
-                                  rows=(slice(rows_read[0], rows_read[-1] + 1) if consecutive
-                                        else torch.tensor(rows_read, device=device)),
-                                  mask=mask.to(device)))
-    return DecodeGroups(tuple(groups), len(positions))
-
-
-def _decode_blocks(positions: list[int], rows: list[int], tokens: int, blocks: int, scratch: int,
-                   device: torch.device) -> DecodeBlocks:
-    """The blocks a compiled step's decode tokens at ``positions`` of cache ``rows`` read: each its row's blocks up
-    to its own column. ``tokens`` and ``blocks`` pad both counts (a static shape); padding pairs read the scratch
-    row's first column for a dummy token, ``tokens``."""
-    pair_rows, pair_blocks, owners, limits = [], [], [], []  # limits: the last column each pair's token sees
-    for token, (position, row) in enumerate(zip(positions, rows)):
-        count = position // DECODE_BLOCK + 1
-        pair_rows += [row] * count
-        pair_blocks += range(count)
-        owners += [token] * count
-        limits += [position] * count
-    padding = blocks - len(owners)
-    pair_rows += [scratch] * padding
-    pair_blocks += [0] * padding
-    owners += [tokens] * padding
-    limits += [0] * padding
-    block = torch.tensor(pair_blocks, dtype=torch.long)
-    mask = block[:, None] * DECODE_BLOCK + torch.arange(DECODE_BLOCK) <= torch.tensor(limits)[:, None]
-    return DecodeBlocks(tokens=torch.arange(tokens, device=device),
-                        rows=torch.tensor(pair_rows, dtype=torch.long, device=device), blocks=block.to(device),
-                        owners=torch.tensor(owners, dtype=torch.long, device=device), mask=mask.to(device))
 
 
 def _strip(generated: torch.Tensor, options: GenerationOptions) -> list[list[int]]:
