@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import report
+
 REPO = Path(__file__).resolve().parent.parent
 BEFORE = "f59233f"  # the engine before issue 30: token choice per row on the host, serial steps
 PROMPT = "Once upon a time, in a land far away, the falcon"
@@ -162,11 +164,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="emulated-device-") as tmp:
         model_dir = str(build_tiny_falcon(Path(tmp) / "tiny-falcon-7b", "7b"))
-        before = Path(tmp) / "before"
-        before.mkdir()
-        archive = subprocess.run(["git", "archive", args.before, "predictor"], cwd=REPO, capture_output=True,
-                                 check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
+        before = report.package_at(args.before, Path(tmp) / "before")
         samples: dict[str, list[list[dict]]] = {"before": [], "after": []}
         for _ in range(args.rounds):
             for name, source in (("before", before), ("after", REPO)):  # in turns: the machine's drifts hit both

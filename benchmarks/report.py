@@ -139,3 +139,14 @@ def write_results(results: dict[str, Any], table: str, out: Path) -> None:
         staging = path.with_name(path.name + ".tmp")
         staging.write_text(text)
         staging.replace(path)
+
+
+def package_at(revision: str, into: Path) -> Path:
+    """The ``predictor`` package as it was at git ``revision``, extracted under ``into``: the engine "before" that a
+    benchmark runs beside the working tree's, in turns."""
+    into.mkdir(parents=True, exist_ok=True)
+    repo = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "archive", revision, "predictor"], cwd=repo, capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into

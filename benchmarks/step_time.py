@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import report
+
 REPO = Path(__file__).resolve().parent.parent
 BEFORE = "16f6302"  # the engine before per-request isolation and worker supervision
 PROMPT = "Once upon a time, in a land far away, the falcon"
@@ -82,11 +84,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="step-time-") as tmp:
         model_dir = str(build_tiny_falcon(Path(tmp) / "tiny-falcon-7b", "7b"))
-        before = Path(tmp) / "before"
-        before.mkdir()
-        archive = subprocess.run(["git", "archive", args.before, "predictor"], cwd=REPO, capture_output=True,
-                                 check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
+        before = report.package_at(args.before, Path(tmp) / "before")
         sources = {"before": before, "after": REPO}
         figures: dict[str, dict[str, list[float]]] = {name: {} for name in sources}
         for batch in args.batch:
