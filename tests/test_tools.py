@@ -15,7 +15,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from predictor.api.openai.tools import Tool, calls_schema, parse_tool_calls
+from predictor.api.openai.tools import Tool, calls_schema, closed_objects, parse_tool_calls
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
@@ -51,6 +51,26 @@ def test_the_calls_schema_and_parsing_without_a_model() -> None:
     assert calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
     assert calls[0]["function"] == {"name": "get_time", "arguments": '{"utc":true}'}
     assert parse_tool_calls("[1, 2") is None and parse_tool_calls("Hello [x]") is None
+
+
+def test_argument_objects_that_say_nothing_of_other_keys_take_only_their_properties() -> None:
+    """LiteLLM strips additionalProperties: false from the tools it sends; a weak model given an open object writes
+    invented keys until max_tokens, and the call comes back as text."""
+    sent = {"type": "object", "properties": {"ok": {"type": "boolean"}, "where": {
+        "type": "array", "items": {"type": "object", "properties": {"city": {"type": "string"}}}}}, "required": ["ok"]}
+    closed = closed_objects(sent)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["where"]["items"]["additionalProperties"] is False
+    arguments = calls_schema([Tool.model_validate({"type": "function", "function": {"name": "f", "parameters": sent}})],
+                             parallel=False)["items"]["properties"]["arguments"]
+    assert arguments == closed and "additionalProperties" not in sent  # the request's own schema is not changed
+    said = [{"type": "object", "properties": {"a": {}}, "additionalProperties": {"type": "string"}},
+            {"type": "object", "properties": {"a": {}}, "patternProperties": {"^x-": {}}},
+            {"type": "object", "properties": {"a": {}}, "allOf": [{"properties": {"b": {}}}]},
+            {"type": "object"}, {"enum": [{"properties": {}}]}]
+    assert [closed_objects(schema) for schema in said] == said
+    named = closed_objects({"$defs": {"P": {"properties": {"properties": {"properties": {"x": {}}}}}}})
+    assert named["$defs"]["P"]["properties"]["properties"]["additionalProperties"] is False
 
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])

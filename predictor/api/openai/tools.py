@@ -15,6 +15,12 @@ An answer that is such a list comes back in OpenAI's shape, ``message.tool_calls
 ``function.name``, ``function.arguments`` as a JSON string) with ``finish_reason: "tool_calls"``, streamed as one
 ``delta.tool_calls`` once the list is complete. An assistant turn's ``tool_calls`` sent back are rendered as the
 same list, and a ``role: "tool"`` result as a ``Tool:`` turn.
+
+An arguments object that lists its ``properties`` and says nothing of others takes only those (as vLLM's default
+grammar backend and OpenAI's strict function calling do): JSON Schema would allow any other key, and a model that
+writes one writes invented names until it runs out of tokens. Clients strip ``additionalProperties: false`` before
+sending (LiteLLM does), so the answer cannot depend on it being there. A schema that states ``additionalProperties``,
+``patternProperties`` or ``unevaluatedProperties`` keeps its own word.
 """
 
 from __future__ import annotations
@@ -97,11 +103,35 @@ def describe_tools(tools: list[Tool]) -> str:
     return "\n".join(lines)
 
 
+_NAMED_SCHEMAS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")  # name -> schema
+_NOT_SCHEMAS = ("allOf", "const", "enum", "default", "examples")  # values, or branches that must stay open
+
+
+def closed_objects(schema: Any) -> Any:
+    """``schema`` with every object that lists ``properties`` and states nothing of other keys closed to them
+    (``additionalProperties: false``), through nested properties, items, alternatives and definitions. An ``allOf``
+    and the object beside it are left open: closing either would refuse the keys that the other adds."""
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {}
+    for key, value in schema.items():
+        if key in _NAMED_SCHEMAS and isinstance(value, dict):
+            closed[key] = {name: closed_objects(named) for name, named in value.items()}
+        else:
+            closed[key] = value if key in _NOT_SCHEMAS else closed_objects(value)
+    left_open = {"additionalProperties", "patternProperties", "unevaluatedProperties", "allOf"} & schema.keys()
+    if isinstance(schema.get("properties"), dict) and not left_open:
+        closed["additionalProperties"] = False
+    return closed
+
+
 def calls_schema(tools: list[Tool], parallel: bool) -> dict[str, Any]:
     """The JSON schema of the answer that calls functions: a list of calls of ``tools`` (of one unless
-    ``parallel``)."""
+    ``parallel``), their arguments' objects closed (``closed_objects``)."""
     calls = [{"type": "object", "properties": {"name": {"const": tool.function.name},
-                                                "arguments": tool.function.parameters},
+                                                "arguments": closed_objects(tool.function.parameters)},
               "required": ["name", "arguments"], "additionalProperties": False} for tool in tools]
     return {"type": "array", "minItems": 1, "maxItems": MAX_PARALLEL_CALLS if parallel else 1,
             "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
