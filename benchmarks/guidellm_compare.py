@@ -10,6 +10,11 @@ each other. A warm-up round (unmeasured) comes before each concurrency.
 
     python benchmarks/guidellm_compare.py                       # tiny Falcon (7b layout), CPU
     python benchmarks/guidellm_compare.py --concurrency 1 8 --requests-per-worker 2 --new-tokens 16
+    python benchmarks/guidellm_compare.py --pin                 # server on core 0 (1 thread), clients on core 1
+
+guidellm runs its requests from several worker processes; unpinned on a small machine they take cores from the
+server that this project's one-process load generator leaves it, and the two tools measure different servers.
+``--pin`` gives both tools the same server: one torch thread on the first core, every client on the others.
 
 Writes ``--out`` (JSON) and a Markdown table beside it. Needs ``pip install guidellm``.
 """
@@ -45,8 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="guidellm-compare-"))
     model_dir = args.model_dir or build_tiny(workdir / "tiny", args.arch)
     prompts = make_prompts(model_dir, args.prompt_tokens, max(args.concurrency))
+    server_cpus, client_cpus = split_cores() if args.pin else (None, None)
     server = start_server(model_dir, name="guidellm-compare", dtype=args.dtype, device=args.device,
-                          max_batch_size=None, threads=None, log_dir=workdir, cwd=ROOT)
+                          max_batch_size=None, threads=1 if args.pin else None, log_dir=workdir, cwd=ROOT,
+                          cpus=server_cpus)
+    if client_cpus is not None:
+        os.sched_setaffinity(0, client_cpus)  # this process's load generator, and guidellm's, which inherits it
     rows = []
     try:
         for concurrency in args.concurrency:
@@ -82,8 +91,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request, both tools")
     parser.add_argument("--requests-per-worker", type=int, default=4,
                         help="requests per concurrent stream: concurrency x this many requests per tool")
+    parser.add_argument("--pin", action="store_true",
+                        help="the server (one torch thread) on the first core, both tools' clients on the others")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "guidellm-compare.json")
     return parser.parse_args(argv)
+
+
+def split_cores() -> tuple[set[int], set[int]]:
+    """The first core this process may use for the server, the rest for the clients."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise SystemExit("--pin needs at least two cores")
+    return {cores[0]}, set(cores[1:])
 
 
 def build_tiny(path: Path, arch: str) -> Path:

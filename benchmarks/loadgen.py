@@ -35,12 +35,14 @@ class Server:
 
 
 def start_server(model_dir: Path, *, name: str, dtype: str, device: str, max_batch_size: int | None,
-                 threads: int | None, log_dir: Path, cwd: Path, extra_args: Sequence[str] = ()) -> Server:
+                 threads: int | None, log_dir: Path, cwd: Path, extra_args: Sequence[str] = (),
+                 cpus: set[int] | None = None) -> Server:
     """``python -m predictor`` on a free loopback port; returns once it serves.
 
     ``name`` should be unique: readiness is checked on ``/v1/models/<name>``, which proves that the process answering
     on the port is this one. ``threads`` sets torch's thread count (``OMP_NUM_THREADS``); None keeps its default.
-    ``max_batch_size`` None keeps the server's default (as many sequences as its memory holds).
+    ``max_batch_size`` None keeps the server's default (as many sequences as its memory holds). ``cpus`` pins the
+    process (every thread it starts) to those cores; None leaves it on all of them.
     """
     port = _free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -51,7 +53,9 @@ def start_server(model_dir: Path, *, name: str, dtype: str, device: str, max_bat
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)  # torch takes its thread count from it at start-up
-    process = subprocess.Popen(args, stdout=log_path.open("w"), stderr=subprocess.STDOUT, cwd=cwd, env=env)
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus is not None else None
+    process = subprocess.Popen(args, stdout=log_path.open("w"), stderr=subprocess.STDOUT, cwd=cwd, env=env,
+                               preexec_fn=pin)
     server = Server(process, f"http://127.0.0.1:{port}", name, log_path)
     try:
         _wait_ready(server)

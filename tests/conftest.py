@@ -147,3 +147,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # the marker itself: keywords also hold every node's name, so a checkout in a folder named "gpu" matched
         if item.get_closest_marker("gpu") is not None and not has_gpu:
             item.add_marker(skip)
+    # Files with a slow test first: the two workers take whole files in this order (``--dist loadfile``), and a long
+    # file handed out last would leave one worker running it alone at the end.
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: each file's tests keep their order

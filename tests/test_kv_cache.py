@@ -308,6 +308,7 @@ def test_a_failed_preparation_fails_the_start(tiny_dirs):
 
 
 # -- compiled ----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # compiles the decode step
 @pytest.mark.parametrize("arch", ["7b", "40b"])
 def test_compiled_steps_give_each_request_the_eager_tokens(arch, tiny_dirs):
     """Greedy and seeded sampled requests, joining one by one, through the batcher on a compiled engine."""
@@ -336,6 +337,7 @@ def test_compiled_steps_give_each_request_the_eager_tokens(arch, tiny_dirs):
     assert [generated(r) for r in got] == [generated(r) for r in expected]
 
 
+@pytest.mark.slow  # compiles the decode step
 def test_compile_flag_serves_the_same_text_over_http(start_server, tiny_dirs, tiny_server):
     server = start_server(tiny_dirs["7b"], "--compile", "--max_batch_size", "4")
     assert "Compiled the decode step" in server.log() and "Compiled 1 of" in server.log()

@@ -80,6 +80,7 @@ def test_a_prefix_is_never_shared_between_adapters(setup):
     assert len({tuple(expected[name][-1]) for name in (None, "qkv", "all")}) == 3
 
 
+@pytest.mark.slow  # compiles the decode step
 def test_compiled_steps_serve_the_adapters_as_peft(setup):
     """The compiled decode step reads every slot and target: base and adapter requests still get PEFT's tokens."""
     engine, expected = setup

@@ -118,6 +118,7 @@ def test_a_size_that_cannot_split_is_refused_at_start_up_in_one_line(tiny_dirs, 
     assert words in last and last.startswith("--tensor_parallel_size"), done.stderr
 
 
+@pytest.mark.slow  # compiles the decode step
 def test_compiled_steps_under_two_ranks_answer_as_one_process(start_server, tiny_dirs, tiny_server_40b):
     server = start_server(tiny_dirs["40b"], *TP_FLAGS, "--compile", "--max_batch_size", "1",
                           "--max_num_return_sequences", "1", model_name="tiny-falcon-40b", wait=False)
