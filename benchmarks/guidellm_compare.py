@@ -26,12 +26,13 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from loadgen import start_server, stop_server, streamed_loop
 from transformers import AutoTokenizer
@@ -60,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for concurrency in args.concurrency:
             asyncio.run(streamed_loop(server.url, server.model_name, prompts, concurrency, args.new_tokens, 1))
-            guide = run_guidellm(server.url, model_dir, concurrency, args, workdir)
-            ours = asyncio.run(streamed_loop(server.url, server.model_name, prompts, concurrency, args.new_tokens,
-                                             args.requests_per_worker))
+            guide = with_cpu(server, lambda: run_guidellm(server.url, model_dir, concurrency, args, workdir))
+            ours = with_cpu(server, lambda: asyncio.run(streamed_loop(
+                server.url, server.model_name, prompts, concurrency, args.new_tokens, args.requests_per_worker)))
             rows.append(dict(concurrency=concurrency, guidellm=guide, loadgen=ours,
                              throughput_ratio=guide["output_tokens_per_s"] / ours["output_tokens_per_s"]))
             print(row_line(rows[-1]), flush=True)
@@ -155,6 +156,27 @@ def guidellm_figures(benchmark: dict[str, Any]) -> dict[str, Any]:
                 requests_per_s=len(done) / seconds if seconds else 0.0)
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds so far of this process with its waited-for children (a tool's clients), and of process ``pid``
+    (the server, every thread)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    server = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime, server
+
+
+def with_cpu(server, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``run``'s figures with the CPU milliseconds per generated token that its clients and the server spent: when
+    the server's is the same under both tools and the clients' is not, the tools differ in what they measure with,
+    not in what they measure."""
+    client_before, server_before = cpu_seconds(server.process.pid)
+    figures = run()
+    client_after, server_after = cpu_seconds(server.process.pid)
+    tokens = figures["output_tokens_per_s"] * figures["seconds"]
+    return {**figures, "client_cpu_ms_per_token": 1000 * (client_after - client_before) / tokens if tokens else None,
+            "server_cpu_ms_per_token": 1000 * (server_after - server_before) / tokens if tokens else None}
+
+
 def guidellm_version() -> str:
     from importlib.metadata import version
 
@@ -169,7 +191,7 @@ def row_line(row: dict[str, Any]) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| concurrency | tool | requests (failed) | TTFT p50 / p99 ms | ITL p50 / p99 ms | generated tok/s | "
-             "guidellm / loadgen |", "|---|---|---|---|---|---|---|"]
+             "guidellm / loadgen | CPU ms per token: clients / server |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for tool in ("guidellm", "loadgen"):
             f = row[tool]
@@ -177,7 +199,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {row['concurrency']} | {tool} | {f['requests']} ({f['failed']}) | "
                          f"{f['ttft_ms']['p50']:.0f} / {f['ttft_ms']['p99']:.0f} | "
                          f"{f['itl_ms']['p50']:.1f} / {f['itl_ms']['p99']:.1f} | {f['output_tokens_per_s']:.1f} | "
-                         f"{ratio} |")
+                         f"{ratio} | {f['client_cpu_ms_per_token']:.2f} / {f['server_cpu_ms_per_token']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
