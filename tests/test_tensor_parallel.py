@@ -4,6 +4,8 @@ arithmetic itself; and the checkpoints and sizes that are refused."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from generation import generated, make_job, reserved_engine, run
@@ -11,7 +13,7 @@ from generation import generated, make_job, reserved_engine, run
 from predictor.engine.model.falcon import FalconShape, _layer
 from predictor.engine.parallel.ranks import ParallelSpec, load_sharded_engine
 from predictor.engine.model.runner import LoadSpec, load_engine
-from predictor.engine.parallel.sharding import shard_model, tensor_parallel_refusal
+from predictor.engine.parallel.sharding import SPLIT_BY_OUTPUT, shard_model, tensor_parallel_refusal
 from predictor.tiny import tiny_config
 
 PROMPTS = ["The quick brown fox", "Hello", "A much longer prompt, with many more tokens than the others have",
@@ -91,6 +93,35 @@ def test_a_sharded_layer_sums_to_the_whole_layer(tiny_dirs):
         residual_free = _one_layer(engine, hidden, zero_residual=True, shard=(rank, 2))
         partials.append(residual_free)
     assert torch.allclose(partials[0] + partials[1] + hidden, expected, atol=1e-4)
+
+
+def test_each_rank_reads_only_its_slices_and_keeps_what_a_whole_load_keeps(tiny_dirs, monkeypatch):
+    """A rank loading a safetensors directory reads its rows or columns of each split layer from the file, not the
+    whole tensor, and ends with the very tensors that loading everything and cutting gives."""
+    from predictor.engine.model import loading
+    from predictor.engine.parallel import ranks
+
+    read: list[int] = []
+    preadv = os.preadv
+    monkeypatch.setattr(loading.os, "preadv", lambda *args: read.append(preadv(*args)) or read[-1])
+    spec = LoadSpec(str(tiny_dirs["40b"]), device="cpu")
+    assert ranks.reads_slices(spec)
+    stored = {name: tensor for path in sorted(tiny_dirs["40b"].glob("*.safetensors"))
+              for name, tensor in loading.stored_tensors(path).items()}
+    size = {name: tensor.end - tensor.start for name, tensor in stored.items()}
+    split = {name for name in stored if name.split(".")[-2] in SPLIT_BY_OUTPUT}
+    first_rank_only = {name for name in split if name.endswith(".bias") and not SPLIT_BY_OUTPUT[name.split(".")[-2]]}
+    for rank in range(2):
+        read.clear()
+        model, _, shape, whole_shapes = ranks._read_shard(spec, rank, 2)
+        halves = sum(size[name] for name in split - first_rank_only) // 2
+        rest = sum(size[name] for name in stored if name not in split or (rank == 0 and name in first_rank_only))
+        assert sum(read) == halves + rest
+        expected = load_engine(spec)
+        assert whole_shapes == expected.adapter_shapes
+        assert shape.kv_heads == shard_model(expected.model, expected.shape, rank, 2).kv_heads
+        kept, cut = model.state_dict(), expected.model.state_dict()
+        assert kept.keys() == cut.keys() and all(torch.equal(kept[name], cut[name]) for name in kept)
 
 
 def _one_layer(engine, hidden, zero_residual=False, shard=None):

@@ -9,6 +9,10 @@ memory, as a pod's limit counts it) until it is closed, which would hold the who
 Embeddings, layer norms and ``lm_head`` (tied to the embeddings) follow. Checkpoints without safetensors files, and
 those with merged adapters (which need a layer's unquantized weights with every adapter's delta), load whole
 through ``from_pretrained`` instead (``runner.load_engine``).
+
+A tensor-parallel rank loads the same way, with its cut made on the empty model first (``cut``) and each tensor
+read as the rank keeps it (``reader``): a layer split by output rows is one contiguous byte range per rank, one split
+by input columns a range per row, so a rank reads its slices and not the rest of the file.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,12 +47,33 @@ class StoredTensor:
     start: int  # byte offset in the file
     end: int
 
-    def read(self) -> torch.Tensor:
-        data = bytearray(self.end - self.start)
+    def read(self, rows: tuple[int, int] | None = None, columns: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or only its ``rows`` or (2-D) ``columns`` ``(start, count)``: the other bytes are not read."""
+        shape, start, itemsize = list(self.shape), self.start, self.dtype.itemsize
+        row_bytes = itemsize * (shape[1] if len(shape) > 1 else 1)
+        if rows is not None:
+            start, shape[0] = start + rows[0] * row_bytes, rows[1]
+        ranges = [(start, shape[0] * row_bytes)]
+        if columns is not None:
+            shape[1] = columns[1]
+            ranges = [(start + row * row_bytes + columns[0] * itemsize, columns[1] * itemsize)
+                      for row in range(shape[0])]
+        data = bytearray(sum(length for _, length in ranges))
+        view, at = memoryview(data), 0
         with self.path.open("rb") as file:
-            file.seek(self.start)
-            file.readinto(data)
-        return torch.frombuffer(data, dtype=self.dtype).view(self.shape)
+            for offset, length in ranges:
+                if os.preadv(file.fileno(), [view[at:at + length]], offset) != length:
+                    raise OSError(f"{self.path} ends inside a tensor its header lists")
+                at += length
+        return torch.frombuffer(data, dtype=self.dtype).view(shape)
+
+
+# How a process keeps one stored tensor: its value (a slice, for a tensor-parallel rank), or None if it keeps none.
+Reader = Callable[[str, StoredTensor], "torch.Tensor | None"]
+
+
+def read_whole(name: str, stored: StoredTensor) -> torch.Tensor:
+    return stored.read()
 
 
 def stored_tensors(path: Path) -> dict[str, StoredTensor]:
@@ -66,28 +93,37 @@ def can_load_by_layers(source: str) -> bool:
 
 
 @torch.no_grad()
-def load_by_layers(source: str, dtype: torch.dtype, scheme: str, device: torch.device) -> torch.nn.Module:
-    """The checkpoint in directory ``source`` with its linear layers in ``scheme``, on ``device``, read a decoder
-    layer at a time (module docstring)."""
+def load_by_layers(source: str, dtype: torch.dtype, scheme: str | None, device: torch.device,
+                   cut: Callable[[torch.nn.Module], None] = lambda model: None, reader: Reader = read_whole
+                   ) -> torch.nn.Module:
+    """The checkpoint in directory ``source`` with its linear layers in ``scheme`` (None: as stored), on
+    ``device``, read a decoder layer at a time; ``cut`` shapes the empty model as this process keeps it, and
+    ``reader`` reads each tensor to match (module docstring)."""
     config = AutoConfig.from_pretrained(source)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    cut(model)
     where = {name: tensor for path in sorted(Path(source).glob("*.safetensors"))
              for name, tensor in stored_tensors(path).items()}
     by_layer: dict[int, list[str]] = {}
     for name in where:
         if name.startswith(LAYER_PREFIX):
             by_layer.setdefault(int(name[len(LAYER_PREFIX):].split(".")[0]), []).append(name)
+    def place(name: str, on: torch.device | str) -> None:
+        if (value := reader(name, where[name])) is not None:
+            set_module_tensor_to_device(model, name, on, value=value, dtype=dtype)
+
     for index, layer in enumerate(model.transformer.h):
         for name in by_layer.get(index, []):
-            set_module_tensor_to_device(model, name, "cpu", value=where[name].read(), dtype=dtype)
+            place(name, "cpu")
         if device.type == "cuda":
             layer.to(device)  # torchao quantizes on the GPU
-        quantize_layer(layer, scheme)
+        if scheme is not None:
+            quantize_layer(layer, scheme)
         layer.to(device)
     for name in where:
         if not name.startswith(LAYER_PREFIX):
-            set_module_tensor_to_device(model, name, device, value=where[name].read(), dtype=dtype)
+            place(name, device)
     model.tie_weights()
     missing = [name for name, tensor in model.named_parameters() if tensor.device.type == "meta"]
     if missing:

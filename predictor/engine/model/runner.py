@@ -375,7 +375,7 @@ def load_engine(spec: LoadSpec) -> Engine:
     if refusal:
         raise SystemExit(refusal)
     logger.info("Loading %s (revision %s) on %s as %s", spec.source, spec.revision or "default", device, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(spec.source, revision=spec.revision, trust_remote_code=False)
+    tokenizer = load_tokenizer(spec)
     if spec.quantization is not None and not spec.merged_adapters and can_load_by_layers(spec.source):
         before = time.monotonic()
         model = load_by_layers(spec.source, dtype, spec.quantization, torch.device(device))
@@ -400,6 +400,10 @@ def load_engine(spec: LoadSpec) -> Engine:
     if spec.quantization is not None:
         quantize(model, spec.quantization, torch.device(device))
     return Engine(model, tokenizer, spec.kv_cache_dtype)
+
+
+def load_tokenizer(spec: LoadSpec) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(spec.source, revision=spec.revision, trust_remote_code=False)
 
 
 def quantize(model: torch.nn.Module, scheme: str, device: torch.device) -> None:

@@ -28,6 +28,7 @@ import pickle
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable
@@ -40,9 +41,11 @@ from ..model.falcon import FalconShape, StepTensors, moved
 from ..model.kv_cache import KVCache
 from ..lora.adapter import LoraAdapter
 from ..lora.bank import AdapterBank
-from ..model.runner import Engine, LoadSpec, load_engine, quantize, resolve_device_and_dtype
+from ..lora.adapter import linear_shapes
+from ..model.loading import can_load_by_layers, load_by_layers
+from ..model.runner import Engine, LoadSpec, load_engine, load_tokenizer, quantize, resolve_device_and_dtype
 from ..quantization.schemes import QUANTIZED_BEFORE_THE_CUT, scheme_refusal
-from .sharding import shard_adapter, shard_model, tensor_parallel_refusal
+from .sharding import shard_adapter, shard_model, shard_reader, tensor_parallel_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +97,15 @@ def load_sharded_engine(spec: LoadSpec, parallel: ParallelSpec) -> ShardedEngine
         followers.append(_Follower(rank, process, ours))
     try:
         _set_threads(device, parallel)
-        model, tokenizer, shape, adapter_shapes = _load_shard(shard_spec, 0, parallel.world)
-        for follower in followers:  # one at a time: each holds the whole checkpoint in host memory while it loads
+        # Ranks reading their slices hold only their shards and load at once; the others one at a time, as each
+        # holds the whole checkpoint in host memory while it loads.
+        at_once = reads_slices(shard_spec)
+        for follower in followers if at_once else ():
             follower.conn.send_bytes(pickle.dumps(("load",)))
+        model, tokenizer, shape, adapter_shapes = _load_shard(shard_spec, 0, parallel.world)
+        for follower in followers:
+            if not at_once:
+                follower.conn.send_bytes(pickle.dumps(("load",)))
             _await_loaded(follower)
         for follower in followers:
             follower.conn.send_bytes(pickle.dumps(("connect",)))
@@ -302,17 +311,22 @@ def _follow_steps(engine: Engine, conn: multiprocessing.connection.Connection) -
 
 def _load_shard(spec: LoadSpec, rank: int, world: int
                 ) -> tuple[torch.nn.Module, object, FalconShape, list[dict[str, tuple[int, int]]]]:
-    """Load the whole checkpoint on the CPU (with ``spec``'s merged adapters), keep this rank's shard and move it to
-    the rank's device; also the whole model's linear shapes, which adapters are checked against.
+    """This rank's shard of the checkpoint on the rank's device; also the whole model's linear shapes, which
+    adapters are checked against.
 
-    Every rank reads the whole checkpoint once, the ranks one after another so that host memory holds one whole
-    copy at a time (falcon-40b: 83 GB in bfloat16), and the page cache serves the file to the later ranks; only
-    the shard stays. int8 is quantized before the cut, each row's scale over the whole row, so that every rank
-    computes with the very weights one process would; torchao's GPU schemes quantize each rank's shard on its GPU."""
+    From a directory of safetensors files a rank reads only its slices, a decoder layer at a time
+    (``load_by_layers`` with the cut made on the empty model): host memory holds one layer beyond the shard, and
+    the ranks read their parts of the files at once. Otherwise (a Hub id, merged adapters, int8) it loads the whole
+    checkpoint on the CPU and keeps its shard, the ranks one after another so that host memory holds one whole copy
+    at a time (falcon-40b: 83 GB in bfloat16). int8 is quantized before the cut, each row's scale over the whole
+    row, so that every rank computes with the very weights one process would; torchao's GPU schemes quantize each
+    rank's shard on its GPU."""
     refusal = scheme_refusal(spec.quantization, spec.device,
                              torch.cuda.get_device_capability(rank) if spec.device == "cuda" else None)
     if refusal:
         raise SystemExit(refusal)
+    if reads_slices(spec):
+        return _read_shard(spec, rank, world)
     before_cut = spec.quantization if spec.quantization in QUANTIZED_BEFORE_THE_CUT else None
     engine = load_engine(dataclasses.replace(spec, device="cpu", quantization=before_cut))
     shape = shard_model(engine.model, engine.shape, rank, world)
@@ -320,6 +334,31 @@ def _load_shard(spec: LoadSpec, rank: int, world: int
     if spec.quantization is not None and before_cut is None:
         quantize(engine.model, spec.quantization, device)
     return engine.model.to(device), engine.tokenizer, shape, engine.adapter_shapes
+
+
+def reads_slices(spec: LoadSpec) -> bool:
+    """Whether each rank reads only its slices of the checkpoint (``_load_shard``), so they may load at once."""
+    return (spec.quantization not in QUANTIZED_BEFORE_THE_CUT and not spec.merged_adapters
+            and can_load_by_layers(spec.source))
+
+
+def _read_shard(spec: LoadSpec, rank: int, world: int
+                ) -> tuple[torch.nn.Module, object, FalconShape, list[dict[str, tuple[int, int]]]]:
+    """This rank's slices of a safetensors checkpoint, read a layer at a time into the model cut on the meta
+    device (``_load_shard``)."""
+    device_kind, dtype = resolve_device_and_dtype(spec.device, spec.dtype)
+    device = torch.device("cuda", rank) if device_kind == "cuda" else torch.device("cpu")
+    whole: list[list[dict[str, tuple[int, int]]]] = []
+    shapes: list[FalconShape] = []
+
+    def cut(model: torch.nn.Module) -> None:
+        whole.append(linear_shapes(model))
+        shapes.append(shard_model(model, FalconShape(model.config), rank, world))
+
+    before = time.monotonic()
+    model = load_by_layers(spec.source, dtype, spec.quantization, device, cut, shard_reader(rank, world))
+    logger.info("Rank %d read its 1/%d of %s's layers in %.1f s", rank, world, spec.source, time.monotonic() - before)
+    return model, load_tokenizer(spec), shapes[0], whole[0]
 
 
 def _await_loaded(follower: _Follower) -> None:

@@ -23,6 +23,7 @@ import dataclasses
 import torch
 
 from ..model.falcon import FalconShape
+from ..model.loading import Reader, StoredTensor
 from ..lora.adapter import TARGETS, LoraAdapter
 from ..quantization.linear import Int8Linear
 
@@ -69,6 +70,22 @@ def shard_model(model: torch.nn.Module, shape: FalconShape, rank: int, world: in
     sharded = copy.copy(shape)
     sharded.heads, sharded.kv_heads = shape.heads // world, shape.kv_heads // world
     return sharded
+
+
+def shard_reader(rank: int, world: int) -> Reader:
+    """How rank ``rank`` of ``world`` reads a stored tensor: its slice of a split linear layer's weight and bias
+    (cut as ``shard_model`` cuts them; a split-input layer's bias on rank 0 only), every other tensor whole."""
+    def read(name: str, stored: StoredTensor) -> torch.Tensor | None:
+        *_, target, kind = name.split(".")
+        if target not in SPLIT_BY_OUTPUT:
+            return stored.read()
+        if SPLIT_BY_OUTPUT[target]:
+            return stored.read(rows=_part(stored.shape[0], rank, world))
+        if kind == "bias":
+            return stored.read() if rank == 0 else None
+        return stored.read(columns=_part(stored.shape[1], rank, world))
+
+    return read
 
 
 def shard_adapter(adapter: LoraAdapter, rank: int, world: int) -> LoraAdapter:
