@@ -88,8 +88,21 @@ def stored_tensors(path: Path) -> dict[str, StoredTensor]:
 
 
 def can_load_by_layers(source: str) -> bool:
-    """Whether ``source`` is a local directory of safetensors files (a Hub id is loaded whole)."""
-    return Path(source).is_dir() and any(Path(source).glob("*.safetensors"))
+    """Whether ``source`` is a local directory of safetensors files holding every weight of the model its config
+    describes. A Hub id is loaded whole; so is a checkpoint that lacks weights, which ``from_pretrained``
+    initialises (with its warning), as a benchmark's random-weights checkpoint relies on."""
+    if not (Path(source).is_dir() and any(Path(source).glob("*.safetensors"))):
+        return False
+    model = _empty_model(AutoConfig.from_pretrained(source), torch.float32)
+    stored = {name for path in Path(source).glob("*.safetensors") for name in stored_tensors(path)}
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    return {name for name, _ in model.named_parameters()} - tied <= stored
+
+
+def _empty_model(config, dtype: torch.dtype) -> torch.nn.Module:
+    """The model ``config`` describes, its parameters on the meta device (no memory), its rotary buffers real."""
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
 
 
 @torch.no_grad()
@@ -99,9 +112,7 @@ def load_by_layers(source: str, dtype: torch.dtype, scheme: str | None, device: 
     """The checkpoint in directory ``source`` with its linear layers in ``scheme`` (None: as stored), on
     ``device``, read a decoder layer at a time; ``cut`` shapes the empty model as this process keeps it, and
     ``reader`` reads each tensor to match (module docstring)."""
-    config = AutoConfig.from_pretrained(source)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model = _empty_model(AutoConfig.from_pretrained(source), dtype)
     cut(model)
     where = {name: tensor for path in sorted(Path(source).glob("*.safetensors"))
              for name, tensor in stored_tensors(path).items()}
