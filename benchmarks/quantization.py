@@ -9,6 +9,7 @@ for float32, bfloat16, and int8 weights over each (``--quantization int8``); and
 with ``--kv_cache_dtype fp8`` against bfloat16, for this model and for the real falcon-7b and falcon-40b shapes.
 
     python benchmarks/quantization.py [--layers 2] [--steps 10] [--dir DIR]
+    python benchmarks/quantization.py --layers 16 --steps 0 --configs bfloat16 "int8 (bfloat16 model)"  # bytes only
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -63,6 +63,13 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (``VmHWM``). Not ``ru_maxrss``: that survives ``exec`` and so starts at
+    the parent's peak, which building the checkpoint makes as large as the model."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+
 def measure(model_dir: str, dtype: str, quantization: str | None, steps: int) -> dict:
     """One configuration, in this process: load, then time decode steps."""
     import torch
@@ -75,12 +82,12 @@ def measure(model_dir: str, dtype: str, quantization: str | None, steps: int) ->
     started = time.monotonic()
     engine = load_engine(LoadSpec(model_dir, dtype=dtype, device="cpu", quantization=quantization))
     load_s = time.monotonic() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak so far: the load's
+    peak = peak_rss_bytes()  # the process's peak so far: the load's
     weights = weight_bytes(engine.model)
     engine.reserve(max(BATCHES))
     prompt = list(range(100, 100 + PROMPT_TOKENS))
     step_ms = {}
-    for batch in BATCHES:
+    for batch in BATCHES if steps else ():
         engine.cache.clear()
         for row in range(batch):
             engine.step([], [(row, prompt, 1)])
@@ -120,8 +127,8 @@ def table(results: dict) -> str:
              "| ms/token at 32 |", "|---|---|---|---|---|---|---|"]
     for name, run in runs.items():
         lines.append(f"| {name} | {run['weight_bytes'] / 2**20:,.0f} | {run['weight_bytes'] / bf16:.2f} "
-                     f"| {run['load_peak_bytes'] / run['weight_bytes']:.2f} | {run['step_ms']['1']} "
-                     f"| {run['step_ms']['32']} | {run['ms_per_token']['32']} |")
+                     f"| {run['load_peak_bytes'] / run['weight_bytes']:.2f} | {run['step_ms'].get('1', '-')} "
+                     f"| {run['step_ms'].get('32', '-')} | {run['ms_per_token'].get('32', '-')} |")
     kv = results["kv_cache"]
     lines += ["", f"KV cache rows per GiB on this model: bf16 {kv['this_model']['bfloat16']['rows_per_gib']}, fp8 "
               f"{kv['this_model']['fp8']['rows_per_gib']} ({kv['this_model']['ratio']}x)."]
@@ -137,7 +144,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # one configuration, in a child
     parser.add_argument("--dir", default=None, help="where the random checkpoint is kept (default: a temporary folder)")
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
+                        help="the configurations to measure (bfloat16 among them: the others are compared to it)")
     args = parser.parse_args()
+    if "bfloat16" not in args.configs:
+        parser.error("--configs must include bfloat16")
     if args.measure is not None:
         dtype, quantization = CONFIGS[args.measure]
         print(json.dumps(measure(args.dir, dtype, quantization, args.steps)))
@@ -146,7 +157,7 @@ def main() -> None:
         model_dir = str(build_checkpoint(Path(args.dir or tmp) / f"falcon-7b-width-{args.layers}", args.layers))
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         configs = {}
-        for name in CONFIGS:
+        for name in args.configs:
             out = subprocess.run([sys.executable, __file__, "--measure", name, "--dir", model_dir, "--steps",
                                   str(args.steps)], capture_output=True, text=True, env=env, check=True).stdout
             configs[name] = json.loads(out.strip().splitlines()[-1])
@@ -154,8 +165,9 @@ def main() -> None:
         results = dict(layers=args.layers, threads=int(os.environ.get("BENCH_THREADS", "2")), configs=configs,
                        kv_cache=kv_rows(model_dir))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quantization-cpu.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "quantization-cpu.md").write_text(table(results))
+    name = "quantization-cpu" if args.layers == 2 else f"quantization-cpu-{args.layers}-layers"
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(table(results))
     print(table(results))
 
 

@@ -4,7 +4,7 @@ against loading the whole checkpoint and cutting it.
     python benchmarks/tp_loading.py            -> benchmarks/results/tp-loading.{json,md}
 
 The checkpoint is the 40B-shaped Falcon of ``tensor_parallel.py`` (about 340 MB in float32), built on this machine.
-Each way of loading runs rank 0 of 2 in a fresh process: its peak resident memory (``ru_maxrss``) above what the
+Each way of loading runs rank 0 of 2 in a fresh process: its peak resident memory (``VmHWM``) above what the
 same process held once torch and transformers were imported, the bytes it read from the files (counted at ``os.preadv``; the
 whole load reads through safetensors' own mapping, so it counts the file's size), the seconds taken, and the size
 of the shard it kept.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
 CHILD = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
 import torch, transformers  # noqa: F401 - imported before the baseline
 from predictor.engine.model import loading
 from predictor.engine.model.runner import LoadSpec, load_engine
@@ -50,7 +49,7 @@ else:
     nread = sum(path.stat().st_size for path in __import__("pathlib").Path(source).glob("*.safetensors"))
 seconds = time.perf_counter() - started
 kept = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM:'))  # KiB
 print(json.dumps(dict(way=way, peak_above_imports_mb=(peak - baseline) / 1024, read_mb=nread / 2**20,
                       kept_mb=kept / 2**20, seconds=seconds)))
 """
