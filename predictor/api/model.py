@@ -23,6 +23,7 @@ from .. import metrics
 from ..config import ServerConfig
 from ..engine import faults
 from ..engine.scheduling.batcher import Batcher
+from ..engine.scheduling.speculating import Speculator
 from ..engine.model.kv_cache import BLOCK_SIZE
 from ..engine.options import GenerationJob, Limits
 from ..engine.parallel.ranks import ParallelSpec, ShardedEngine, load_sharded_engine
@@ -89,7 +90,8 @@ class FalconModel(kserve.Model):
         self.batcher = Batcher(self.engine, self.max_batch_size, self.config.max_queue,
                                self.config.request_timeout_s, prepare=self._compile if self.config.compile else None,
                                max_prefill_tokens=self.config.max_prefill_tokens,
-                               prefix_caching=self.config.prefix_caching, dead_after_s=self.config.dead_after_s)
+                               prefix_caching=self.config.prefix_caching, dead_after_s=self.config.dead_after_s,
+                               speculator=Speculator(self.config.speculative) if self.config.speculative else None)
         self.batcher.start()
         metrics.WAITING.set_function(lambda: self.batcher.waiting)
         metrics.RUNNING.set_function(lambda: self.batcher.running_sequences)

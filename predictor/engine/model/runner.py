@@ -202,18 +202,24 @@ class Engine:
 
     # -- batched steps ---------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, decode: Sequence[tuple[int, int | None]], chunks: Sequence[tuple[int, Sequence[int], int]] = ()
-             ) -> torch.Tensor:
+    def step(self, decode: Sequence[tuple[int, int | None]], chunks: Sequence[tuple[int, Sequence[int], int]] = (),
+             verify: Sequence[tuple[int, Sequence[int]]] = ()) -> torch.Tensor:
         """One forward pass: each ``(row, token)`` of ``decode`` feeds a running row its last token; each
         ``(row, tokens, logits)`` of ``chunks`` writes the next prompt tokens of a row and wants the next-token
-        logits of its last ``logits`` tokens (0, 1 at the end of a prompt, or all for prompt log-probabilities).
-        Returns those logits [decode rows, then each chunk's, vocab].
+        logits of its last ``logits`` tokens (0, 1 at the end of a prompt, or all for prompt log-probabilities);
+        each ``(row, tokens)`` of ``verify`` feeds a running row its last token and its drafts as one causal chunk,
+        and wants every token's logits. Returns those logits [decode rows, then verify's, then each chunk's, vocab].
+
+        A verified row's keys and values are written past its length but not committed: the caller extends the
+        cache with the tokens it accepted (``cache.extend``); the rest are never read (attention reads a row's
+        length) and never indexed, and the row's next step overwrites them.
 
         When ``decode`` is ``DeviceTokens``, its tokens are still on the device (chosen by the step before, not read
         back yet), and the caller tells the cache which tokens its rows took (``cache.extend``) once it read them."""
         cache = self.cache
         decode_ids = decode.ids if isinstance(decode, DeviceTokens) else None
-        if self._compiled is not None and not chunks and decode:
+        checked = [(row, tokens, len(tokens)) for row, tokens in verify]
+        if self._compiled is not None and not chunks and not checked and decode:
             # Padded to a static shape; the logits of every token are computed, so that one graph serves any
             # number of running rows up to its own, and the running rows' are taken after it.
             tokens = smallest_at_least(self._buckets, len(decode))
@@ -221,7 +227,7 @@ class Engine:
             logits = self._forward(self._decode_tensors(decode, tokens, blocks, (), decode_ids), compiled=True)
             logits = logits[:len(decode)]
         else:
-            logits = self._forward(self._decode_tensors(decode, len(decode), None, chunks, decode_ids),
+            logits = self._forward(self._decode_tensors(decode, len(decode), None, [*checked, *chunks], decode_ids),
                                    compiled=False)
         if decode_ids is None:
             for row, token in decode:

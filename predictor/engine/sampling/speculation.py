@@ -1,0 +1,161 @@
+"""Speculative decoding's pure parts: the configuration (vLLM's ``speculative_config`` keys), n-gram drafting
+(prompt lookup), how many drafts each verified sequence keeps, how far a sequence drafts, and the per-position view
+of the sampling table that lets a row's drafts be checked with exactly the choice the one-token step would make.
+
+A sequence's last token and its drafts go through the model as one causal chunk; position ``j``'s logits predict
+the token after draft ``j``. The token at each position is chosen as the plain step would choose it (same options,
+penalties counting the drafts before it, the same draw of the request's own generator), and a draft is kept while it
+equals the token chosen before it: sample-and-match, so the output is the one the plain engine would give, token for
+token for greedy and seeded requests, and in distribution for the others.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .choice import GENERATED, SamplingTable
+
+METHODS = ("ngram",)
+# Above this many running sequences no step speculates (vLLM's ``disable_by_batch_size``). Verifying drafts costs
+# a step k extra tokens per sequence and its overlap with the host (a speculating step reads its tokens back before
+# the next is planned); at low batch a decode step is bound by reading the weights and the extra tokens are nearly
+# free, at high batch it is bound by compute and they are not. TensorRT-LLM turns n-gram speculation off above 32;
+# benchmarks/speculative.py measures where it stops paying on the CPU (see benchmarks/README.md).
+DISABLE_BY_BATCH_SIZE = 32
+# A sequence whose drafts keep failing stops drafting for this many steps, twice as many after each further failed
+# try, up to ``MOST_PAUSE_STEPS``: a failing try costs one extra token in a step, so the waste is well under 1 %.
+PAUSE_STEPS = 16
+MOST_PAUSE_STEPS = 1024
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """``--speculative_config``: how drafts are made and how many a sequence verifies per step."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4  # the most drafts a sequence verifies in one step (k)
+    prompt_lookup_min: int = 2  # shortest n-gram matched against the sequence's earlier tokens
+    prompt_lookup_max: int = 4  # longest; the longest that matches wins
+    disable_by_batch_size: int = DISABLE_BY_BATCH_SIZE  # no speculation with more running sequences than this
+
+
+def parse_speculative_config(text: str) -> SpeculativeConfig:
+    """``--speculative_config``'s JSON as a config; a ValueError naming the key at fault, in one line. As in vLLM,
+    one of ``prompt_lookup_min`` / ``prompt_lookup_max`` given alone sets both."""
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    if not isinstance(given, dict):
+        raise ValueError("expected a JSON object such as {\"method\": \"ngram\", \"num_speculative_tokens\": 4}")
+    known = {f.name for f in fields(SpeculativeConfig)}
+    if unknown := sorted(set(given) - known):
+        raise ValueError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if given.get("method", "ngram") not in METHODS:
+        raise ValueError(f"method {given['method']!r} is not served; served: {', '.join(METHODS)}")
+    for key in known - {"method"}:
+        if key in given and (not isinstance(given[key], int) or isinstance(given[key], bool) or given[key] < 1):
+            raise ValueError(f"{key} must be an integer of at least 1, not {given[key]!r}")
+    if "num_speculative_tokens" not in given:
+        raise ValueError("num_speculative_tokens is required")
+    if ("prompt_lookup_min" in given) != ("prompt_lookup_max" in given):
+        given["prompt_lookup_min"] = given["prompt_lookup_max"] = given.get("prompt_lookup_min",
+                                                                            given.get("prompt_lookup_max"))
+    config = SpeculativeConfig(**given)
+    if config.prompt_lookup_min > config.prompt_lookup_max:
+        raise ValueError(f"prompt_lookup_min ({config.prompt_lookup_min}) is above prompt_lookup_max "
+                         f"({config.prompt_lookup_max})")
+    return config
+
+
+def propose_ngram(tokens: Sequence[int], k: int, shortest: int, longest: int) -> list[int]:
+    """Up to ``k`` drafts for what follows ``tokens``: find the latest earlier occurrence of its last n tokens
+    (the longest n from ``longest`` down to ``shortest`` that occurs) and copy what followed it. A match close to
+    the end continues with its own drafts, so a loop of period p drafts k tokens, not p."""
+    ids = np.asarray(tokens, dtype=np.int64)
+    for n in range(min(longest, len(ids) - 1), shortest - 1, -1):
+        # windows that end before the last token, so each is followed by a token: [len - n, n]
+        windows = np.lib.stride_tricks.sliding_window_view(ids[:-1], n)
+        hits = np.flatnonzero((windows == ids[-n:]).all(axis=1))
+        if hits.size:
+            follows = int(hits[-1]) + n
+            extended = ids.tolist()
+            for j in range(k):
+                extended.append(extended[follows + j])
+            return extended[len(ids):]
+    return []
+
+
+def accepted_drafts(chosen: Sequence[int], drafts: Sequence[int]) -> int:
+    """How many of ``drafts`` are kept: those equal to the token chosen at the position before them.
+    ``chosen`` [len(drafts) + 1] holds the token chosen after the last token and after each draft."""
+    for j, draft in enumerate(drafts):
+        if chosen[j] != draft:
+            return j
+    return len(drafts)
+
+
+@dataclass
+class DraftLength:
+    """How many tokens one sequence drafts: ``most`` while its drafts are taken, halved after each step in which
+    it drafted and none was taken (or it found nothing to draft), down to 0. At 0 it waits ``PAUSE_STEPS`` steps,
+    then tries one draft; each try whose draft fails doubles the wait (up to ``MOST_PAUSE_STEPS``), one that is
+    taken brings it back."""
+
+    most: int
+    k: int = -1  # -1: ``most``
+    wait: int = 0
+    pause: int = PAUSE_STEPS
+
+    def __post_init__(self) -> None:
+        if self.k < 0:
+            self.k = self.most
+
+    def this_step(self) -> int:
+        """The drafts wanted this step (0: none); a step counts down the wait of a sequence at 0."""
+        if self.k:
+            return self.k
+        if self.wait:
+            self.wait -= 1
+            return 0
+        return 1
+
+    def record(self, drafted: int, accepted: int) -> None:
+        """A step that asked for drafts made ``drafted`` and kept ``accepted``."""
+        if accepted:
+            self.k = min(self.most, max(2 * self.k, 1)) if accepted == drafted else max(self.k, 1)
+            self.pause = PAUSE_STEPS
+            return
+        if self.k == 0 and drafted:  # a try whose draft failed (finding none to try costs nothing to verify)
+            self.pause = min(2 * self.pause, MOST_PAUSE_STEPS)
+        self.k //= 2
+        if self.k == 0:
+            self.wait = self.pause
+
+
+def position_table(table: SamplingTable, rows: Sequence[int], drafts: Sequence[Sequence[int]]) -> SamplingTable:
+    """A sampling table with one row per verified position: cache row ``rows[i]``'s options at each of its
+    ``len(drafts[i]) + 1`` positions, with its generated count and penalty state as they will be once the drafts
+    before that position were chosen. Positions are in order, row by row."""
+    device = table.device
+    spans = [len(d) + 1 for d in drafts]
+    index = torch.tensor([row for row, span in zip(rows, spans) for _ in range(span)], device=device)  # [P]
+    view = SamplingTable(device, table.vocab_size)
+    view.values, view.eos = table.values[index], table.eos[index]
+    view.counters = table.counters[index]  # gathered: a copy
+    view.counters[:, GENERATED] += torch.tensor([j for span in spans for j in range(span)], device=device)
+    if table.seen is not None:
+        view.seen, view.counts = table.seen[index], table.counts[index]
+        # (position, draft) for every draft before each position
+        pairs = [(start + j, token) for start, d in zip(np.cumsum([0, *spans[:-1]]), drafts)
+                 for j in range(1, len(d) + 1) for token in d[:j]]
+        if pairs:
+            at, tokens = torch.tensor(pairs, device=device).unbind(1)
+            view.seen[at, tokens] = True
+            view.counts.index_put_((at, tokens), torch.ones(len(pairs), device=device), accumulate=True)
+    return view
