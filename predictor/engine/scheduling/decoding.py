@@ -152,6 +152,7 @@ class DecodeBatch:
             decoding = self._decoding(None)
         if lengths:
             drafts = self.speculator.drafts(decoding, lengths)
+            decoding.sort(key=lambda seq: id(seq) in drafts)  # those without drafts are plain decode rows, first
         prefilling = self._plan_prefill()
         fed: list[RunningSequence] = []  # fed their token still on the device
         forwarded = self._forward(decoding, prefilling, pending, drafts) if decoding or prefilling else None
@@ -259,7 +260,8 @@ class DecodeBatch:
         chunks = [(r.leader.row, r.leader.tokens[r.leader.computed:r.leader.computed + take], wanted)
                   for r, take, wanted in prefilling]
         if drafts:
-            return self.engine.step([], chunks, verify=verify_rows(decoding, drafts))
+            plain = [(seq.row, seq.tokens[-1]) for seq in decoding if id(seq) not in drafts]
+            return self.engine.step(plain, chunks, verify=verify_rows(decoding, drafts))
         if pending is None or not decoding:
             return self.engine.step([(seq.row, seq.tokens[-1]) for seq in decoding], chunks)
         return self.engine.step(DeviceTokens([seq.row for seq in decoding], pending.of_sequences(decoding)), chunks)

@@ -110,8 +110,8 @@ class Speculator:
                cache: KVCache, table: SamplingTable) -> None:
         """Give each sequence its burst token by token: each one is checked (eos, stop strings, length,
         cancellation) and sent before the next, and a sequence that ends drops the rest. The cache learns the
-        tokens fed this step that were kept (its last token and the drafts taken), the sampling table counts the
-        tokens taken, and each sequence's draft length learns how its drafts fared."""
+        tokens fed this step that were kept (a drafting sequence's last token and the drafts taken), the sampling
+        table counts the tokens taken, and each sequence's draft length learns how its drafts fared."""
         events, rows, taken_tokens = [], [], []
         live = [(seq, burst) for seq, burst in zip(sequences, bursts) if seq.finish_reason is None and seq.row >= 0]
         taken = {id(seq): 0 for seq, _ in live}
@@ -129,7 +129,8 @@ class Speculator:
                                                       burst.logprobs[j])))
         for seq, burst in live:
             count = taken[id(seq)]
-            cache.extend(seq.row, seq.tokens[-count - 1:-1])  # the last token fed and the drafts kept
+            if id(seq) in drafts:  # a plain decode row's last token is committed by its step
+                cache.extend(seq.row, seq.tokens[-count - 1:-1])  # the last token fed and the drafts kept
             rows += [seq.row] * count
             taken_tokens += seq.tokens[-count:]
         if rows:
@@ -161,8 +162,9 @@ def rewind(generator: torch.Generator, state: torch.Tensor, draws: int, vocab_si
 
 
 def verify_rows(sequences: Sequence[RunningSequence], drafts: dict[int, list[int]]) -> list[tuple[int, list[int]]]:
-    """``Engine.step``'s ``verify``: each sequence's row, fed its last token and its drafts."""
-    return [(seq.row, [seq.tokens[-1], *drafts.get(id(seq), ())]) for seq in sequences]
+    """``Engine.step``'s ``verify``: each drafting sequence's row, fed its last token and its drafts (the others
+    are plain decode rows, whose one position is decode attention's, the cheaper)."""
+    return [(seq.row, [seq.tokens[-1], *drafts[id(seq)]]) for seq in sequences if id(seq) in drafts]
 
 
 def positions(sequences: Sequence[RunningSequence], drafts: dict[int, list[int]]) -> int:
