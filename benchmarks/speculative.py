@@ -152,6 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=128, help="tokens generated per sequence")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each configuration (the best reported)")
+    parser.add_argument("--workloads", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "speculative-cpu.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -175,6 +176,8 @@ def main() -> None:
     lines = ["| workload | batch | off: CPU ms/token | on: CPU ms/token | on vs off | off: tokens/forward | "
              "on: tokens/forward | no back-off: CPU ms/token |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for workload, speculators in workloads.items():
+        if workload[1] not in args.workloads:
+            continue
         batches = SWEEP if workload.startswith("(b)") else BATCHES
         for batch in batches:
             prompts = [LOOPING[i % len(LOOPING)] for i in range(batch)]

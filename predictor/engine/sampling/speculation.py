@@ -28,8 +28,10 @@ METHODS = ("ngram",)
 # benchmarks/speculative.py measures where it stops paying on the CPU (see benchmarks/README.md).
 DISABLE_BY_BATCH_SIZE = 32
 # A sequence whose drafts keep failing stops drafting for this many steps, twice as many after each further failed
-# try, up to ``MOST_PAUSE_STEPS``: a failing try costs one extra token in a step, so the waste is well under 1 %.
-PAUSE_STEPS = 16
+# try, up to ``MOST_PAUSE_STEPS``. A try costs a verifying step (one extra token, and the step's overlap with the
+# host); with drafts that always fail, the three shrinking drafts and the tries cost 128-token requests a few per
+# cent of their steps and longer ones less (benchmarks/speculative.py, workload (c)).
+PAUSE_STEPS = 32
 MOST_PAUSE_STEPS = 1024
 
 
