@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from predictor import metrics  # noqa: E402
 from predictor.api.chat.mapping import to_generation_job  # noqa: E402
 from predictor.api.chat.schema import parse_chat_request  # noqa: E402
 from predictor.engine.model.runner import Engine, LoadSpec, load_engine  # noqa: E402
@@ -119,14 +120,18 @@ def known_drafts(truth: dict[tuple[int, ...], list[int]], shift: int) -> Callabl
 def measure(engine: Engine, prompts: list[str], tokens: int, repeats: int,
             speculators: dict[str, Callable[[dict], Speculator | None]]) -> dict[str, dict[str, Any]]:
     """Each speculator's best seconds over ``repeats`` runs (the run least disturbed by the machine's other load),
-    interleaved; every run's output must equal speculation off's."""
+    interleaved, in turn first and last; every run's output must equal speculation off's. Also the draft tokens
+    verified per generated token: what speculation computed on top, whatever the timings' noise."""
     runs: dict[str, list[float]] = {name: [] for name in speculators}
     forwards: dict[str, int] = {}
+    drafted: dict[str, float] = {}
     truth: dict[tuple[int, ...], list[int]] = {}
-    for _ in range(repeats):
-        for name, make in speculators.items():
+    for repeat in range(repeats):
+        for name in list(speculators)[::-1 if repeat % 2 else 1]:
             job_list = jobs(engine, prompts, tokens)
-            seconds, count, outputs = generate(engine, job_list, make(truth))
+            before = metrics.SPEC_DECODE_DRAFT_TOKENS._value.get()
+            seconds, count, outputs = generate(engine, job_list, speculators[name](truth))
+            drafted[name] = (metrics.SPEC_DECODE_DRAFT_TOKENS._value.get() - before) / (tokens * len(prompts))
             if name == "off":
                 truth.update({tuple(job.prompt_ids): out for job, out in zip(job_list, outputs)})
                 reference = outputs
@@ -138,6 +143,7 @@ def measure(engine: Engine, prompts: list[str], tokens: int, repeats: int,
     for name, seconds in runs.items():
         best = min(seconds)
         rows[name] = dict(seconds=best, all_seconds=seconds, forwards=forwards[name],
+                          draft_tokens_per_token=drafted[name],
                           # per sequence; at batch > 1 the batch's forwards, so its slowest sequence's
                           tokens_per_forward=tokens / forwards[name],
                           ms_per_token=1000 * best / tokens)  # CPU time per token, as a stream sees it
@@ -174,7 +180,8 @@ def main() -> None:
     results: dict[str, Any] = dict(machine=machine_info("cpu", REPO), k=K, tokens=args.tokens,
                                    repeats=args.repeats, workloads={})
     lines = ["| workload | batch | off: CPU ms/token | on: CPU ms/token | on vs off | off: tokens/forward | "
-             "on: tokens/forward | no back-off: CPU ms/token |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "on: tokens/forward | on: drafts verified/token | no back-off: CPU ms/token |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for workload, speculators in workloads.items():
         if workload[1] not in args.workloads:
             continue
@@ -187,7 +194,7 @@ def main() -> None:
             unrelenting = rows.get("on, no back-off")
             line = (f"| {workload} | {batch} | {off['ms_per_token']:.2f} | {on['ms_per_token']:.2f} | "
                     f"{on['seconds'] / off['seconds'] - 1:+.1%} | {off['tokens_per_forward']:.2f} | "
-                    f"{on['tokens_per_forward']:.2f} | "
+                    f"{on['tokens_per_forward']:.2f} | {on['draft_tokens_per_token']:.3f} | "
                     + (f"{unrelenting['ms_per_token']:.2f} |" if unrelenting else "- |"))
             lines.append(line)
             print(line, flush=True)

@@ -242,6 +242,23 @@ def test_a_request_cancelled_mid_burst_ends_there_and_frees_its_row(engine):
     assert engine.cache.free_rows == engine.cache.rows
 
 
+def test_structured_output_does_not_speculate_and_keeps_its_grammar(engine):
+    import dataclasses
+    from predictor.engine.sampling.grammar import json_schema_grammar
+    grammar = json_schema_grammar({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})
+    plain, = jobs(engine)[:1]
+    ruled = dataclasses.replace(plain, options=dataclasses.replace(plain.options, grammar=grammar))
+    off = run(engine, [ruled, plain])
+    asked = []
+
+    def right(seq, k):
+        asked.append(seq.ticket.job.options.grammar)
+        return Drafts(engine, [off[1]], "right")(seq, k)
+    on, _, accepted = speculating(engine, [ruled, plain], right)
+    assert accepted > 0 and asked and not any(asked)  # only the plain request drafted
+    assert [generated(r) for r in on] == [generated(r) for r in off]
+
+
 def test_no_step_speculates_above_the_batch_size_threshold(engine):
     off = run(engine, jobs(engine, min_new_tokens=NEW))  # all running until the end
     for threshold in (len(PROMPTS) - 1, len(PROMPTS)):
