@@ -20,6 +20,7 @@ from predictor.engine.sampling.speculation import (
     PAUSE_STEPS, DraftLength, SpeculativeConfig, accepted_drafts, parse_speculative_config, position_table,
     propose_ngram)
 from predictor.engine.scheduling.batcher import Batcher
+from predictor.engine.scheduling.drafting import DraftModel, tokenizer_mismatch
 from predictor.engine.scheduling.speculating import Speculator
 
 K = 4
@@ -40,6 +41,8 @@ def test_the_config_takes_vllms_keys_and_fills_the_lookup_bounds_as_vllm_does():
     ('{"num_speculative_tokens": 2, "lookahead": 1}', "lookahead"),
     ('{"num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2}', "prompt_lookup_min"),
     ('{"num_speculative_tokens": true}', "num_speculative_tokens"),
+    ('{"method": "draft_model", "num_speculative_tokens": 2}', "model"),
+    ('{"method": "ngram", "model": "/m", "num_speculative_tokens": 2}', "model"),
 ])
 def test_a_bad_config_is_refused_at_start_up_in_one_line(value, names):
     with pytest.raises(SystemExit) as refused:
@@ -266,6 +269,39 @@ def test_no_step_speculates_above_the_batch_size_threshold(engine):
                                      disable_by_batch_size=threshold)
         assert (drafted > 0) == (threshold == len(PROMPTS))
         assert [generated(r) for r in on] == [generated(r) for r in off]
+
+
+# -- a draft model --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def drafters(tiny_dirs):
+    """A draft engine per tiny layout: each drafts for its own layout's target (a draft equal to the target) and
+    for the other (the 7B-shaped drafting for the 40B-shaped, as falcon-7b for falcon-40b: one tokenizer)."""
+    return {arch: DraftModel(reserved_engine(tiny_dirs[arch])) for arch in ("7b", "40b")}
+
+
+@pytest.mark.parametrize("drafter", ["same", "other"])
+def test_a_draft_model_keeps_greedy_and_seeded_outputs(engine, drafters, drafter):
+    arch = "40b" if engine.shape.kv_heads > 1 else "7b"
+    draft = drafters[arch if drafter == "same" else {"7b": "40b", "40b": "7b"}[arch]]
+    for options in ({}, dict(do_sample=True, seed=5, temperature=0.8, top_k=40)):
+        off = run(engine, jobs(engine, **options))
+        before = counters()
+        speculator = Speculator(SpeculativeConfig(method="draft_model", model="draft", num_speculative_tokens=K),
+                                propose_all=draft)
+        on = run(engine, jobs(engine, **options), speculator=speculator)
+        drafted, accepted = (after - start for after, start in zip(counters(), before))
+        assert [generated(r) for r in on] == [generated(r) for r in off], options
+        assert drafted > 0
+        if drafter == "same" and not options:
+            assert accepted == drafted  # the target's own greedy choices
+
+
+def test_a_draft_model_with_another_tokenizer_is_refused(tiny_dirs, tmp_path, drafters):
+    from predictor.tiny import build_tiny_falcon
+    word_level = reserved_engine(build_tiny_falcon(tmp_path / "word-level", "7b", tokenizer="wordlevel"), rows=2)
+    target = drafters["7b"].engine
+    assert "vocabulary" in tokenizer_mismatch(word_level, target)
+    assert tokenizer_mismatch(drafters["40b"].engine, target) is None
 
 
 # -- over HTTP ---------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from .. import metrics
 from ..config import ServerConfig
 from ..engine import faults
 from ..engine.scheduling.batcher import Batcher
+from ..engine.scheduling.drafting import DraftModel, tokenizer_mismatch
 from ..engine.scheduling.speculating import Speculator
 from ..engine.model.kv_cache import BLOCK_SIZE
 from ..engine.options import GenerationJob, Limits
@@ -91,7 +92,7 @@ class FalconModel(kserve.Model):
                                self.config.request_timeout_s, prepare=self._compile if self.config.compile else None,
                                max_prefill_tokens=self.config.max_prefill_tokens,
                                prefix_caching=self.config.prefix_caching, dead_after_s=self.config.dead_after_s,
-                               speculator=Speculator(self.config.speculative) if self.config.speculative else None)
+                               speculator=self._speculator(spec))
         self.batcher.start()
         metrics.WAITING.set_function(lambda: self.batcher.waiting)
         metrics.RUNNING.set_function(lambda: self.batcher.running_sequences)
@@ -155,6 +156,25 @@ class FalconModel(kserve.Model):
         metrics.CACHE_CONFIG.labels(block_size=str(BLOCK_SIZE),
                                     num_gpu_blocks=str(rows * cache.capacity // BLOCK_SIZE)).set(1)
         logger.info("KV cache reserved: %d rows x %d tokens, %.0f MiB", rows, cache.capacity, cache.nbytes / 2**20)
+
+    def _speculator(self, spec: LoadSpec) -> Speculator | None:
+        """Speculative decoding as ``--speculative_config`` asks; a draft model is loaded beside the target, on
+        the same device (rank 0's with tensor parallelism), its KV cache with as many rows as the target's."""
+        config = self.config.speculative
+        if config is None or config.method != "draft_model":
+            return Speculator(config) if config is not None else None
+        try:
+            draft = load_engine(dataclasses.replace(spec, source=config.model, revision=None, merged_adapters=()))
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--speculative_config: the draft model {config.model} could not be loaded: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        if (why := tokenizer_mismatch(draft, self.engine)) is not None:
+            raise SystemExit(f"--speculative_config: the draft model {config.model} cannot draft for this model: "
+                             f"{why}")
+        draft.reserve(self.engine.cache.rows)
+        logger.info("Speculative decoding: %s drafts %d tokens per step", config.model,
+                    config.num_speculative_tokens)
+        return Speculator(config, propose_all=DraftModel(draft))
 
     def _load_spec(self) -> LoadSpec:
         config = self.config

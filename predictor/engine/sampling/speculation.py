@@ -20,7 +20,7 @@ import torch
 
 from .choice import GENERATED, SamplingTable
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
 # Above this many running sequences no step speculates (vLLM's ``disable_by_batch_size``). Verifying drafts costs
 # a step k extra tokens per sequence and its overlap with the host (a speculating step reads its tokens back before
 # the next is planned); at low batch a decode step is bound by reading the weights and the extra tokens are nearly
@@ -41,6 +41,7 @@ class SpeculativeConfig:
 
     method: str = "ngram"
     num_speculative_tokens: int = 4  # the most drafts a sequence verifies in one step (k)
+    model: str | None = None  # draft_model: the drafting checkpoint's directory (or Hugging Face id)
     prompt_lookup_min: int = 2  # shortest n-gram matched against the sequence's earlier tokens
     prompt_lookup_max: int = 4  # longest; the longest that matches wins
     disable_by_batch_size: int = DISABLE_BY_BATCH_SIZE  # no speculation with more running sequences than this
@@ -60,7 +61,9 @@ def parse_speculative_config(text: str) -> SpeculativeConfig:
         raise ValueError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     if given.get("method", "ngram") not in METHODS:
         raise ValueError(f"method {given['method']!r} is not served; served: {', '.join(METHODS)}")
-    for key in known - {"method"}:
+    if (given.get("method") == "draft_model") != isinstance(given.get("model"), str):
+        raise ValueError("model (the draft checkpoint's directory) goes with method draft_model, and only with it")
+    for key in known - {"method", "model"}:
         if key in given and (not isinstance(given[key], int) or isinstance(given[key], bool) or given[key] < 1):
             raise ValueError(f"{key} must be an integer of at least 1, not {given[key]!r}")
     if "num_speculative_tokens" not in given:

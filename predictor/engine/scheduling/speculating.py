@@ -27,6 +27,8 @@ from .tickets import TokenEvent, emit_all
 logger = logging.getLogger(__name__)
 
 Proposer = Callable[[RunningSequence, int], list[int]]  # a sequence and k: at most k drafts
+# sequences and each one's k: at most that many drafts each (a draft model drafts for all of them at once)
+BatchProposer = Callable[[list[RunningSequence], list[int]], list[list[int]]]
 
 
 @dataclass
@@ -41,9 +43,12 @@ class Burst:
 class Speculator:
     """Drafts for the running sequences, and the verification of those drafts in the decode step."""
 
-    def __init__(self, config: SpeculativeConfig, propose: Proposer | None = None) -> None:
+    def __init__(self, config: SpeculativeConfig, propose: Proposer | None = None,
+                 propose_all: BatchProposer | None = None) -> None:
+        """Drafts come from ``propose_all`` when given (a draft model), else ``propose`` (default: n-gram)."""
         self.config = config
         self.propose = propose or self._ngram
+        self.propose_all = propose_all or (lambda seqs, ks: [self.propose(seq, k) for seq, k in zip(seqs, ks)])
 
     def _ngram(self, seq: RunningSequence, k: int) -> list[int]:
         return propose_ngram(seq.tokens, k, self.config.prompt_lookup_min, self.config.prompt_lookup_max)
@@ -68,12 +73,15 @@ class Speculator:
     def drafts(self, decoding: list[RunningSequence], lengths: dict[int, int]) -> dict[int, list[int]]:
         """Each wanting sequence's drafts (by ``id``), never more than its tokens left but one (the token after the
         last kept draft is its own); a sequence that finds none records a miss."""
-        found = {}
+        wanting, ks = [], []
         for seq in decoding:
-            if (k := lengths.get(id(seq), 0)) == 0:
-                continue
             left = seq.ticket.job.options.max_new_tokens - len(seq.generated) - 1
-            if drafted := self.propose(seq, min(k, left)) if left > 0 else []:
+            if (k := min(lengths.get(id(seq), 0), left)) > 0:
+                wanting.append(seq)
+                ks.append(k)
+        found = {}
+        for seq, drafted in zip(wanting, self.propose_all(wanting, ks) if wanting else []):
+            if drafted:
                 found[id(seq)] = drafted
             else:
                 seq.draft_length.record(0, 0)
