@@ -6,7 +6,9 @@ Workloads, each generating ``--tokens`` greedy tokens per sequence (``min_new_to
 (a) **n-gram on repetitive input**: prompts on which the tiny model's greedy output falls into loops that prompt
     lookup can draft (a random model copies nothing from its input; its loops are what n-gram drafting can find).
 (b) **the target's own output as drafts**: what a draft model equal to the target would propose, without the draft
-    model's own cost: the mechanism's ceiling (k + 1 tokens per forward).
+    model's own cost: the mechanism's ceiling (k + 1 tokens per forward); and **a draft model equal to the target**
+    (``draft_model``: a second engine on the same checkpoint, drafting greedily), whose own forwards count in the
+    CPU time but not as target forwards.
 (c) **drafts that always fail** (each token of the output + 1): what speculation costs when it cannot help; the
     back-off must keep it within 5 % of speculation off at every batch. ``(c) without back-off`` drafts k tokens
     every step whatever happened, to show what the back-off saves.
@@ -43,6 +45,7 @@ from predictor.engine.model.runner import Engine, LoadSpec, load_engine  # noqa:
 from predictor.engine.options import Limits  # noqa: E402
 from predictor.engine.sampling.speculation import DraftLength, SpeculativeConfig  # noqa: E402
 from predictor.engine.scheduling.batcher import Batcher  # noqa: E402
+from predictor.engine.scheduling.drafting import DraftModel  # noqa: E402
 from predictor.engine.scheduling.speculating import Speculator  # noqa: E402
 from predictor.tiny import build_tiny_falcon  # noqa: E402
 from report import machine_info, write_results  # noqa: E402
@@ -164,8 +167,11 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        engine = load_engine(LoadSpec(str(build_tiny_falcon(Path(tmp) / "tiny", "7b")), device="cpu"))
+        checkpoint = build_tiny_falcon(Path(tmp) / "tiny", "7b")
+        engine = load_engine(LoadSpec(str(checkpoint), device="cpu"))
+        draft = load_engine(LoadSpec(str(checkpoint), device="cpu"))
     engine.reserve(max(SWEEP) + 1)
+    draft.reserve(max(SWEEP) + 1)
     generate(engine, jobs(engine, ["warm up"] * max(SWEEP), args.tokens), None)  # allocator and lazy set-up
     workloads = {
         "(a) n-gram": {"off": lambda truth: None,
@@ -173,6 +179,10 @@ def main() -> None:
         "(b) own output": {"off": lambda truth: None,
                            "on": lambda truth: Speculator(config(disable_by_batch_size=max(SWEEP)),
                                                           known_drafts(truth, 0))},
+        "(b) draft model = target": {
+            "off": lambda truth: None,
+            "on": lambda truth: Speculator(config(method="draft_model", model="the target",
+                                                  disable_by_batch_size=max(SWEEP)), propose_all=DraftModel(draft))},
         "(c) always fail": {"off": lambda truth: None,
                             "on": lambda truth: Speculator(config(), known_drafts(truth, 1)),
                             "on, no back-off": lambda truth: Unrelenting(config(), known_drafts(truth, 1))},
@@ -185,7 +195,7 @@ def main() -> None:
     for workload, speculators in workloads.items():
         if workload[1] not in args.workloads:
             continue
-        batches = SWEEP if workload.startswith("(b)") else BATCHES
+        batches = SWEEP if workload == "(b) own output" else BATCHES
         for batch in batches:
             prompts = [LOOPING[i % len(LOOPING)] for i in range(batch)]
             rows = measure(engine, prompts, args.tokens, args.repeats, speculators)

@@ -240,11 +240,13 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--speculative_config", default=None, metavar="JSON",
                         help="speculative decoding, with vLLM's keys: '{\"method\": \"ngram\", "
                              "\"num_speculative_tokens\": 4, \"prompt_lookup_min\": 2, \"prompt_lookup_max\": 4, "
-                             "\"disable_by_batch_size\": 32}'. Each step a running sequence drafts up to k tokens "
-                             "by finding its last n-gram earlier in its prompt and output, and the model checks them "
-                             "all in one pass; the output is the same as without (docs/speculative-decoding.md). Off "
-                             "above disable_by_batch_size running sequences; a sequence whose drafts fail drafts "
-                             "fewer, then none. Default: off")
+                             "\"disable_by_batch_size\": 32}' or '{\"method\": \"draft_model\", \"model\": "
+                             "DIR, \"num_speculative_tokens\": 4}'. Each step a running sequence drafts up to k "
+                             "tokens (by finding its last n-gram earlier in its prompt and output, or from a smaller "
+                             "model with the same tokenizer) and the model checks them all in one pass; the output "
+                             "is the same as without (docs/speculative-decoding.md). Off above "
+                             "disable_by_batch_size running sequences; a sequence whose drafts fail drafts fewer, "
+                             "then none. Default: off")
 
     adapters = parser.add_argument_group("LoRA adapters")
     adapters.add_argument("--adapter_dir", default=DEFAULT_ADAPTER_DIR,
