@@ -2,7 +2,7 @@
 (prompt lookup), how many drafts each verified sequence keeps, how far a sequence drafts, and the per-position view
 of the sampling table that lets a row's drafts be checked with exactly the choice the one-token step would make.
 
-A sequence's last token and its drafts go through the model as one causal chunk; position ``j``'s logits predict
+A sequence's last token and its drafts go through the model together, causally; position ``j``'s logits predict
 the token after draft ``j``. The token at each position is chosen as the plain step would choose it (same options,
 penalties counting the drafts before it, the same draw of the request's own generator), and a draft is kept while it
 equals the token chosen before it: sample-and-match, so the output is the one the plain engine would give, token for
