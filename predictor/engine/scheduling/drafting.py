@@ -57,6 +57,7 @@ def tokenizer_mismatch(draft: Engine, target: Engine) -> str | None:
     if draft.tokenizer.get_vocab() != target.tokenizer.get_vocab():
         return "its tokenizer's vocabulary differs from the target's"
     for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
-        if getattr(draft.tokenizer, name) != getattr(target.tokenizer, name):
-            return f"its {name} ({getattr(draft.tokenizer, name)}) is not the target's ({getattr(target.tokenizer, name)})"
+        ours, theirs = getattr(draft.tokenizer, name), getattr(target.tokenizer, name)
+        if ours != theirs:
+            return f"its {name} ({ours}) is not the target's ({theirs})"
     return None

@@ -10,7 +10,6 @@ sequence's drafts are being taken (``DraftLength``): otherwise steps run one ste
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -23,8 +22,6 @@ from ..sampling.sampler import TokenLogprob, stopped_on_strings
 from ..sampling.speculation import DraftLength, SpeculativeConfig, accepted_drafts, position_table, propose_ngram
 from .running import RunningSequence
 from .tickets import TokenEvent, emit_all
-
-logger = logging.getLogger(__name__)
 
 Proposer = Callable[[RunningSequence, int], list[int]]  # a sequence and k: at most k drafts
 # sequences and each one's k: at most that many drafts each (a draft model drafts for all of them at once)
