@@ -42,8 +42,8 @@ from predictor import metrics  # noqa: E402
 from predictor.api.chat.mapping import to_generation_job  # noqa: E402
 from predictor.api.chat.schema import parse_chat_request  # noqa: E402
 from predictor.engine.model.runner import Engine, LoadSpec, load_engine  # noqa: E402
-from predictor.engine.options import Limits  # noqa: E402
-from predictor.engine.sampling.speculation import DraftLength, SpeculativeConfig  # noqa: E402
+from predictor.engine.options import Limits, SpeculativeConfig  # noqa: E402
+from predictor.engine.sampling.speculation import DraftLength  # noqa: E402
 from predictor.engine.scheduling.batcher import Batcher  # noqa: E402
 from predictor.engine.scheduling.drafting import DraftModel  # noqa: E402
 from predictor.engine.scheduling.speculating import Speculator  # noqa: E402

@@ -7,9 +7,8 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-from .engine.options import Limits
+from .engine.options import Limits, SpeculativeConfig, parse_speculative_config
 from .engine.quantization.schemes import KAITO_FLAGS, KV_CACHE_DTYPES, SCHEMES
-from .engine.sampling.speculation import SpeculativeConfig, parse_speculative_config
 from .logs import LOG_FORMATS
 from .variants import VARIANTS, closest_variant, find_variant
 

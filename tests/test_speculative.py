@@ -16,9 +16,9 @@ from prometheus_client import REGISTRY
 from predictor.config import parse_config
 from predictor.engine.sampling.choice import GENERATED, SamplingTable
 from predictor.engine.sampling.sampler import make_sampler
+from predictor.engine.options import SpeculativeConfig, parse_speculative_config
 from predictor.engine.sampling.speculation import (
-    PAUSE_STEPS, DraftLength, SpeculativeConfig, accepted_drafts, parse_speculative_config, position_table,
-    propose_ngram)
+    PAUSE_STEPS, DraftLength, accepted_drafts, position_table, propose_ngram)
 from predictor.engine.scheduling.batcher import Batcher
 from predictor.engine.scheduling.drafting import DraftModel, tokenizer_mismatch
 from predictor.engine.scheduling.speculating import Speculator

@@ -81,7 +81,7 @@ def test_prefix_reuse_copies_rows_on_every_rank(engines, monkeypatch):
 
 def test_speculative_decoding_equals_one_process(engines):
     """Verified drafts are part of the step every rank runs: right and wrong drafts alike give one process's tokens."""
-    from predictor.engine.sampling.speculation import SpeculativeConfig
+    from predictor.engine.options import SpeculativeConfig
     from predictor.engine.scheduling.speculating import Speculator
 
     single, sharded = engines

@@ -19,7 +19,8 @@ from ... import metrics
 from ..model.kv_cache import KVCache
 from ..sampling.choice import ChoicePlan, SamplingTable, choose_tokens
 from ..sampling.sampler import TokenLogprob, stopped_on_strings
-from ..sampling.speculation import DraftLength, SpeculativeConfig, accepted_drafts, position_table, propose_ngram
+from ..options import SpeculativeConfig
+from ..sampling.speculation import DraftLength, accepted_drafts, position_table, propose_ngram
 from .running import RunningSequence
 from .tickets import TokenEvent, emit_all
 
