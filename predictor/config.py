@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-from .engine.options import Limits
+from .engine.options import Limits, SpeculativeConfig, parse_speculative_config
 from .engine.quantization.schemes import KAITO_FLAGS, KV_CACHE_DTYPES, SCHEMES
 from .logs import LOG_FORMATS
 from .variants import VARIANTS, closest_variant, find_variant
@@ -86,6 +86,7 @@ class ServerConfig:
     kv_cache_dtype: str = "auto"  # "fp8": keys and values in 8 bits
     tensor_parallel_size: int = 1  # ranks (processes, one per GPU) every layer is split over
     collective_timeout_s: float = 60.0  # how long a rank may keep the others waiting before the server ends
+    speculative: SpeculativeConfig | None = None  # speculative decoding (n-gram drafts); None: off
 
     @property
     def is_demo(self) -> bool:
@@ -235,6 +236,16 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a prompt that begins with a prefix the KV cache still holds (an earlier turn of a "
                              "conversation, a shared system prompt) copies its keys and values instead of "
                              "computing them again; cached prefixes live in free rows only")
+    engine.add_argument("--speculative_config", default=None, metavar="JSON",
+                        help="speculative decoding, with vLLM's keys: '{\"method\": \"ngram\", "
+                             "\"num_speculative_tokens\": 4, \"prompt_lookup_min\": 2, \"prompt_lookup_max\": 4, "
+                             "\"disable_by_batch_size\": 32}' or '{\"method\": \"draft_model\", \"model\": "
+                             "DIR, \"num_speculative_tokens\": 4}'. Each step a running sequence drafts up to k "
+                             "tokens (by finding its last n-gram earlier in its prompt and output, or from a smaller "
+                             "model with the same tokenizer) and the model checks them all in one pass; the output "
+                             "is the same as without (docs/speculative-decoding.md). Off above "
+                             "disable_by_batch_size running sequences; a sequence whose drafts fail drafts fewer, "
+                             "then none. Default: off")
 
     adapters = parser.add_argument_group("LoRA adapters")
     adapters.add_argument("--adapter_dir", default=DEFAULT_ADAPTER_DIR,
@@ -308,6 +319,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise SystemExit("--collective_timeout must be above 0 seconds")
     if any(not alias.strip() for alias in args.model_alias):
         raise SystemExit("--model_alias must not be empty")
+    speculative = None
+    if args.speculative_config is not None:
+        try:
+            speculative = parse_speculative_config(args.speculative_config)
+        except ValueError as exc:
+            raise SystemExit(f"--speculative_config: {exc}") from None
     if args.workers != 1:
         raise SystemExit(f"--workers {args.workers}: one process serves (more would each load the model and "
                          "lose this server's routes); the batch shares one model, so scale with replicas")
@@ -325,7 +342,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         lora_modules=lora_modules, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
         runtime_lora_updating=args.runtime_lora_updating, lora_root=args.lora_root,
         tensor_parallel_size=args.tensor_parallel_size, collective_timeout_s=args.collective_timeout,
-        kv_cache_dtype=args.kv_cache_dtype)
+        kv_cache_dtype=args.kv_cache_dtype, speculative=speculative)
 
 
 def quantization_from_args(args: argparse.Namespace) -> str | None:

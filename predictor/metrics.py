@@ -45,6 +45,16 @@ STEP_HOST_SECONDS = Histogram("falcon_step_host_seconds", "Host time of one deco
                               buckets=_HOST_BUCKETS)
 STEP_DEVICE_WAIT_SECONDS = Histogram("falcon_step_device_wait_seconds", "Time one decode-worker step waited for "
                                      "the device, reading its tokens back", buckets=_HOST_BUCKETS)
+# Speculative decoding (vLLM's four counters under this server's prefix); drafts are verified in the decode step
+SPEC_DECODE_DRAFTS = Counter("falcon_spec_decode_num_drafts", "Drafts verified (one per sequence and step that "
+                             "drafted)")
+SPEC_DECODE_DRAFT_TOKENS = Counter("falcon_spec_decode_num_draft_tokens", "Draft tokens verified")
+SPEC_DECODE_ACCEPTED_TOKENS = Counter("falcon_spec_decode_num_accepted_tokens", "Draft tokens accepted")
+SPEC_DECODE_ACCEPTED_PER_POSITION = Counter("falcon_spec_decode_num_accepted_tokens_per_pos",
+                                            "Draft tokens accepted at each position of their draft (0: first)",
+                                            ["position"])
+SPEC_DECODE_DRAFT_LENGTH = Gauge("falcon_spec_decode_draft_length", "Mean draft tokens a running sequence asked "
+                                 "for in the last step (0: no speculation, e.g. above disable_by_batch_size)")
 PROMPT_TOKENS = Counter("falcon_prompt_tokens_total", "Prompt tokens of the requests answered")
 GENERATION_TOKENS = Counter("falcon_generation_tokens_total", "Tokens generated for the requests answered")
 

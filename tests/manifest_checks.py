@@ -68,8 +68,8 @@ def storage_uri(isvc: Doc, container: Doc) -> str | None:
 
 
 def adapter_problems(isvc: Doc, docs: list[Doc]) -> list[str]:
-    """Each adapter the predictor serves by name (--lora_modules) is fetched to its path by a storageUris entry,
-    and no two entries share a mount path."""
+    """Each adapter the predictor serves by name (--lora_modules), and a draft model named by its path
+    (--speculative_config), is fetched to its path by a storageUris entry, and no two entries share a mount path."""
     predictor = isvc["spec"]["predictor"]
     mounts = [entry.get("mountPath", MODEL_DIR) for entry in predictor.get("storageUris", [])]
     problems = [f"mount path {m} is used twice" for m in sorted(set(mounts)) if mounts.count(m) > 1]
@@ -79,6 +79,9 @@ def adapter_problems(isvc: Doc, docs: list[Doc]) -> list[str]:
     for name, path in config.lora_modules if config is not None else ():
         if path not in mounts or path == MODEL_DIR:
             problems.append(f"adapter {name}: {path} is not the mount path of a storageUris entry")
+    draft = config.speculative.model if config is not None and config.speculative is not None else None
+    if draft is not None and draft.startswith("/") and (draft not in mounts or draft == MODEL_DIR):
+        problems.append(f"draft model: {draft} is not the mount path of a storageUris entry")
     return problems
 
 

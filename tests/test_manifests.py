@@ -292,6 +292,22 @@ def test_adapter_drift_is_reported(drift: str, words: str) -> None:
     assert any(words in problem for problem in adapter_problems(isvc, rendered))
 
 
+def test_kustomize_renders_falcon_40b_drafted_by_falcon_7b() -> None:
+    from manifest_checks import parse_args
+    rendered = kustomize(MANIFESTS / "speculative")
+    isvc = named(of_kind(rendered, "InferenceService"), "falcon-40b")
+    predictor = isvc["spec"]["predictor"]
+    config, problems = parse_args(predictor["model"]["args"])
+    assert problems == [] and config.speculative.method == "draft_model" and config.speculative.model == "/mnt/draft"
+    assert [entry["uri"] for entry in predictor["storageUris"]] == [VARIANTS["falcon-40b"].hf_uri,
+                                                                    VARIANTS["falcon-7b"].hf_uri]
+    for doc in rendered:
+        assert schema_problems(doc) == []
+    assert all_problems(isvc, rendered) == [] and adapter_problems(isvc, rendered) == []
+    predictor["storageUris"][1]["mountPath"] = "/mnt/other"  # the draft is fetched where the server does not look
+    assert any("draft model: /mnt/draft" in problem for problem in adapter_problems(isvc, rendered))
+
+
 def test_kustomize_renders_falcon_40b_on_one_gpu_in_fp8() -> None:
     rendered = kustomize(MANIFESTS / "fp8")
     isvc = named(of_kind(rendered, "InferenceService"), "falcon-40b")

@@ -81,6 +81,27 @@ def test_prefix_reuse_copies_rows_on_every_rank(engines, monkeypatch):
     assert copies, "no row was copied: the test did not exercise prefix reuse"
 
 
+def test_speculative_decoding_equals_one_process(engines):
+    """Verified drafts are part of the step every rank runs: right and wrong drafts alike give one process's tokens."""
+    from predictor.engine.options import SpeculativeConfig
+    from predictor.engine.scheduling.speculating import Speculator
+
+    single, sharded = engines
+    jobs = [make_job(single, p, do_sample=False, max_new_tokens=12, output_scores=True,
+                     return_dict_in_generate=True) for p in PROMPTS]
+    ones = run(single, jobs)
+    truth = {tuple(job.prompt_ids): generated(r)[0] for job, r in zip(jobs, ones)}
+
+    def partly_right(seq, k):  # the first two drafts right, the others wrong
+        known = truth[tuple(seq.tokens[:seq.prompt_len])][len(seq.generated):][:k]
+        return known[:2] + [token + 1 for token in known[2:]]
+    tps = run(sharded, jobs, speculator=Speculator(SpeculativeConfig(num_speculative_tokens=4), partly_right))
+    assert [generated(r) for r in tps] == [generated(r) for r in ones]
+    for one, tp in zip(ones, tps):
+        expected = [t.logprob for t in one.sequences[0].logprobs]
+        assert [t.logprob for t in tp.sequences[0].logprobs] == pytest.approx(expected, abs=1e-4)
+
+
 def test_a_sharded_layer_sums_to_the_whole_layer(tiny_dirs):
     """Both ranks' partial outputs of one decoder layer add up to the unsharded layer's (no processes)."""
     whole = load_engine(LoadSpec(str(tiny_dirs["40b"]), device="cpu"))

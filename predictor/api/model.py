@@ -23,6 +23,8 @@ from .. import metrics
 from ..config import ServerConfig
 from ..engine import faults
 from ..engine.scheduling.batcher import Batcher
+from ..engine.scheduling.drafting import DraftModel, tokenizer_mismatch
+from ..engine.scheduling.speculating import Speculator
 from ..engine.model.kv_cache import BLOCK_SIZE
 from ..engine.options import GenerationJob, Limits
 from ..engine.parallel.ranks import ParallelSpec, ShardedEngine, load_sharded_engine
@@ -84,12 +86,14 @@ class FalconModel(kserve.Model):
         register_adapters(self.engine, self.config)
         self.limits = dataclasses.replace(
             self.config.limits, context_length=min(self.config.limits.context_length, self.engine.context_length))
-        self._reserve_cache()
+        draft = self._load_draft(spec)  # before the cache's budget is measured: its weights take their room first
+        self._reserve_cache(draft)
         self.engine.probe()  # the first request does not pay for lazy initialisation
         self.batcher = Batcher(self.engine, self.max_batch_size, self.config.max_queue,
                                self.config.request_timeout_s, prepare=self._compile if self.config.compile else None,
                                max_prefill_tokens=self.config.max_prefill_tokens,
-                               prefix_caching=self.config.prefix_caching, dead_after_s=self.config.dead_after_s)
+                               prefix_caching=self.config.prefix_caching, dead_after_s=self.config.dead_after_s,
+                               speculator=self._speculator(draft))
         self.batcher.start()
         metrics.WAITING.set_function(lambda: self.batcher.waiting)
         metrics.RUNNING.set_function(lambda: self.batcher.running_sequences)
@@ -117,13 +121,14 @@ class FalconModel(kserve.Model):
         logging.shutdown()
         os._exit(1)
 
-    def _reserve_cache(self) -> None:
+    def _reserve_cache(self, draft: Engine | None = None) -> None:
         """Reserve the KV cache: a row per sequence that may run at once. By default as many as the memory budget
-        holds, up to the device's cap (``default_row_cap``); ``--max_batch_size`` caps them explicitly."""
+        holds, up to the device's cap (``default_row_cap``); ``--max_batch_size`` caps them explicitly. With a
+        ``draft`` model, each row is one of the target's and one of the draft's, out of the same budget."""
         engine, config = self.engine, self.config
         budget = engine.kv_cache_budget(config.kv_cache_memory_gib)
         per_token = engine.cache_shape.bytes_per_token
-        fit = engine.rows_that_fit(budget)
+        fit = budget // (engine.row_bytes + (draft.row_bytes if draft is not None else 0))
         logger.info("KV cache: %s bytes per token (%d layers x %d K/V heads x %d, stored as %s), %.1f MiB per "
                     "%d-token row; a budget of %.2f GiB holds %d rows", f"{per_token:,}", engine.cache_shape.layers,
                     engine.shape.kv_heads, engine.shape.head_dim, engine.cache_shape.storage,
@@ -153,6 +158,36 @@ class FalconModel(kserve.Model):
         metrics.CACHE_CONFIG.labels(block_size=str(BLOCK_SIZE),
                                     num_gpu_blocks=str(rows * cache.capacity // BLOCK_SIZE)).set(1)
         logger.info("KV cache reserved: %d rows x %d tokens, %.0f MiB", rows, cache.capacity, cache.nbytes / 2**20)
+        if draft is not None:
+            logger.info("The draft model's KV cache: %.0f MiB", draft.reserve(rows).nbytes / 2**20)
+
+    def _speculator(self, draft: Engine | None) -> Speculator | None:
+        """Speculative decoding as ``--speculative_config`` asks (drafting with ``draft``, when loaded)."""
+        config = self.config.speculative
+        if config is None:
+            return None
+        if draft is None:
+            return Speculator(config)
+        logger.info("Speculative decoding: %s drafts %d tokens per step", config.model,
+                    config.num_speculative_tokens)
+        return Speculator(config, propose_all=DraftModel(draft))
+
+    def _load_draft(self, spec: LoadSpec) -> Engine | None:
+        """The draft model of ``{"method": "draft_model"}``, loaded as the target is (dtype, device; with tensor
+        parallelism, whole, in rank 0's process), its tokenizer checked against the target's; None for other
+        methods."""
+        config = self.config.speculative
+        if config is None or config.method != "draft_model":
+            return None
+        try:
+            draft = load_engine(dataclasses.replace(spec, source=config.model, revision=None, merged_adapters=()))
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--speculative_config: the draft model {config.model} could not be loaded: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        if (why := tokenizer_mismatch(draft, self.engine)) is not None:
+            raise SystemExit(f"--speculative_config: the draft model {config.model} cannot draft for this model: "
+                             f"{why}")
+        return draft
 
     def _load_spec(self) -> LoadSpec:
         config = self.config

@@ -3,7 +3,8 @@ per-request bounds the API maps requests against. Plain dataclasses; nothing her
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -123,3 +124,56 @@ class GenerationJob:
     #                                    next turn); the tokens up to it count as generated
     kept_stop_texts: tuple[str, ...] = ()  # those of stop_texts that end the answer but stay in its text
     adapter: str | None = None  # the LoRA adapter to generate with; None: the base model
+
+
+# -- speculative decoding (``sampling.speculation``, ``scheduling.speculating``) -------------------------------------
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+# Above this many running sequences no step speculates (vLLM's ``disable_by_batch_size``). Verifying drafts costs
+# a step k extra tokens per sequence and its overlap with the host (a speculating step reads its tokens back before
+# the next is planned); at low batch a decode step is bound by reading the weights and the extra tokens are nearly
+# free, at high batch it is bound by compute and they are not. TensorRT-LLM turns n-gram speculation off above 32;
+# benchmarks/speculative.py's sweep: even drafts that are always right still paid at 32 on the CPU, less at 64.
+DISABLE_BY_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """``--speculative_config``: how drafts are made and how many a sequence verifies per step."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4  # the most drafts a sequence verifies in one step (k)
+    model: str | None = None  # draft_model: the drafting checkpoint's directory (or Hugging Face id)
+    prompt_lookup_min: int = 2  # shortest n-gram matched against the sequence's earlier tokens
+    prompt_lookup_max: int = 4  # longest; the longest that matches wins
+    disable_by_batch_size: int = DISABLE_BY_BATCH_SIZE  # no speculation with more running sequences than this
+
+
+def parse_speculative_config(text: str) -> SpeculativeConfig:
+    """``--speculative_config``'s JSON as a config; a ValueError naming the key at fault, in one line. As in vLLM,
+    one of ``prompt_lookup_min`` / ``prompt_lookup_max`` given alone sets both."""
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    if not isinstance(given, dict):
+        raise ValueError("expected a JSON object such as {\"method\": \"ngram\", \"num_speculative_tokens\": 4}")
+    known = {f.name for f in fields(SpeculativeConfig)}
+    if unknown := sorted(set(given) - known):
+        raise ValueError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if given.get("method", "ngram") not in SPECULATIVE_METHODS:
+        raise ValueError(f"method {given['method']!r} is not served; served: {', '.join(SPECULATIVE_METHODS)}")
+    if (given.get("method") == "draft_model") != isinstance(given.get("model"), str):
+        raise ValueError("model (the draft checkpoint's directory) goes with method draft_model, and only with it")
+    for key in known - {"method", "model"}:
+        if key in given and (not isinstance(given[key], int) or isinstance(given[key], bool) or given[key] < 1):
+            raise ValueError(f"{key} must be an integer of at least 1, not {given[key]!r}")
+    if "num_speculative_tokens" not in given:
+        raise ValueError("num_speculative_tokens is required")
+    if ("prompt_lookup_min" in given) != ("prompt_lookup_max" in given):
+        given["prompt_lookup_min"] = given["prompt_lookup_max"] = given.get("prompt_lookup_min",
+                                                                            given.get("prompt_lookup_max"))
+    config = SpeculativeConfig(**given)
+    if config.prompt_lookup_min > config.prompt_lookup_max:
+        raise ValueError(f"prompt_lookup_min ({config.prompt_lookup_min}) is above prompt_lookup_max "
+                         f"({config.prompt_lookup_max})")
+    return config

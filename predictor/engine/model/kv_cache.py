@@ -255,6 +255,17 @@ class KVCache:
     def length(self, row: int) -> int:
         return self._lengths[row]
 
+    def tokens(self, row: int) -> list[int]:
+        """The tokens whose keys and values ``row`` holds (a copy)."""
+        return list(self._tokens[row])
+
+    def truncate(self, row: int, length: int) -> None:
+        """Keep only the first ``length`` tokens of ``row`` (a draft model's cache drops the drafts the target
+        rejected); the blocks past them leave the prefix index."""
+        if row not in self._free:
+            self.used_tokens -= self._lengths[row] - min(length, self._lengths[row])
+        self._forget(row, keep=min(length, self._lengths[row]))
+
     def find_prefix(self, prompt: list[int] | tuple[int, ...], salt: object = None) -> PrefixHit | None:
         """The longest cached prefix of ``prompt`` in whole blocks computed with ``salt``'s adapter, leaving at
         least its last token to compute (its logits pick the first new token)."""

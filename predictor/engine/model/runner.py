@@ -202,18 +202,24 @@ class Engine:
 
     # -- batched steps ---------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, decode: Sequence[tuple[int, int | None]], chunks: Sequence[tuple[int, Sequence[int], int]] = ()
-             ) -> torch.Tensor:
+    def step(self, decode: Sequence[tuple[int, int | None]], chunks: Sequence[tuple[int, Sequence[int], int]] = (),
+             verify: Sequence[tuple[int, Sequence[int]]] = ()) -> torch.Tensor:
         """One forward pass: each ``(row, token)`` of ``decode`` feeds a running row its last token; each
         ``(row, tokens, logits)`` of ``chunks`` writes the next prompt tokens of a row and wants the next-token
-        logits of its last ``logits`` tokens (0, 1 at the end of a prompt, or all for prompt log-probabilities).
-        Returns those logits [decode rows, then each chunk's, vocab].
+        logits of its last ``logits`` tokens (0, 1 at the end of a prompt, or all for prompt log-probabilities);
+        each ``(row, tokens)`` of ``verify`` feeds a running row its last token and its drafts, causally (each
+        token a decode token at its own position, seeing the row and the tokens before it), and wants every token's
+        logits. Returns those logits [decode rows, then verify's tokens, then each chunk's, vocab].
+
+        A verified row's keys and values are written past its length but not committed: the caller extends the
+        cache with the tokens it accepted (``cache.extend``); the rest are never read (attention reads up to each
+        token's position) and never indexed, and the row's next step overwrites them.
 
         When ``decode`` is ``DeviceTokens``, its tokens are still on the device (chosen by the step before, not read
         back yet), and the caller tells the cache which tokens its rows took (``cache.extend``) once it read them."""
         cache = self.cache
         decode_ids = decode.ids if isinstance(decode, DeviceTokens) else None
-        if self._compiled is not None and not chunks and decode:
+        if self._compiled is not None and not chunks and not verify and decode:
             # Padded to a static shape; the logits of every token are computed, so that one graph serves any
             # number of running rows up to its own, and the running rows' are taken after it.
             tokens = smallest_at_least(self._buckets, len(decode))
@@ -221,7 +227,7 @@ class Engine:
             logits = self._forward(self._decode_tensors(decode, tokens, blocks, (), decode_ids), compiled=True)
             logits = logits[:len(decode)]
         else:
-            logits = self._forward(self._decode_tensors(decode, len(decode), None, chunks, decode_ids),
+            logits = self._forward(self._decode_tensors(decode, len(decode), None, chunks, decode_ids, verify),
                                    compiled=False)
         if decode_ids is None:
             for row, token in decode:
@@ -241,19 +247,28 @@ class Engine:
 
     def _decode_tensors(self, decode: Sequence[tuple[int, int | None]], tokens: int, blocks: int | None,
                         chunks: Sequence[tuple[int, Sequence[int], int]] = (),
-                        decode_ids: torch.Tensor | None = None) -> StepTensors:
+                        decode_ids: torch.Tensor | None = None,
+                        verify: Sequence[tuple[int, Sequence[int]]] = ()) -> StepTensors:
         """Host-built inputs of a step: ``tokens`` decode tokens (past ``decode``'s, padding that writes the
         scratch row) reading ``blocks`` blocks (None: just those of ``decode``, an eager step; past them, padding),
-        then the chunks' tokens. Logits are kept for every decode token and the chunks that ask for them."""
+        then (eager only) the verified rows' tokens, decode tokens too, at consecutive positions of their rows, then
+        the chunks' tokens. Logits are kept for every decode token and the chunks that ask for them."""
         cache, scratch = self.cache, self.cache.scratch_row
         padding = tokens - len(decode)
         ids = ([token for _, token in decode] if decode_ids is None else []) + [self._pad_token_id] * padding
         positions = [cache.length(row) for row, _ in decode] + [0] * padding
         write_rows = [row for row, _ in decode] + [scratch] * padding
         slots = [self._row_slots[row] for row, _ in decode] + [BASE] * padding
-        keep = list(range(tokens))
+        for row, verified in verify:
+            start = cache.length(row)
+            ids += verified
+            positions += range(start, start + len(verified))
+            write_rows += [row] * len(verified)
+            slots += [self._row_slots[row]] * len(verified)
+        decoding = len(positions)  # decode tokens, verified ones included
+        keep = list(range(decoding))
         packed = []
-        offset = tokens
+        offset = decoding
         for row, chunk_tokens, wants_logits in chunks:
             start = cache.length(row)
             packed.append(Chunk(row, start, len(chunk_tokens), offset))
@@ -263,7 +278,7 @@ class Engine:
             slots += [self._row_slots[row]] * len(chunk_tokens)
             offset += len(chunk_tokens)
             keep.extend(range(offset - int(wants_logits), offset))  # the chunk's last ``wants_logits`` tokens
-        device, at, rows = self.device, positions[:len(decode)], write_rows[:len(decode)]
+        device, at, rows = self.device, positions[:decoding], write_rows[:decoding]
         plan = (decode_groups(at, rows, device) if blocks is None
                 else decode_blocks(at, rows, tokens, blocks, scratch, device))
         host_ids = torch.tensor(ids, dtype=torch.long, device=device)

@@ -61,8 +61,9 @@ class SamplingTable:
             self.counts[row] = 0
 
     def advance(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
-        """``tokens`` [n] were chosen for cache ``rows`` [n]: count them, on the device."""
-        self.counters[rows, GENERATED] += 1
+        """``tokens`` [n] were chosen for cache ``rows`` [n] (a row may appear more than once: a speculating
+        step gives a row several tokens): count them, on the device."""
+        self.counters[:, GENERATED].index_add_(0, rows, torch.ones_like(rows))
         if self.seen is not None:
             self.seen[rows, tokens] = True
             self.counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=self.counts.dtype), accumulate=True)

@@ -31,6 +31,7 @@ from ...errors import Draining, EngineStopped, Overloaded
 from .. import faults
 from .decoding import DecodeBatch, fail_tickets
 from .health import EngineHealth, Supervisor
+from .speculating import Speculator
 from ..options import GenerationJob
 from ..model.runner import Engine
 from ..sampling.sampler import TokenLogprob, token_stop_matching_error
@@ -47,11 +48,12 @@ class Batcher:
     def __init__(self, engine: Engine, max_batch_size: int = 32, max_queue: int = 128,
                  time_budget_s: float = 300.0, prepare: Callable[[], None] | None = None,
                  max_prefill_tokens: int = 512, max_beam_queue: int | None = None, prefix_caching: bool = True,
-                 dead_after_s: float = 120.0):
+                 dead_after_s: float = 120.0, speculator: Speculator | None = None):
         """``prepare`` runs on the decode thread before it serves, and ``start`` waits for it: work such as
         recording CUDA graphs must happen on the thread that replays them. The engine's KV cache must be reserved
         by then: its rows bound the running sequences along with ``max_batch_size``. A worker with work that
-        makes no progress for ``dead_after_s`` stops the engine."""
+        makes no progress for ``dead_after_s`` stops the engine. With a ``speculator``, small batches verify
+        drafted tokens in each step (speculative decoding)."""
         self.engine = engine
         self._prepare = prepare
         self._prepared = threading.Event()
@@ -71,7 +73,8 @@ class Batcher:
         self.health = EngineHealth()
         rng = torch.Generator(device=engine.device)
         rng.seed()  # unseeded requests sample from this, randomly seeded at start-up
-        self._batch = DecodeBatch(engine, self.health, rng, max_prefill_tokens, prefix_caching)  # the decode thread's
+        self._batch = DecodeBatch(engine, self.health, rng, max_prefill_tokens, prefix_caching,
+                                  speculator)  # the decode thread's
         self._threads = [threading.Thread(target=self._decode_loop, name="batcher-decode", daemon=True),
                          threading.Thread(target=self._beam_loop, name="batcher-beams", daemon=True)]
         self._supervisor = Supervisor(self.health, dict(zip(WORKERS, self._threads)), self._busy, dead_after_s,

@@ -24,6 +24,7 @@ from .health import EngineHealth
 from ..lora.bank import BASE
 from ..model.runner import DeviceTokens, Engine
 from .running import PendingTokens, RunningRequest, RunningSequence
+from .speculating import Speculator, positions, verify_rows
 from ..sampling.choice import ChoicePlan, SamplingTable, choose_tokens
 from ..sampling.sampler import TokenLogprob, make_sampler, stopped_on_strings
 from .tickets import Ticket, TokenEvent, emit_all
@@ -35,8 +36,9 @@ class DecodeBatch:
     """The requests admitted to the decode worker, in admission order, and the verbs that move them on."""
 
     def __init__(self, engine: Engine, health: EngineHealth, rng: torch.Generator, max_prefill_tokens: int,
-                 prefix_caching: bool) -> None:
+                 prefix_caching: bool, speculator: Speculator | None = None) -> None:
         self.engine = engine
+        self.speculator = speculator  # drafts and their verification, with speculative decoding
         self.health = health
         self.rng = rng  # unseeded requests sample from this
         self.max_prefill_tokens = max_prefill_tokens
@@ -142,22 +144,33 @@ class DecodeBatch:
         self._drop_unstarted()
         pending, self._pending = self._pending, None
         decoding = self._decoding(pending)
-        if pending is not None and not pending.holds(decoding):  # a row whose token is on the host already
+        drafts: dict[int, list[int]] = {}
+        lengths = self.speculator.lengths(decoding) if self.speculator is not None else {}
+        if pending is not None and (lengths or not pending.holds(decoding)):  # tokens wanted on the host now
             self._settle(pending, [])
             pending = None
+            decoding = self._decoding(None)
+        if lengths:
+            drafts = self.speculator.drafts(decoding, lengths)
+            decoding.sort(key=lambda seq: id(seq) in drafts)  # those without drafts are plain decode rows, first
         prefilling = self._plan_prefill()
         fed: list[RunningSequence] = []  # fed their token still on the device
-        forwarded = self._forward(decoding, prefilling, pending) if decoding or prefilling else None
+        forwarded = self._forward(decoding, prefilling, pending, drafts) if decoding or prefilling else None
         if forwarded is not None:
             logits, decoding, prefilling = forwarded
             fed = decoding if pending is not None else []
-            finishing, row = [], len(decoding)
+            verified = positions(decoding, drafts) if drafts else 0  # logits rows of the verified sequences
+            finishing, row = [], verified or len(decoding)
             for request, take, wanted in prefilling:
                 request.note_prompt_logprobs(take, logits[row:row + wanted])
                 request.leader.computed += take
                 row += wanted
                 if not request.leader.prefilling:
                     finishing.append((request, row - 1))  # its first token comes from its last row of logits
+            if drafts:  # the decoding sequences take their tokens now, the others' are chosen below
+                self._verify(decoding, logits[:verified], drafts)
+                decoding, logits = [], logits[verified:]
+                finishing = [(request, at - verified) for request, at in finishing]
             choosers, logits = self._choosers(decoding, finishing, logits)
             if choosers:
                 plan = self._plan_for(choosers)
@@ -204,15 +217,16 @@ class DecodeBatch:
         emit_all(events)
 
     def _forward(self, decoding: list[RunningSequence], prefilling: list[tuple[RunningRequest, int, int]],
-                 pending: PendingTokens | None
+                 pending: PendingTokens | None, drafts: dict[int, list[int]]
                  ) -> tuple[torch.Tensor, list[RunningSequence], list[tuple[RunningRequest, int, int]]] | None:
         """One forward pass for the decoding sequences and the planned prompt chunks: (logits, and the sequences
         and chunks they are for), None if every request in it failed. If the pass raises, the prompts are presumed
         at fault and fail; if the decode rows alone fail too, each request's rows run on their own, and only the
         requests whose rows fail again end. Keys and values are committed only by a pass that succeeded, so a
-        pass can be rerun. The decoding sequences' tokens are ``pending``'s, on the device, when it is given."""
+        pass can be rerun. The decoding sequences' tokens are ``pending``'s, on the device, when it is given; with
+        ``drafts`` every decoding sequence is verified (its drafts by ``id``, if it has any)."""
         try:
-            return self._run_step(decoding, prefilling, pending), decoding, prefilling
+            return self._run_step(decoding, prefilling, pending, drafts), decoding, prefilling
         except Exception as exc:  # noqa: BLE001 - fail the prompts, keep the others
             error = exc
         if prefilling:
@@ -220,7 +234,7 @@ class DecodeBatch:
             if not decoding:
                 return None
             try:
-                return self._run_step(decoding, [], pending), decoding, []
+                return self._run_step(decoding, [], pending, drafts), decoding, []
             except Exception as exc:  # noqa: BLE001
                 error = exc
         requests = self._requests_of(decoding)
@@ -231,20 +245,23 @@ class DecodeBatch:
         for request in requests:
             rows = [seq for seq in decoding if seq.ticket is request.ticket]
             try:
-                parts.append(self._run_step(rows, [], pending))
+                parts.append(self._run_step(rows, [], pending, drafts))
                 kept += rows
             except Exception as exc:  # noqa: BLE001
                 self._fail_requests([request], exc)
         return (torch.cat(parts), kept, []) if parts else None
 
     def _run_step(self, decoding: list[RunningSequence], prefilling: list[tuple[RunningRequest, int, int]],
-                  pending: PendingTokens | None) -> torch.Tensor:
+                  pending: PendingTokens | None, drafts: dict[int, list[int]]) -> torch.Tensor:
         for seq in decoding:
             faults.inject("decode", seq.ticket.job.prompt_ids)
         for request, _, _ in prefilling:
             faults.inject("prefill", request.ticket.job.prompt_ids)
         chunks = [(r.leader.row, r.leader.tokens[r.leader.computed:r.leader.computed + take], wanted)
                   for r, take, wanted in prefilling]
+        if drafts:
+            plain = [(seq.row, seq.tokens[-1]) for seq in decoding if id(seq) not in drafts]
+            return self.engine.step(plain, chunks, verify=verify_rows(decoding, drafts))
         if pending is None or not decoding:
             return self.engine.step([(seq.row, seq.tokens[-1]) for seq in decoding], chunks)
         return self.engine.step(DeviceTokens([seq.row for seq in decoding], pending.of_sequences(decoding)), chunks)
@@ -314,6 +331,30 @@ class DecodeBatch:
         tokens, logprobs = choose_tokens(logits, plan, self.sampling, ids, self.rng)
         self.sampling.advance(plan.rows, tokens)
         return tokens, logprobs or [None] * len(sequences)
+
+    def _verify(self, decoding: list[RunningSequence], logits: torch.Tensor, drafts: dict[int, list[int]]) -> None:
+        """The verified sequences choose and take their tokens now (``speculating``). If choice fails, it is
+        redone request by request, and only the requests it fails for again end."""
+        try:
+            for seq in decoding:
+                faults.inject("sampling", seq.ticket.job.prompt_ids)
+            bursts = self.speculator.choose(decoding, logits, drafts, self.sampling, self.rng, self._read_back)
+        except Exception:  # noqa: BLE001 - find whose choice fails: each request's rows on their own
+            starts = [positions(decoding[:i], drafts) for i in range(len(decoding) + 1)]
+            kept, bursts = [], []
+            for request in self._requests_of(decoding):
+                mine = [i for i, seq in enumerate(decoding) if seq.ticket is request.ticket]
+                rows = [r for i in mine for r in range(starts[i], starts[i + 1])]
+                try:
+                    for i in mine:
+                        faults.inject("sampling", decoding[i].ticket.job.prompt_ids)
+                    bursts += self.speculator.choose([decoding[i] for i in mine], logits[rows], drafts,
+                                                     self.sampling, self.rng, self._read_back)
+                    kept += [decoding[i] for i in mine]
+                except Exception as exc:  # noqa: BLE001
+                    self._fail_requests([request], exc, stage="sampling")
+            decoding = kept
+        self.speculator.settle(decoding, bursts, drafts, self.engine.cache, self.sampling)
 
     def _read_back(self, tokens: torch.Tensor) -> list[int]:
         """The chosen tokens on the host: where the step waits for the device (timed)."""

@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 
 from ..sampling.sampler import SequenceSampler, TokenLogprob, prompt_token_logprobs
+from ..sampling.speculation import DraftLength
 from .tickets import SequenceOutput, Ticket
 
 
@@ -25,6 +26,7 @@ class RunningSequence:
     computed: int = 0  # prompt tokens whose keys and values are in the row
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    draft_length: DraftLength | None = None  # how far it drafts, with speculation (set on its first step)
 
     @property
     def generated(self) -> list[int]:
