@@ -158,6 +158,22 @@ def test_greedy_output_is_the_same_whatever_the_drafts(engine, options):
     assert [generated(r) for r in on] == [generated(r) for r in off]
 
 
+@pytest.mark.parametrize("arch", ["7b", "40b"])
+def test_quantized_weights_and_an_fp8_cache_speculate_as_they_decode(tiny_dirs, arch):
+    """int8 weights and an fp8 KV cache: the verifying step reads the same quantized layers and the same 8-bit
+    cache rows as the plain step, so greedy output and seeded sampling are unchanged by drafts."""
+    quantized = reserved_engine(tiny_dirs[arch], quantization="int8", kv_cache_dtype="fp8")
+    off = run(quantized, jobs(quantized))
+    for kind in ("right", "partly"):
+        on, drafted, accepted = speculating(quantized, jobs(quantized), Drafts(quantized, off, kind))
+        assert [generated(r) for r in on] == [generated(r) for r in off], kind
+        assert 0 < accepted <= drafted
+    seeded = dict(do_sample=True, temperature=0.9, top_k=40, seed=7)
+    sampled_off = run(quantized, jobs(quantized, **seeded))
+    sampled_on, _, _ = speculating(quantized, jobs(quantized, **seeded), Drafts(quantized, sampled_off, "right"))
+    assert [generated(r) for r in sampled_on] == [generated(r) for r in sampled_off]
+
+
 def test_seeded_sampling_is_the_same_with_speculation(engine):
     options = dict(do_sample=True, seed=11, temperature=0.9, top_k=40, repetition_penalty=1.2)
     off = run(engine, jobs(engine, **options))
