@@ -20,7 +20,9 @@ from predictor.engine.options import SpeculativeConfig, parse_speculative_config
 from predictor.engine.sampling.speculation import (
     PAUSE_STEPS, DraftLength, accepted_drafts, position_table, propose_ngram)
 from predictor.engine.scheduling.batcher import Batcher
-from predictor.engine.scheduling.drafting import DraftModel, tokenizer_mismatch
+from predictor.engine.model.loading import planned_weight_bytes
+from predictor.engine.quantization.linear import weight_bytes
+from predictor.engine.scheduling.drafting import DraftModel, draft_fit_refusal, tokenizer_mismatch
 from predictor.engine.scheduling.speculating import Speculator
 
 K = 4
@@ -321,6 +323,21 @@ def test_a_draft_model_with_another_tokenizer_is_refused(tiny_dirs, tmp_path, dr
 
 
 # -- over HTTP ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["7b", "40b"])
+def test_a_draft_that_cannot_fit_beside_the_target_is_refused_in_one_line(tiny_dirs, arch):
+    """The draft's weights are counted from its config before it is loaded, as the load would hold them."""
+    source = str(tiny_dirs[arch])
+    for dtype, scheme in ((torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "int8")):
+        loaded = reserved_engine(source, rows=1, dtype=str(dtype).removeprefix("torch."), quantization=scheme)
+        # int8 is counted at a byte a weight: its row scales add 2 bytes per row, 3 % at the tiny width of 64
+        assert planned_weight_bytes(source, dtype, scheme) == pytest.approx(weight_bytes(loaded.model), rel=0.03)
+    need = planned_weight_bytes(source, torch.bfloat16, None)
+    assert draft_fit_refusal("/models/falcon-7b", need, need) is None
+    refusal = draft_fit_refusal("/models/falcon-7b", 14_400_000_000, 9_000_000_000)
+    assert "\n" not in refusal and refusal.startswith("--speculative_config: the draft model /models/falcon-7b")
+    assert "14.4 GB" in refusal and "9.0 GB" in refusal and '"ngram"' in refusal and "--quantization" in refusal
+
+
 @pytest.fixture(scope="module")
 def speculative_server(start_server, tiny_dirs):
     config = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,

@@ -18,17 +18,19 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import kserve
+import torch
 
 from .. import metrics
 from ..config import ServerConfig
 from ..engine import faults
 from ..engine.scheduling.batcher import Batcher
-from ..engine.scheduling.drafting import DraftModel, tokenizer_mismatch
+from ..engine.scheduling.drafting import DraftModel, draft_fit_refusal, tokenizer_mismatch
 from ..engine.scheduling.speculating import Speculator
 from ..engine.model.kv_cache import BLOCK_SIZE
 from ..engine.options import GenerationJob, Limits
 from ..engine.parallel.ranks import ParallelSpec, ShardedEngine, load_sharded_engine
-from ..engine.model.runner import Engine, LoadSpec, load_engine
+from ..engine.model.loading import planned_weight_bytes
+from ..engine.model.runner import Engine, LoadSpec, load_engine, resolve_device_and_dtype
 from ..engine.scheduling.tickets import GenerationResult, Ticket
 from ..errors import GenerationFailed, InvalidRequest, ModelNotFound, NotReady
 from ..tiny import build_tiny_falcon, default_cache_dir
@@ -179,6 +181,7 @@ class FalconModel(kserve.Model):
         config = self.config.speculative
         if config is None or config.method != "draft_model":
             return None
+        self._check_draft_fits(config.model, spec)
         try:
             draft = load_engine(dataclasses.replace(spec, source=config.model, revision=None, merged_adapters=()))
         except (OSError, ValueError) as exc:
@@ -188,6 +191,22 @@ class FalconModel(kserve.Model):
             raise SystemExit(f"--speculative_config: the draft model {config.model} cannot draft for this model: "
                              f"{why}")
         return draft
+
+    def _check_draft_fits(self, model: str, spec: LoadSpec) -> None:
+        """Stop start-up in one line when the draft model's weights cannot fit the GPU memory the target left:
+        that of the first GPU for a quantized draft (it goes to one), of every visible GPU otherwise
+        (``device_map="auto"`` spreads it). A draft that cannot be read fails its load as before."""
+        device, dtype = resolve_device_and_dtype(spec.device, spec.dtype)
+        if device != "cuda":
+            return  # host memory: the load itself says when it is short
+        try:
+            need = planned_weight_bytes(model, dtype, spec.quantization)
+        except (OSError, ValueError):
+            return
+        gpus = [0] if spec.quantization is not None else range(torch.cuda.device_count())
+        free = sum(torch.cuda.mem_get_info(gpu)[0] for gpu in gpus)
+        if (refusal := draft_fit_refusal(model, need, free)) is not None:
+            raise SystemExit(refusal)
 
     def _load_spec(self) -> LoadSpec:
         config = self.config

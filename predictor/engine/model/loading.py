@@ -30,7 +30,9 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+from ..lora.adapter import TARGETS
 from ..quantization.linear import quantize_layer
+from ..quantization.schemes import BYTES_PER_WEIGHT
 
 logger = logging.getLogger(__name__)
 LAYER_PREFIX = "transformer.h."
@@ -99,10 +101,26 @@ def can_load_by_layers(source: str) -> bool:
     return {name for name, _ in model.named_parameters()} - tied <= stored
 
 
+def planned_weight_bytes(source: str, dtype: torch.dtype, scheme: str | None) -> int:
+    """Bytes the weights of the checkpoint at ``source`` (its config alone is read) will take loaded as ``dtype``
+    with its linear layers in ``scheme``: known before anything is loaded, so that a model that cannot fit is
+    refused in one line rather than by the allocator."""
+    model = _empty_model(AutoConfig.from_pretrained(source), dtype)
+    linear = {id(getattr(getattr(layer, block), target).weight)
+              for layer in model.transformer.h for target, block in TARGETS.items()}
+    total = 0
+    for tensor in {id(t): t for t in model.parameters()}.values():  # tied weights counted once
+        per_weight = BYTES_PER_WEIGHT[scheme] if scheme is not None and id(tensor) in linear else dtype.itemsize
+        total += int(tensor.numel() * per_weight)
+    return total + sum(buffer.numel() * buffer.element_size() for buffer in model.buffers())  # rotary tables
+
+
 def _empty_model(config, dtype: torch.dtype) -> torch.nn.Module:
     """The model ``config`` describes, its parameters on the meta device (no memory), its rotary buffers real."""
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.tie_weights()  # lm_head is the embedding, as loading makes it
+    return model
 
 
 @torch.no_grad()

@@ -50,6 +50,16 @@ def common_prefix(held: list[int], tokens: list[int]) -> int:
     return min(len(held), len(tokens))
 
 
+def draft_fit_refusal(model: str, weight_bytes: int, free_bytes: int) -> str | None:
+    """Why a draft model whose weights take ``weight_bytes`` cannot be loaded beside the target into the
+    ``free_bytes`` its devices have left, in one line naming what would serve; None when it fits."""
+    if weight_bytes <= free_bytes:
+        return None
+    return (f"--speculative_config: the draft model {model} needs {weight_bytes / 1e9:.1f} GB for its weights and "
+            f"{free_bytes / 1e9:.1f} GB of GPU memory is free beside the target; use a smaller draft model, quantize "
+            'both (--quantization int8 or fp8), or draft without a model ({"method": "ngram"})')
+
+
 def tokenizer_mismatch(draft: Engine, target: Engine) -> str | None:
     """Why ``draft`` cannot draft for ``target`` (their vocabularies or special ids differ), or None."""
     if draft.info.vocab_size != target.info.vocab_size:
