@@ -67,7 +67,7 @@ def test_argument_objects_that_say_nothing_of_other_keys_take_only_their_propert
     said = [{"type": "object", "properties": {"a": {}}, "additionalProperties": {"type": "string"}},
             {"type": "object", "properties": {"a": {}}, "patternProperties": {"^x-": {}}},
             {"type": "object", "properties": {"a": {}}, "allOf": [{"properties": {"b": {}}}]},
-            {"type": "object"}, {"enum": [{"properties": {}}]}]
+            {"type": "object"}, {"enum": [{"properties": {}}]}, {"not": {"properties": {"a": {}}}}]
     assert [closed_objects(schema) for schema in said] == said
     named = closed_objects({"$defs": {"P": {"properties": {"properties": {"properties": {"x": {}}}}}}})
     assert named["$defs"]["P"]["properties"]["properties"]["additionalProperties"] is False

@@ -20,7 +20,7 @@ An arguments object that lists its ``properties`` and says nothing of others tak
 grammar backend and OpenAI's strict function calling do): JSON Schema would allow any other key, and a model that
 writes one writes invented names until it runs out of tokens. Clients strip ``additionalProperties: false`` before
 sending (LiteLLM does), so the answer cannot depend on it being there. A schema that states ``additionalProperties``,
-``patternProperties`` or ``unevaluatedProperties`` keeps its own word.
+``patternProperties``, ``unevaluatedProperties`` or ``allOf`` keeps its own word.
 """
 
 from __future__ import annotations
@@ -104,7 +104,9 @@ def describe_tools(tools: list[Tool]) -> str:
 
 
 _NAMED_SCHEMAS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")  # name -> schema
-_NOT_SCHEMAS = ("allOf", "const", "enum", "default", "examples")  # values, or branches that must stay open
+# Values, and schemas whose closing would not narrow the answer: an allOf's branches (each would refuse the keys the
+# others add), a negation's and a condition's (closing them would let more through, or pick the other branch).
+_NOT_SCHEMAS = ("allOf", "not", "if", "const", "enum", "default", "examples")
 
 
 def closed_objects(schema: Any) -> Any:

@@ -39,9 +39,8 @@ import torch.distributed as dist
 from ...errors import EngineStopped, UnsupportedOption
 from ..model.falcon import FalconShape, StepTensors, moved
 from ..model.kv_cache import KVCache
-from ..lora.adapter import LoraAdapter
+from ..lora.adapter import LoraAdapter, linear_shapes
 from ..lora.bank import AdapterBank
-from ..lora.adapter import linear_shapes
 from ..model.loading import can_load_by_layers, load_by_layers
 from ..model.runner import Engine, LoadSpec, load_engine, load_tokenizer, quantize, resolve_device_and_dtype
 from ..quantization.schemes import QUANTIZED_BEFORE_THE_CUT, scheme_refusal
