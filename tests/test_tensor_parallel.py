@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from generation import generated, make_job, reserved_engine, run
 
 from predictor.engine.model.falcon import FalconShape, _layer
@@ -116,7 +117,7 @@ def test_a_sharded_layer_sums_to_the_whole_layer(tiny_dirs):
     assert torch.allclose(partials[0] + partials[1] + hidden, expected, atol=1e-4)
 
 
-def test_each_rank_reads_only_its_slices_and_keeps_what_a_whole_load_keeps(tiny_dirs, monkeypatch):
+def test_each_rank_reads_only_its_slices_and_keeps_what_a_whole_load_keeps(tiny_dirs, monkeypatch, tmp_path):
     """A rank loading a safetensors directory reads its rows or columns of each split layer from the file, not the
     whole tensor, and ends with the very tensors that loading everything and cutting gives."""
     from predictor.engine.model import loading
@@ -127,6 +128,11 @@ def test_each_rank_reads_only_its_slices_and_keeps_what_a_whole_load_keeps(tiny_
     monkeypatch.setattr(loading.os, "preadv", lambda *args: read.append(preadv(*args)) or read[-1])
     spec = LoadSpec(str(tiny_dirs["40b"]), device="cpu")
     assert ranks.reads_slices(spec)
+    partial = tmp_path / "partial"  # a checkpoint lacking weights loads whole, initialised as from_pretrained does
+    partial.mkdir()
+    (partial / "config.json").write_bytes((tiny_dirs["40b"] / "config.json").read_bytes())
+    save_file({"transformer.ln_f.weight": torch.ones(64)}, str(partial / "model.safetensors"))
+    assert not ranks.reads_slices(LoadSpec(str(partial), device="cpu"))
     stored = {name: tensor for path in sorted(tiny_dirs["40b"].glob("*.safetensors"))
               for name, tensor in loading.stored_tensors(path).items()}
     size = {name: tensor.end - tensor.start for name, tensor in stored.items()}
