@@ -29,7 +29,7 @@ import json, os, sys, time
 import torch, transformers  # noqa: F401 - imported before the baseline
 from predictor.engine.model import loading
 from predictor.engine.model.runner import LoadSpec, load_engine
-from predictor.engine.parallel import ranks
+from predictor.engine.parallel import sharding
 from predictor.engine.parallel.sharding import shard_model
 
 way, source = sys.argv[1], sys.argv[2]
@@ -40,7 +40,7 @@ loading.os.preadv = lambda *args: read.append(preadv(*args)) or read[-1]
 spec = LoadSpec(source, device="cpu")
 started = time.perf_counter()
 if way == "slices":
-    model = ranks._read_shard(spec, 0, 2)[0]
+    model = sharding._read_shard(spec, 0, 2)[0]
     nread = sum(read)
 else:
     engine = load_engine(spec)

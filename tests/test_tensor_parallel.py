@@ -121,18 +121,18 @@ def test_each_rank_reads_only_its_slices_and_keeps_what_a_whole_load_keeps(tiny_
     """A rank loading a safetensors directory reads its rows or columns of each split layer from the file, not the
     whole tensor, and ends with the very tensors that loading everything and cutting gives."""
     from predictor.engine.model import loading
-    from predictor.engine.parallel import ranks
+    from predictor.engine.parallel import sharding
 
     read: list[int] = []
     preadv = os.preadv
     monkeypatch.setattr(loading.os, "preadv", lambda *args: read.append(preadv(*args)) or read[-1])
     spec = LoadSpec(str(tiny_dirs["40b"]), device="cpu")
-    assert ranks.reads_slices(spec)
+    assert sharding.reads_slices(spec)
     partial = tmp_path / "partial"  # a checkpoint lacking weights loads whole, initialised as from_pretrained does
     partial.mkdir()
     (partial / "config.json").write_bytes((tiny_dirs["40b"] / "config.json").read_bytes())
     save_file({"transformer.ln_f.weight": torch.ones(64)}, str(partial / "model.safetensors"))
-    assert not ranks.reads_slices(LoadSpec(str(partial), device="cpu"))
+    assert not sharding.reads_slices(LoadSpec(str(partial), device="cpu"))
     stored = {name: tensor for path in sorted(tiny_dirs["40b"].glob("*.safetensors"))
               for name, tensor in loading.stored_tensors(path).items()}
     size = {name: tensor.end - tensor.start for name, tensor in stored.items()}
@@ -140,7 +140,7 @@ def test_each_rank_reads_only_its_slices_and_keeps_what_a_whole_load_keeps(tiny_
     first_rank_only = {name for name in split if name.endswith(".bias") and not SPLIT_BY_OUTPUT[name.split(".")[-2]]}
     for rank in range(2):
         read.clear()
-        model, _, shape, whole_shapes = ranks._read_shard(spec, rank, 2)
+        model, _, shape, whole_shapes = sharding._read_shard(spec, rank, 2)
         halves = sum(size[name] for name in split - first_rank_only) // 2
         rest = sum(size[name] for name in stored if name not in split or (rank == 0 and name in first_rank_only))
         assert sum(read) == halves + rest

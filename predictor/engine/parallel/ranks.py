@@ -28,7 +28,6 @@ import pickle
 import signal
 import socket
 import threading
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable
@@ -39,12 +38,10 @@ import torch.distributed as dist
 from ...errors import EngineStopped, UnsupportedOption
 from ..model.falcon import FalconShape, StepTensors, moved
 from ..model.kv_cache import KVCache
-from ..lora.adapter import LoraAdapter, linear_shapes
+from ..lora.adapter import LoraAdapter
 from ..lora.bank import AdapterBank
-from ..model.loading import can_load_by_layers, load_by_layers
-from ..model.runner import Engine, LoadSpec, load_engine, load_tokenizer, quantize, resolve_device_and_dtype
-from ..quantization.schemes import QUANTIZED_BEFORE_THE_CUT, scheme_refusal
-from .sharding import shard_adapter, shard_model, shard_reader, tensor_parallel_refusal
+from ..model.runner import Engine, LoadSpec, resolve_device_and_dtype
+from .sharding import load_shard, reads_slices, shard_adapter, tensor_parallel_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +98,7 @@ def load_sharded_engine(spec: LoadSpec, parallel: ParallelSpec) -> ShardedEngine
         at_once = reads_slices(shard_spec)
         for follower in followers if at_once else ():
             follower.conn.send_bytes(pickle.dumps(("load",)))
-        model, tokenizer, shape, adapter_shapes = _load_shard(shard_spec, 0, parallel.world)
+        model, tokenizer, shape, adapter_shapes = load_shard(shard_spec, 0, parallel.world)
         for follower in followers:
             if not at_once:
                 follower.conn.send_bytes(pickle.dumps(("load",)))
@@ -265,7 +262,7 @@ def follow(spec: LoadSpec, parallel: ParallelSpec, rank: int, port: int,
     try:
         _set_threads(spec.device, parallel)
         _expect(conn, "load")
-        model, tokenizer, shape, _ = _load_shard(spec, rank, parallel.world)
+        model, tokenizer, shape, _ = load_shard(spec, rank, parallel.world)
         conn.send_bytes(pickle.dumps(("loaded",)))
         _expect(conn, "connect")
         _connect(spec.device, rank, parallel, port)
@@ -306,58 +303,6 @@ def _follow_steps(engine: Engine, conn: multiprocessing.connection.Connection) -
             engine._forward(tensors, compiled)
         else:
             raise RuntimeError(f"unknown message from rank 0: {kind!r}")
-
-
-def _load_shard(spec: LoadSpec, rank: int, world: int
-                ) -> tuple[torch.nn.Module, object, FalconShape, list[dict[str, tuple[int, int]]]]:
-    """This rank's shard of the checkpoint on the rank's device; also the whole model's linear shapes, which
-    adapters are checked against.
-
-    From a directory of safetensors files a rank reads only its slices, a decoder layer at a time
-    (``load_by_layers`` with the cut made on the empty model): host memory holds one layer beyond the shard, and
-    the ranks read their parts of the files at once. Otherwise (a Hub id, merged adapters, int8) it loads the whole
-    checkpoint on the CPU and keeps its shard, the ranks one after another so that host memory holds one whole copy
-    at a time (falcon-40b: 83 GB in bfloat16). int8 is quantized before the cut, each row's scale over the whole
-    row, so that every rank computes with the very weights one process would; torchao's GPU schemes quantize each
-    rank's shard on its GPU."""
-    refusal = scheme_refusal(spec.quantization, spec.device,
-                             torch.cuda.get_device_capability(rank) if spec.device == "cuda" else None)
-    if refusal:
-        raise SystemExit(refusal)
-    if reads_slices(spec):
-        return _read_shard(spec, rank, world)
-    before_cut = spec.quantization if spec.quantization in QUANTIZED_BEFORE_THE_CUT else None
-    engine = load_engine(dataclasses.replace(spec, device="cpu", quantization=before_cut))
-    shape = shard_model(engine.model, engine.shape, rank, world)
-    device = torch.device("cuda", rank) if spec.device == "cuda" else torch.device("cpu")
-    if spec.quantization is not None and before_cut is None:
-        quantize(engine.model, spec.quantization, device)
-    return engine.model.to(device), engine.tokenizer, shape, engine.adapter_shapes
-
-
-def reads_slices(spec: LoadSpec) -> bool:
-    """Whether each rank reads only its slices of the checkpoint (``_load_shard``), so they may load at once."""
-    return (spec.quantization not in QUANTIZED_BEFORE_THE_CUT and not spec.merged_adapters
-            and can_load_by_layers(spec.source))
-
-
-def _read_shard(spec: LoadSpec, rank: int, world: int
-                ) -> tuple[torch.nn.Module, object, FalconShape, list[dict[str, tuple[int, int]]]]:
-    """This rank's slices of a safetensors checkpoint, read a layer at a time into the model cut on the meta
-    device (``_load_shard``)."""
-    device_kind, dtype = resolve_device_and_dtype(spec.device, spec.dtype)
-    device = torch.device("cuda", rank) if device_kind == "cuda" else torch.device("cpu")
-    whole: list[list[dict[str, tuple[int, int]]]] = []
-    shapes: list[FalconShape] = []
-
-    def cut(model: torch.nn.Module) -> None:
-        whole.append(linear_shapes(model))
-        shapes.append(shard_model(model, FalconShape(model.config), rank, world))
-
-    before = time.monotonic()
-    model = load_by_layers(spec.source, dtype, spec.quantization, device, cut, shard_reader(rank, world))
-    logger.info("Rank %d read its 1/%d of %s's layers in %.1f s", rank, world, spec.source, time.monotonic() - before)
-    return model, load_tokenizer(spec), shapes[0], whole[0]
 
 
 def _await_loaded(follower: _Follower) -> None:

@@ -1,4 +1,5 @@
-"""Tensor-parallel sharding of a loaded Falcon: which part of every layer a rank keeps, and which ranks are refused.
+"""Tensor-parallel sharding of a Falcon: which part of every layer a rank keeps, how it loads it, and which ranks are
+refused.
 
 Each of N ranks keeps, per decoder layer (as text-generation-inference's ``flash_rw_modeling.py`` does):
 
@@ -13,19 +14,28 @@ so one all-reduce of their sum per layer (``FalconShape.reduce``) completes it. 
 ``lm_head`` are replicated: the sampler on rank 0 needs the whole vocabulary's logits, which a vocabulary split
 would have to gather every step. A per-request LoRA adapter is cut the same way (``shard_adapter``). Each rank's
 ``FalconShape`` names its own heads and groups, so its KV cache holds only its groups: 1/N of the cache per rank.
+
+``load_shard`` gives a rank its part: read as slices of a safetensors checkpoint where it can (``shard_reader``),
+else cut from the whole model.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
+import time
 
 import torch
 
 from ..model.falcon import FalconShape
-from ..model.loading import Reader, StoredTensor
-from ..lora.adapter import TARGETS, LoraAdapter
+from ..model.loading import Reader, StoredTensor, can_load_by_layers, load_by_layers
+from ..model.runner import LoadSpec, load_engine, load_tokenizer, quantize, resolve_device_and_dtype
+from ..lora.adapter import TARGETS, LoraAdapter, linear_shapes
 from ..quantization.linear import Int8Linear
+from ..quantization.schemes import QUANTIZED_BEFORE_THE_CUT, scheme_refusal
+
+logger = logging.getLogger(__name__)
 
 # Whether each linear layer is split by output rows (else by input columns). ``query_key_value``'s rows are laid out
 # per K/V group, so equal parts of them are whole groups; ``dense`` takes the matching heads' outputs as its columns.
@@ -130,3 +140,55 @@ def _keep_columns(linear: torch.nn.Module, start: int, count: int, rank: int) ->
     if linear.bias is not None and rank > 0:
         linear.bias = None
     linear.in_features = count
+
+
+def load_shard(spec: LoadSpec, rank: int, world: int
+                ) -> tuple[torch.nn.Module, object, FalconShape, list[dict[str, tuple[int, int]]]]:
+    """This rank's shard of the checkpoint on the rank's device; also the whole model's linear shapes, which
+    adapters are checked against.
+
+    From a directory of safetensors files a rank reads only its slices, a decoder layer at a time
+    (``load_by_layers`` with the cut made on the empty model): host memory holds one layer beyond the shard, and
+    the ranks read their parts of the files at once. Otherwise (a Hub id, merged adapters, int8) it loads the whole
+    checkpoint on the CPU and keeps its shard, the ranks one after another so that host memory holds one whole copy
+    at a time (falcon-40b: 83 GB in bfloat16). int8 is quantized before the cut, each row's scale over the whole
+    row, so that every rank computes with the very weights one process would; torchao's GPU schemes quantize each
+    rank's shard on its GPU."""
+    refusal = scheme_refusal(spec.quantization, spec.device,
+                             torch.cuda.get_device_capability(rank) if spec.device == "cuda" else None)
+    if refusal:
+        raise SystemExit(refusal)
+    if reads_slices(spec):
+        return _read_shard(spec, rank, world)
+    before_cut = spec.quantization if spec.quantization in QUANTIZED_BEFORE_THE_CUT else None
+    engine = load_engine(dataclasses.replace(spec, device="cpu", quantization=before_cut))
+    shape = shard_model(engine.model, engine.shape, rank, world)
+    device = torch.device("cuda", rank) if spec.device == "cuda" else torch.device("cpu")
+    if spec.quantization is not None and before_cut is None:
+        quantize(engine.model, spec.quantization, device)
+    return engine.model.to(device), engine.tokenizer, shape, engine.adapter_shapes
+
+
+def reads_slices(spec: LoadSpec) -> bool:
+    """Whether each rank reads only its slices of the checkpoint (``load_shard``), so they may load at once."""
+    return (spec.quantization not in QUANTIZED_BEFORE_THE_CUT and not spec.merged_adapters
+            and can_load_by_layers(spec.source))
+
+
+def _read_shard(spec: LoadSpec, rank: int, world: int
+                ) -> tuple[torch.nn.Module, object, FalconShape, list[dict[str, tuple[int, int]]]]:
+    """This rank's slices of a safetensors checkpoint, read a layer at a time into the model cut on the meta
+    device (``load_shard``)."""
+    device_kind, dtype = resolve_device_and_dtype(spec.device, spec.dtype)
+    device = torch.device("cuda", rank) if device_kind == "cuda" else torch.device("cpu")
+    whole: list[list[dict[str, tuple[int, int]]]] = []
+    shapes: list[FalconShape] = []
+
+    def cut(model: torch.nn.Module) -> None:
+        whole.append(linear_shapes(model))
+        shapes.append(shard_model(model, FalconShape(model.config), rank, world))
+
+    before = time.monotonic()
+    model = load_by_layers(spec.source, dtype, spec.quantization, device, cut, shard_reader(rank, world))
+    logger.info("Rank %d read its 1/%d of %s's layers in %.1f s", rank, world, spec.source, time.monotonic() - before)
+    return model, load_tokenizer(spec), shapes[0], whole[0]
