@@ -12,11 +12,11 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "predictor"
 HTTP_SIDE = ("kserve", "fastapi", "starlette", "pydantic", "uvicorn")
 # What each layer may import of the project, lowest first. Top-level modules beside the two packages are shared
-# leaves (errors, metrics, logs, variants, tiny) or start-up (config, __main__), which sits above both.
+# leaves (errors, metrics, logs, variants, tiny, cpu_threads) or start-up (config, __main__), which sits above both.
 ALLOWED = {
     "engine": {"predictor.engine", "predictor.errors", "predictor.metrics"},
     "api": {"predictor.api", "predictor.engine", "predictor.errors", "predictor.metrics", "predictor.logs",
-            "predictor.config", "predictor.tiny", "predictor.variants"},
+            "predictor.config", "predictor.tiny", "predictor.variants", "predictor.cpu_threads"},
 }
 
 

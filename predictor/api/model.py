@@ -8,7 +8,6 @@ behind KServe's ``kserve.Model`` interface, for the routes KServe itself serves 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import gc
 import logging
@@ -22,6 +21,7 @@ import torch
 
 from .. import metrics
 from ..config import ServerConfig
+from ..cpu_threads import set_operator_threads
 from ..engine import faults
 from ..engine.scheduling.batcher import Batcher
 from ..engine.scheduling.drafting import DraftModel, draft_fit_refusal, tokenizer_mismatch
@@ -36,6 +36,7 @@ from ..errors import GenerationFailed, InvalidRequest, ModelNotFound, NotReady
 from ..tiny import build_tiny_falcon, default_cache_dir
 from ..variants import cpu_memory_warning, find_variant
 from .chat.mapping import to_generation_job
+from .encoding import encode_text
 from .chat.schema import ChatRequest, parse_chat_request
 from .adapters import merged_adapters, register_adapters
 from .chat_format import CHAT_STOP, render_chat
@@ -85,6 +86,8 @@ class FalconModel(kserve.Model):
             self.engine.on_lost = self._engine_lost
         else:
             self.engine = load_engine(spec)
+            if self.engine.device.type == "cpu":
+                set_operator_threads()
         register_adapters(self.engine, self.config)
         self.limits = dataclasses.replace(
             self.config.limits, context_length=min(self.config.limits.context_length, self.engine.context_length))
@@ -258,7 +261,7 @@ class FalconModel(kserve.Model):
         if request.messages is not None:
             prompt = render_chat(engine.tokenizer, [message.model_dump() for message in request.messages])
             stops = (CHAT_STOP,)
-        prompt_ids = await asyncio.to_thread(engine.encode, (request.prefix or "") + prompt)
+        prompt_ids = await encode_text(engine.encode, (request.prefix or "") + prompt)
         if self.config.log_prompts:
             logger.info("prompt: %r", prompt)
         return self.with_adapter(to_generation_job(request, prompt_ids, engine.info, self.limits, prompt, stops),
