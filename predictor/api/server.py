@@ -25,7 +25,7 @@ from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from kserve import ModelServer
+from kserve import ModelServer, model_server
 from starlette.exceptions import HTTPException
 
 from ..config import ServerConfig
@@ -283,9 +283,31 @@ class FalconModelServer(ModelServer):
                 drain(self._model, self._drain_timeout_s, lambda: stop_uvicorn(sig, frame)))
 
         uvicorn_server.handle_exit = handle_exit
+        if not config.log_requests:
+            self._without_request_timings()
+
+    def _without_request_timings(self) -> None:
+        """KServe times every request (``TimingMiddleware``: a ``getrusage`` before and after, and a log record)
+        for its ``kserve.trace`` lines, which only ``--log_requests`` shows. Without them it is work on the event
+        loop for nothing, and the event loop shares the GIL with the decode worker: it is left out of the app
+        KServe builds when the server starts."""
+        rest = self._rest_server
+        create_application = rest.create_application
+
+        def create_without_timings() -> None:
+            create_application()
+            drop_request_timings(model_server.app)
+
+        rest.create_application = create_without_timings
 
     def _in_flight(self) -> int:
         return self._model.batcher.in_flight if self._model.batcher else 0
+
+
+def drop_request_timings(app: FastAPI) -> None:
+    """Take KServe's per-request ``TimingMiddleware`` out of ``app`` (before its middleware stack is built)."""
+    app.user_middleware = [entry for entry in app.user_middleware
+                           if (entry.cls.__module__, entry.cls.__name__) != ("timing_asgi.middleware", "TimingMiddleware")]
 
 
 def begin_drain(model: FalconModel) -> None:

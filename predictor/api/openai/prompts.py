@@ -15,6 +15,7 @@ from contextlib import aclosing
 from typing import AsyncIterator, Callable
 
 from ...engine.options import ModelInfo
+from ..encoding import encode_text
 from ..generation import token_ids
 from ..streaming import TextDelta
 
@@ -29,7 +30,7 @@ async def prompt_texts_and_ids(prompts: list[tuple[str, str | list[int]]], encod
     resolved = []
     for param, prompt in prompts:
         if isinstance(prompt, str):
-            resolved.append((prompt, await asyncio.to_thread(encode, prompt)))
+            resolved.append((prompt, await encode_text(encode, prompt)))
         else:
             ids = list(token_ids(prompt, param, model))
             resolved.append((decode(ids), ids))

@@ -11,13 +11,13 @@ is answered as ``tool_calls``: streamed, its text is held back from its first ``
 from __future__ import annotations
 
 import time
-import uuid
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from ...engine.sampling.sampler import TokenLogprob
 from ..streaming import TextDelta
+from ..tracing import random_hex_id
 from .tools import parse_tool_calls
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "shutdown": "shutdown"}  # others (time_limit,
@@ -128,7 +128,7 @@ class Reply:
     def __init__(self, api: CompletionsApi, model_name: str, prompts: list[ReplyPrompt], n: int,
                  token_text: TokenText, logprobs: bool, tools: bool = False) -> None:
         self.api = api
-        self.id = f"{api.id_prefix}{uuid.uuid4().hex}"
+        self.id = f"{api.id_prefix}{random_hex_id()}"
         self.created = int(time.time())
         self.model_name = model_name
         self.prompts = prompts

@@ -14,12 +14,12 @@ streamed answer's events come once it is complete.
 from __future__ import annotations
 
 import time
-import uuid
 from contextlib import aclosing
 from typing import Any, AsyncIterator, Callable
 
 from ...errors import PredictorError
 from ..streaming import TextDelta
+from ..tracing import random_hex_id
 from .responses import ResponsesRequest
 from .tools import parse_tool_calls
 
@@ -38,8 +38,8 @@ class ResponseReply:
         self.model_name = model_name
         self.input_tokens = input_tokens
         self.cached_tokens = cached_tokens  # the input's tokens the prefix cache held, once the request started
-        self.id = f"resp_{uuid.uuid4().hex}"
-        self.message_id = f"msg_{uuid.uuid4().hex}"
+        self.id = f"resp_{random_hex_id()}"
+        self.message_id = f"msg_{random_hex_id()}"
         self.created_at = int(time.time())
         self.text = ""
         self.output_tokens = 0

@@ -23,7 +23,6 @@ stream has begun, an error is sent as a ``data: {"error": ...}`` event before ``
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import os
@@ -39,6 +38,7 @@ from ...engine.model.runner import Engine
 from ...engine.scheduling.tickets import Ticket
 from ...errors import Draining, ModelNotFound, NotFound, NotReady, PredictorError
 from ..chat_format import CHAT_STOP, render_chat
+from ..encoding import encode_text
 from ..json_body import decode_json_body
 from ..model import FalconModel
 from ..openapi import errors, json_body
@@ -192,7 +192,7 @@ async def _prompts(body: GenerationFields, engine: Engine) -> tuple[list[tuple[s
     before."""
     if isinstance(body, ChatCompletionRequest):
         prompt = render_chat(engine.tokenizer, body.turns())
-        return ([(prompt, await asyncio.to_thread(engine.encode, prompt, body.add_special_tokens))],
+        return ([(prompt, await encode_text(engine.encode, prompt, body.add_special_tokens))],
                 [*body.stops(), CHAT_STOP])
     assert isinstance(body, CompletionRequest)
     encode = functools.partial(engine.encode, add_special_tokens=body.add_special_tokens)
@@ -225,7 +225,7 @@ async def respond(request: Request, model: FalconModel, route: str) -> Response:
         prompt = render_chat(engine.tokenizer, body.messages())
         if model.config.log_prompts:
             logger.info("prompt: %r", prompt)
-        prompt_ids = await asyncio.to_thread(engine.encode, prompt)
+        prompt_ids = await encode_text(engine.encode, prompt)
         job = model.with_adapter(to_response_job(body, prompt, prompt_ids, engine.info, model.limits), adapter)
         ticket = model.submit(job, stream=True)
     except PredictorError as exc:

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ...errors import InvalidRequest, ModelNotFound, PredictorError
 from ..chat_format import FALCON_CHAT_TEMPLATE, render_chat
+from ..encoding import encode_text
 from ..generation import token_ids
 from ..json_body import decode_json_body
 from ..model import FalconModel
@@ -66,7 +67,7 @@ async def _tokenize(model: FalconModel, body: TokenizeRequest) -> dict[str, Any]
         text = render_chat(engine.tokenizer, messages, body.add_generation_prompt)
     else:
         text = body.prompt
-    ids = (await asyncio.to_thread(engine.tokenizer, text, add_special_tokens=body.add_special_tokens))["input_ids"]
+    ids = (await encode_text(engine.tokenizer, text, add_special_tokens=body.add_special_tokens))["input_ids"]
     strs = engine.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
     return {"count": len(ids), "max_model_len": model.limits.context_length, "tokens": ids, "token_strs": strs}
 
