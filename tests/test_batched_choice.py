@@ -22,6 +22,7 @@ SAMPLED_ROWS = [
     dict(min_p=0.2),
     dict(typical_p=0.6),
     dict(temperature=1.3, top_k=20, top_p=0.9, min_p=0.05, typical_p=0.95),
+    dict(top_k=10, top_p=0.7),  # top-k read from top-p's sort
     dict(eta_cutoff=0.01, top_k=30),  # a rare warper: transformers' own run for the row
     dict(),
 ]

@@ -15,7 +15,7 @@ stages, in the order a request meets them:
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 Injector = Callable[[str, Sequence[int]], None]  # (stage, the request's prompt ids): raises to inject a fault
 
@@ -32,3 +32,10 @@ def inject(stage: str, prompt_ids: Sequence[int]) -> None:
     """Called at each stage of a request's work; raises only when a test's injector decides to."""
     if _injector is not None:
         _injector(stage, prompt_ids)
+
+
+def inject_each(stage: str, prompts: Iterable[Sequence[int]]) -> None:
+    """``inject`` for each of a step's rows: one call per step when no injector is installed, not one per row."""
+    if _injector is not None:
+        for prompt_ids in prompts:
+            _injector(stage, prompt_ids)

@@ -171,15 +171,22 @@ def _warp_rows(scores: torch.Tensor, values: torch.Tensor, counters: torch.Tenso
                ) -> torch.Tensor:
     """transformers' warpers in generate's order, each with every row's own value; a row that does not use one
     (greedy rows use none) keeps its scores bit for bit. Rows with top-h, epsilon or eta run transformers' own."""
-    processed = scores
+    processed, width = scores, scores.shape[-1]
     if plan.temperature:
         scores = scores / values[:, TEMPERATURE, None]
-    if plan.top_k:
-        k = counters[:, TOP_K].clamp(max=scores.shape[-1])  # [n]
-        kth = scores.topk(min(plan.top_k, scores.shape[-1]), dim=-1).values.gather(1, (k - 1).clamp(min=0)[:, None])
-        scores = scores.masked_fill((scores < kth) & (k > 0)[:, None], -torch.inf)
-    if plan.top_p:
+    if plan.top_p:  # one sort serves top-k too: top-k's cut keeps the order, so its result is top-p's sort
         ascending, order = scores.sort(dim=-1)
+    if plan.top_k:
+        k = counters[:, TOP_K].clamp(max=width)  # [n]
+        if plan.top_p:
+            kth = ascending.gather(1, (width - k).clamp(max=width - 1)[:, None])
+        else:
+            kth = scores.topk(min(plan.top_k, width), dim=-1).values.gather(1, (k - 1).clamp(min=0)[:, None])
+        cut = (k > 0)[:, None]
+        scores = scores.masked_fill((scores < kth) & cut, -torch.inf)
+        if plan.top_p:
+            ascending = ascending.masked_fill((ascending < kth) & cut, -torch.inf)
+    if plan.top_p:
         drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= values[:, TOP_P_DROP, None]
         drop[:, -1] = False
         scores = scores.masked_fill(drop.scatter(1, order, drop), -torch.inf)
@@ -217,6 +224,6 @@ def _pick(scores: torch.Tensor, greedy: torch.Tensor | None, plan: ChoicePlan, r
     for row, generator in plan.seeded:  # its own draws only: the same whatever its batch
         uniform[row] = torch.rand(probs.shape[-1], generator=generator, device=probs.device)
     raced = (probs / uniform.log_().neg_()).argmax(dim=-1)
-    broken = probs.isnan().any(dim=-1)  # softmax of a row all -inf, or with +inf or nan in it
+    broken = probs[:, 0].isnan()  # softmax of a row all -inf, or with +inf or nan in it: nan throughout
     raced = torch.where(broken, scores.nan_to_num(nan=-torch.inf).argmax(dim=-1), raced)
     return raced if greedy is None else torch.where(greedy, scores.argmax(dim=-1), raced)

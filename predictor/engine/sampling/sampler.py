@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
+from itertools import chain
 from typing import Callable, Sequence, TypeVar
 
 import torch
@@ -156,7 +157,8 @@ def stopped_on_strings(samplers: Sequence[SequenceSampler], sequences: Sequence[
         parts = [full] if full else []
         parts += [[i] for i in rows if len(sequences[i]) < tail]  # shorter than the tail: each alone, unpadded
         for part in parts:
-            ids = torch.tensor([sequences[i][-tail:] for i in part])  # [rows, tail]: all the matcher reads
+            # [rows, tail]: all the matcher reads (a flat list makes the tensor twice as fast as nested ones)
+            ids = torch.tensor(list(chain.from_iterable(sequences[i][-tail:] for i in part))).view(len(part), -1)
             for i, hit in zip(part, matcher(ids, None).tolist()):
                 stopped[i] = bool(hit)
     return stopped

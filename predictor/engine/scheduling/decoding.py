@@ -189,8 +189,7 @@ class DecodeBatch:
         is its last by length (the step after it would be wasted)."""
         ahead = pending.position if pending is not None else {}
         return [seq for request in self.requests if not request.leader.prefilling for seq in request.sequences
-                if seq.finish_reason is None
-                and len(seq.tokens) - seq.prompt_len + (id(seq) in ahead) < seq.ticket.job.options.max_new_tokens]
+                if seq.finish_reason is None and len(seq.tokens) + (id(seq) in ahead) < seq.length_limit]
 
     def _settle(self, pending: PendingTokens, fed: list[RunningSequence]) -> None:
         """Read back the tokens chosen by the step before and give them to their sequences: the cache learns those
@@ -210,10 +209,11 @@ class DecodeBatch:
                 seq.logprobs.append(logprob)
             taking.append((seq, token, logprob))
         stopped = stopped_on_strings([seq.sampler for seq, _, _ in taking], [seq.tokens for seq, _, _ in taking])
-        events = []
+        events, now = [], time.monotonic()
         for (seq, token, logprob), stop in zip(taking, stopped):
-            seq.finish_reason = seq.finish_reason_after(token, stop)
-            events.append((seq.ticket, TokenEvent(seq.index, token, seq.finish_reason, logprob)))
+            seq.finish_reason = seq.finish_reason_after(token, stop, now)
+            if seq.ticket.wants_events:
+                events.append((seq.ticket, TokenEvent(seq.index, token, seq.finish_reason, logprob)))
         emit_all(events)
 
     def _forward(self, decoding: list[RunningSequence], prefilling: list[tuple[RunningRequest, int, int]],
@@ -253,10 +253,8 @@ class DecodeBatch:
 
     def _run_step(self, decoding: list[RunningSequence], prefilling: list[tuple[RunningRequest, int, int]],
                   pending: PendingTokens | None, drafts: dict[int, list[int]]) -> torch.Tensor:
-        for seq in decoding:
-            faults.inject("decode", seq.ticket.job.prompt_ids)
-        for request, _, _ in prefilling:
-            faults.inject("prefill", request.ticket.job.prompt_ids)
+        faults.inject_each("decode", (seq.ticket.job.prompt_ids for seq in decoding))
+        faults.inject_each("prefill", (request.ticket.job.prompt_ids for request, _, _ in prefilling))
         chunks = [(r.leader.row, r.leader.tokens[r.leader.computed:r.leader.computed + take], wanted)
                   for r, take, wanted in prefilling]
         if drafts:
@@ -309,8 +307,7 @@ class DecodeBatch:
                 ) -> PendingTokens | None:
         """Launch the choice of ``sequences``' next tokens; they are read back by the next step."""
         try:
-            for seq in sequences:
-                faults.inject("sampling", seq.ticket.job.prompt_ids)
+            faults.inject_each("sampling", (seq.ticket.job.prompt_ids for seq in sequences))
             tokens, logprobs = self._choose_tokens(sequences, logits, plan)
         except Exception:  # noqa: BLE001 - find whose choice fails: each request's rows on their own
             sequences, tokens, logprobs = self._choose_each(sequences, logits)
@@ -336,8 +333,7 @@ class DecodeBatch:
         """The verified sequences choose and take their tokens now (``speculating``). If choice fails, it is
         redone request by request, and only the requests it fails for again end."""
         try:
-            for seq in decoding:
-                faults.inject("sampling", seq.ticket.job.prompt_ids)
+            faults.inject_each("sampling", (seq.ticket.job.prompt_ids for seq in decoding))
             bursts = self.speculator.choose(decoding, logits, drafts, self.sampling, self.rng, self._read_back)
         except Exception:  # noqa: BLE001 - find whose choice fails: each request's rows on their own
             starts = [positions(decoding[:i], drafts) for i in range(len(decoding) + 1)]
@@ -389,6 +385,9 @@ class DecodeBatch:
         whose answer cannot be made fails alone."""
         remaining = []
         for request in self.requests:
+            if all(seq.finish_reason is None for seq in request.sequences):  # most requests, most steps
+                remaining.append(request)
+                continue
             try:
                 self._release_finished(request)
                 if not request.finished:

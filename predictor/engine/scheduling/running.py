@@ -28,6 +28,9 @@ class RunningSequence:
     finish_reason: str | None = None
     draft_length: DraftLength | None = None  # how far it drafts, with speculation (set on its first step)
 
+    def __post_init__(self) -> None:
+        self.length_limit = self.prompt_len + self.ticket.job.options.max_new_tokens  # len(tokens) at most
+
     @property
     def generated(self) -> list[int]:
         return self.tokens[self.prompt_len:]
@@ -36,17 +39,18 @@ class RunningSequence:
     def prefilling(self) -> bool:
         return self.computed < self.prompt_len
 
-    def finish_reason_after(self, token: int, stopped: bool) -> str | None:
+    def finish_reason_after(self, token: int, stopped: bool, now: float | None = None) -> str | None:
         """Why the sequence ends with ``token`` just chosen (``stopped``: completing one of its stop strings), or
-        None while it goes on."""
-        options = self.ticket.job.options
+        None while it goes on; ``now`` is the step's ``time.monotonic()``, read once for all its sequences."""
+        ticket = self.ticket
+        options = ticket.job.options
         if token in options.eos_token_ids or stopped:
             return "stop"
-        if len(self.generated) >= options.max_new_tokens:
+        if len(self.tokens) >= self.length_limit:
             return "length"
-        if self.ticket.cancelled:
-            return self.ticket.cancel_reason
-        if self.ticket.out_of_time():
+        if ticket.cancelled:
+            return ticket.cancel_reason
+        if ticket.out_of_time(now):
             return "time_limit"
         return None
 
@@ -121,5 +125,7 @@ class PendingTokens:
 
     def of_sequences(self, sequences: list[RunningSequence]) -> torch.Tensor:
         """The tokens of ``sequences`` [n], on the device."""
+        if len(sequences) == len(self.sequences) and all(a is b for a, b in zip(sequences, self.sequences)):
+            return self.tokens  # the same sequences in the same order: the common step
         index = torch.tensor([self.position[id(seq)] for seq in sequences], device=self.tokens.device)
         return self.tokens[index]

@@ -157,8 +157,15 @@ class Ticket:
             self._running = False
             metrics.RUNNING_REQUESTS.dec()
 
-    def out_of_time(self) -> bool:
-        return self.started_at is not None and time.monotonic() - self.started_at > self.time_budget_s
+    @property
+    def wants_events(self) -> bool:
+        """Whether a token's event matters to this ticket: it streams, or its first token's time is not known yet
+        (time to first token); a step makes no event for the others."""
+        return self._events is not None or self.first_token_at is None
+
+    def out_of_time(self, now: float | None = None) -> bool:
+        started = self._started_at
+        return started is not None and (time.monotonic() if now is None else now) - started > self.time_budget_s
 
     def should_stop(self) -> bool:
         return self.cancelled or self.out_of_time()
