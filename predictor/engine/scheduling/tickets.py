@@ -70,13 +70,15 @@ class Ticket:
         self._running = False  # counted in falcon_running_requests
         self._loop = loop
         self._future: asyncio.Future[GenerationResult] = loop.create_future()
-        self._events: asyncio.Queue[TokenEvent] | None = asyncio.Queue() if stream else None
+        self._events: asyncio.Queue[TokenEvent | None] | None = asyncio.Queue() if stream else None
         self._cancelled = threading.Event()
         self._cancel_reason = "cancelled"
         self._answered = False  # by resolve or fail, whichever came first
         self._answer_lock = threading.Lock()
         self._watchdog = loop.call_later(time_budget_s, self._expire)
         self._future.add_done_callback(lambda _: self._watchdog.cancel())
+        if self._events is not None:  # None after every event: the request is answered (or failed)
+            self._future.add_done_callback(lambda _: self._events.put_nowait(None))
 
     # -- the client's side (event loop) ----------------------------------------------------------------------
     async def result(self) -> GenerationResult:
@@ -87,19 +89,10 @@ class Ticket:
         assert self._events is not None, "submit(stream=True) to receive events"
         finished = 0
         while finished < self.job.options.num_return_sequences:
-            getter = asyncio.ensure_future(self._events.get())
-            try:
-                await asyncio.wait([getter, self._future], return_when=asyncio.FIRST_COMPLETED)
-            except BaseException:  # the consumer went away: leave no task behind
-                getter.cancel()
-                raise
-            if not getter.done():  # the request settled before another event came
-                getter.cancel()
-                if self._events.empty():
-                    self._future.result()  # raises if the request failed
-                    return
-                continue
-            event = getter.result()
+            event = await self._events.get()  # no suspension while a step's events are queued
+            if event is None:  # the request settled before another event came
+                self._future.result()  # raises if the request failed
+                return
             finished += event.finish_reason is not None
             yield event
 
