@@ -13,6 +13,7 @@ import torch
 from transformers import AutoTokenizer
 from transformers.generation.stopping_criteria import StopStringCriteria
 
+from predictor.engine.model.runner import _backend_decode
 from predictor.engine.sampling.sampler import TextStopCriteria, stop_string_criteria, token_stop_matching_error
 from predictor.tiny import TOKENIZER_KINDS, build_tiny_falcon, build_tokenizer
 
@@ -69,6 +70,21 @@ def test_text_matching_agrees_with_transformers(tokenizers, kind: str) -> None:
     for stop in STOPS:
         assert (first_stop(TextStopCriteria(tokenizer, (stop,)), ids)
                 == first_stop(StopStringCriteria(tokenizer, [stop]), ids)), stop
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+def test_the_engines_direct_decode_is_transformers_decode(tokenizers, kind: str) -> None:
+    """Every kind built here is a fast tokenizer: the engine decodes with its Rust call directly, to the same text
+    as ``tokenizer.decode``, special tokens kept or skipped."""
+    tokenizer = tokenizers[kind]
+    direct = _backend_decode(tokenizer)
+    assert direct is not None, type(tokenizer)
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    specials = [i for i in (tokenizer.eos_token_id, tokenizer.unk_token_id) if i is not None]
+    for piece in (ids, ids[3:9], specials + ids[:5] + specials, ids[-1:]):
+        for skip in (True, False):
+            assert direct(piece, skip_special_tokens=skip) == tokenizer.decode(
+                piece, skip_special_tokens=skip, clean_up_tokenization_spaces=False), (piece, skip)
 
 
 # -- over HTTP, on a checkpoint with a word-level tokenizer --------------------------------------------------------
