@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
 import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.generation.logits_process import LogitsProcessor
@@ -47,7 +46,9 @@ def _validated(build: Callable[[], str]) -> str:
 
 class GrammarMask(LogitsProcessor):
     """Bans the tokens ``grammar`` does not allow next; the matcher advances on the tokens generated since the
-    last call (``input_ids`` is the whole sequence, prompt first)."""
+    last call (``input_ids`` is the whole sequence, prompt first). The bitmask is filled as ``llguidance.torch``
+    fills it, without importing that module: it ``torch.compile``s a kernel at import, which loads TorchDynamo
+    (seconds of every start of the server)."""
 
     def __init__(self, grammar: str, tokenizer: PreTrainedTokenizerBase, prompt_len: int) -> None:
         self.grammar = grammar
@@ -59,13 +60,13 @@ class GrammarMask(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         if self.matcher is None:
             self.matcher = llguidance.LLMatcher(_ll_tokenizer(self.tokenizer, scores.shape[-1]), self.grammar)
-            self.mask = llguidance.torch.allocate_token_bitmask(1, scores.shape[-1])
+            self.mask = torch.full((1, (scores.shape[-1] + 31) // 32), -1, dtype=torch.int32)
         for token in input_ids[0, self.seen:].tolist():
             self.matcher.consume_token(token)
         self.seen = input_ids.shape[1]
         if self.matcher.is_error():  # cannot happen unless a later processor forced a banned token: stop masking
             return scores
-        llguidance.torch.fill_next_token_bitmask(self.matcher, self.mask, 0)
+        self.matcher.unsafe_compute_mask_ptr(self.mask.data_ptr(), self.mask.numel() * self.mask.element_size())
         return scores.masked_fill(~_unpack(self.mask, scores.shape[-1]).to(scores.device), -torch.inf)
 
 
