@@ -230,8 +230,9 @@ class Batcher:
                     return False
                 self._lock.wait(timeout=0.5)
                 self.health.beat("decode")
-            cache = self.engine.cache
-            rows = self.running_sequences
+            if not self._waiting:  # most steps of a busy batch: nothing to count rows for
+                return True
+            cache, rows = self.engine.cache, self.running_sequences
             while self._waiting:
                 ticket = self._waiting[0]
                 need = ticket.job.options.num_return_sequences
