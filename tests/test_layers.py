@@ -68,12 +68,12 @@ def test_shared_api_modules_import_no_protocol_routes() -> None:
     assert not problems, problems
 
 
-# The engine's rooms, lowest first: each may import the engine's shared modules (options, faults) and the rooms
-# before it, never one after it. Sampling knows nothing of the model; the model runs adapters but never schedules;
-# quantized linears stand in for the model's (LoRA runs beside them); tensor parallelism wraps the model; scheduling
-# drives whichever engine it is handed.
+# The engine's rooms, lowest first: each may import the engine's shared modules (options, faults, transfer) and
+# the rooms before it, never one after it. Sampling knows nothing of the model; the model runs adapters but never
+# schedules; quantized linears stand in for the model's (LoRA runs beside them); tensor parallelism wraps the model;
+# scheduling drives whichever engine it is handed.
 ENGINE_ROOMS = ("sampling", "lora", "quantization", "model", "parallel", "scheduling")
-ENGINE_SHARED = ("options", "faults")
+ENGINE_SHARED = ("options", "faults", "transfer")
 
 
 def test_the_engine_is_grouped_by_concern() -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..transfer import to_device
 from .adapter import TARGETS, LoraAdapter
 
 BASE = -1  # the slot of a token that uses no adapter
@@ -138,7 +139,7 @@ class AdapterBank:
         else:
             used = max(token_slots) + 1
             targets = frozenset().union(*(self._slots[s].adapter.targets for s in set(token_slots) if s != BASE))
-        slots = torch.tensor(token_slots, device=self.column_slots.device)
+        slots = to_device(token_slots, self.column_slots.device, torch.long)
         columns = self.column_slots[:used * self.max_rank]
         return LoraStep(self, (slots[:, None] == columns[None, :]).to(self.dtype), targets)
 

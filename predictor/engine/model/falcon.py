@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .kv_cache import KVCache, LayerCache
 from ..lora.bank import LoraStep
+from ..transfer import move, to_device
 
 DECODE_BLOCK = 64  # cache columns per block of decode attention: a row reads its length rounded up to this
 
@@ -280,10 +281,10 @@ def decode_groups(positions: list[int], rows: list[int], device: torch.device) -
         at, rows_read = torch.tensor([positions[token] for token in tokens]), [rows[token] for token in tokens]
         consecutive = rows_read == list(range(rows_read[0], rows_read[0] + len(rows_read)))
         mask = torch.arange(int(at.max()) + 1) <= at[:, None]
-        groups.append(DecodeGroup(tokens=torch.tensor(tokens, device=device),
+        groups.append(DecodeGroup(tokens=to_device(tokens, device, torch.long),
                                   rows=(slice(rows_read[0], rows_read[-1] + 1) if consecutive
-                                        else torch.tensor(rows_read, device=device)),
-                                  mask=mask.to(device)))
+                                        else to_device(rows_read, device, torch.long)),
+                                  mask=move(mask, device)))
     return DecodeGroups(tuple(groups), len(positions))
 
 
@@ -307,5 +308,5 @@ def decode_blocks(positions: list[int], rows: list[int], tokens: int, blocks: in
     block = torch.tensor(pair_blocks, dtype=torch.long)
     mask = block[:, None] * DECODE_BLOCK + torch.arange(DECODE_BLOCK) <= torch.tensor(limits)[:, None]
     return DecodeBlocks(tokens=torch.arange(tokens, device=device),
-                        rows=torch.tensor(pair_rows, dtype=torch.long, device=device), blocks=block.to(device),
-                        owners=torch.tensor(owners, dtype=torch.long, device=device), mask=mask.to(device))
+                        rows=to_device(pair_rows, device, torch.long), blocks=move(block, device),
+                        owners=to_device(owners, device, torch.long), mask=move(mask, device))

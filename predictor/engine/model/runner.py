@@ -31,6 +31,7 @@ from ..options import GenerationOptions, ModelInfo
 from ..quantization.linear import quantize_linears, weight_bytes
 from ..quantization.schemes import scheme_refusal
 from ..sampling.sampler import stop_string_criteria
+from ..transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -286,11 +287,11 @@ class Engine:
         device, at, rows = self.device, positions[:decoding], write_rows[:decoding]
         plan = (decode_groups(at, rows, device) if blocks is None
                 else decode_blocks(at, rows, tokens, blocks, scratch, device))
-        host_ids = torch.tensor(ids, dtype=torch.long, device=device)
+        host_ids = to_device(ids, device, torch.long)
         return StepTensors(ids=host_ids if decode_ids is None else torch.cat([decode_ids, host_ids]),
-                           positions=torch.tensor(positions, device=device),
-                           write_rows=torch.tensor(write_rows, device=device), decode=plan, chunks=tuple(packed),
-                           keep=torch.tensor(keep, dtype=torch.long, device=device),
+                           positions=to_device(positions, device, torch.long),
+                           write_rows=to_device(write_rows, device, torch.long), decode=plan, chunks=tuple(packed),
+                           keep=to_device(keep, device, torch.long),
                            lora=self._lora_step(slots, compiled=blocks is not None))
 
     def _lora_step(self, slots: list[int], compiled: bool) -> LoraStep | None:

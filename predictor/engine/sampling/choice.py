@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..transfer import to_device
 from .sampler import SequenceSampler, TokenLogprob, token_logprobs, warp
 
 # Columns of ``SamplingTable.values`` (float32, as transformers' warpers compare and divide in the scores' dtype)
@@ -44,20 +45,21 @@ class SamplingTable:
         """Give ``row`` to a sequence starting with ``prompt_ids``: its options, and its penalty state reset."""
         self._grow(row + 1, len(sampler.eos_token_ids))
         r = sampler.row_options
-        self.values[row] = torch.tensor([r.temperature, r.top_p_drop, r.min_p, r.typical_p, r.repetition_penalty,
-                                         r.presence_penalty, r.frequency_penalty, float(sampler.warp_key is None)])
+        self.values[row] = to_device([r.temperature, r.top_p_drop, r.min_p, r.typical_p, r.repetition_penalty,
+                                      r.presence_penalty, r.frequency_penalty, float(sampler.warp_key is None)],
+                                     self.device, torch.float32)
         min_new = sampler.min_new_tokens if sampler.eos_token_ids else 0
-        self.counters[row] = torch.tensor([r.top_k, min_new, 0])
+        self.counters[row] = to_device([r.top_k, min_new, 0], self.device, torch.long)
         if sampler.eos_token_ids:
             ids = list(sampler.eos_token_ids)
-            self.eos[row] = torch.tensor(ids + ids[:1] * (self.eos.shape[1] - len(ids)))
+            self.eos[row] = to_device(ids + ids[:1] * (self.eos.shape[1] - len(ids)), self.device, torch.long)
         if r.penalized:
             if self.seen is None:
                 rows = self.values.shape[0]
                 self.seen = torch.zeros(rows, self.vocab_size, dtype=torch.bool, device=self.device)
                 self.counts = torch.zeros(rows, self.vocab_size, device=self.device)
             self.seen[row] = False
-            self.seen[row, torch.tensor(prompt_ids, device=self.device)] = True
+            self.seen[row, to_device(prompt_ids, self.device, torch.long)] = True
             self.counts[row] = 0
 
     def advance(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
@@ -111,7 +113,7 @@ class ChoicePlan:
         for i, sampler in enumerate(samplers):
             if sampler.row_options.rare_warp:
                 rare.setdefault(sampler.warp_key, []).append(i)
-        return cls(rows=torch.tensor(rows, dtype=torch.long, device=device), samplers=tuple(samplers),
+        return cls(rows=to_device(rows, device, torch.long), samplers=tuple(samplers),
                    sampled=any(s.warp_key is not None for s in samplers),
                    greedy=any(s.warp_key is None for s in samplers),
                    temperature=any(o.temperature != 1.0 for o in options),
@@ -120,7 +122,7 @@ class ChoicePlan:
                    typical_p=any(o.typical_p < 1.0 for o in options), penalties=any(o.penalized for o in options),
                    min_new=any(s.min_new_tokens > 0 and s.eos_token_ids for s in samplers),
                    id_rows=tuple(i for i, s in enumerate(samplers) if s.processors),
-                   rare_warps=tuple((key, torch.tensor(idx, device=device)) for key, idx in rare.items()),
+                   rare_warps=tuple((key, to_device(idx, device, torch.long)) for key, idx in rare.items()),
                    seeded=tuple((i, s.generator) for i, s in enumerate(samplers) if s.generator is not None),
                    logprob_rows=tuple(i for i, s in enumerate(samplers) if s.logprobs))
 

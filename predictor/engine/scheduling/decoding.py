@@ -28,6 +28,7 @@ from .speculating import Speculator, positions, verify_rows
 from ..sampling.choice import ChoicePlan, SamplingTable, choose_tokens
 from ..sampling.sampler import TokenLogprob, make_sampler, stopped_on_strings
 from .tickets import Ticket, TokenEvent, emit_all
+from ..transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +281,7 @@ class DecodeBatch:
             choosers += request.sequences
             rows += [row] * len(request.sequences)
         if choosers and rows != list(range(logits.shape[0])):
-            logits = logits[torch.tensor(rows, device=logits.device)]
+            logits = logits[to_device(rows, logits.device, torch.long)]
         return choosers, logits
 
     def _plan_prefill(self) -> list[tuple[RunningRequest, int, int]]:
@@ -371,7 +372,7 @@ class DecodeBatch:
                 for seq in mine:
                     faults.inject("sampling", seq.ticket.job.prompt_ids)
                 plan = ChoicePlan.of([s.sampler for s in mine], [s.row for s in mine], self.engine.device)
-                chosen, scored = self._choose_tokens(mine, logits[torch.tensor(rows, device=logits.device)], plan)
+                chosen, scored = self._choose_tokens(mine, logits[to_device(rows, logits.device, torch.long)], plan)
             except Exception as exc:  # noqa: BLE001
                 self._fail_requests([request], exc, stage="sampling")
                 continue

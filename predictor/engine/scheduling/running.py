@@ -11,6 +11,7 @@ import torch
 from ..sampling.sampler import SequenceSampler, TokenLogprob, prompt_token_logprobs
 from ..sampling.speculation import DraftLength
 from .tickets import SequenceOutput, Ticket
+from ..transfer import to_device
 
 
 @dataclass
@@ -127,5 +128,5 @@ class PendingTokens:
         """The tokens of ``sequences`` [n], on the device."""
         if len(sequences) == len(self.sequences) and all(a is b for a, b in zip(sequences, self.sequences)):
             return self.tokens  # the same sequences in the same order: the common step
-        index = torch.tensor([self.position[id(seq)] for seq in sequences], device=self.tokens.device)
+        index = to_device([self.position[id(seq)] for seq in sequences], self.tokens.device, torch.long)
         return self.tokens[index]

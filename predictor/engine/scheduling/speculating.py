@@ -23,6 +23,7 @@ from ..options import SpeculativeConfig
 from ..sampling.speculation import DraftLength, accepted_drafts, position_table, propose_ngram
 from .running import RunningSequence
 from .tickets import TokenEvent, emit_all
+from ..transfer import to_device
 
 Proposer = Callable[[RunningSequence, int], list[int]]  # a sequence and k: at most k drafts
 # sequences and each one's k: at most that many drafts each (a draft model drafts for all of them at once)
@@ -140,7 +141,7 @@ class Speculator:
             rows += [seq.row] * count
             taken_tokens += seq.tokens[-count:]
         if rows:
-            table.advance(torch.tensor(rows, device=table.device), torch.tensor(taken_tokens, device=table.device))
+            table.advance(to_device(rows, table.device, torch.long), to_device(taken_tokens, table.device, torch.long))
         self._learn(sequences, bursts, drafts)
         emit_all(events)
 
