@@ -7,8 +7,8 @@ For each architecture it
    with closed loops of C client workers, the same prompts and lengths, while a probe times ``GET /health``;
 3. prints server/limit ratios against the targets, and writes a JSON file and a Markdown table.
 
-The direct side and the server never run at the same time. Both use torch's default thread count unless
-``--threads`` sets another for both. ``loadgen`` drives the server, ``report`` compares and records.
+The direct side and the server never run at the same time. Each uses its own default thread count (the direct
+side torch's, one per core; the server on a CPU the cores less one) unless ``--threads`` sets one for both. ``loadgen`` drives the server, ``report`` compares and records.
 
     python benchmarks/bench.py                                    # tiny Falcon, both architectures, CPU
     python benchmarks/bench.py --device cuda --shape falcon-7b    # random weights at the real falcon-7b shape
@@ -57,7 +57,7 @@ class BenchConfig:
     requests_per_worker: int  # fewest measured requests per worker; the direct side times as many batches
     min_seconds: float  # each figure is measured over at least this long
     probe_interval_s: float
-    threads: int | None  # torch intra-op threads on both sides; None: torch's default (one per core)
+    threads: int | None  # torch intra-op threads on both sides; None: each side's default
     compile: bool  # also measure a server started with --compile, after the default one
     workdir: Path  # checkpoints and server logs
     out: Path  # JSON results; the table goes beside it as .md
@@ -89,7 +89,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     parser.add_argument("--probe-interval", type=float, default=0.05, help="seconds between /health probes")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for both sides (torch.set_num_threads here, OMP_NUM_THREADS for the "
-                             "server); default: torch's default, one per core")
+                             "server); default: each side's own (torch's one per core here, the server's cores "
+                             "less one on a CPU)")
     parser.add_argument("--compile", action="store_true",
                         help="after the default server, measure one started with --compile (static KV cache, "
                              "compiled decode step) on the same prompts")
