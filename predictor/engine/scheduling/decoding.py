@@ -343,8 +343,7 @@ class DecodeBatch:
                 mine = [i for i, seq in enumerate(decoding) if seq.ticket is request.ticket]
                 rows = [r for i in mine for r in range(starts[i], starts[i + 1])]
                 try:
-                    for i in mine:
-                        faults.inject("sampling", decoding[i].ticket.job.prompt_ids)
+                    faults.inject_each("sampling", (decoding[i].ticket.job.prompt_ids for i in mine))
                     bursts += self.speculator.choose([decoding[i] for i in mine], logits[rows], drafts,
                                                      self.sampling, self.rng, self._read_back)
                     kept += [decoding[i] for i in mine]
@@ -369,8 +368,7 @@ class DecodeBatch:
             rows = [i for i, seq in enumerate(sequences) if seq.ticket is request.ticket]
             mine = [sequences[i] for i in rows]
             try:
-                for seq in mine:
-                    faults.inject("sampling", seq.ticket.job.prompt_ids)
+                faults.inject_each("sampling", (seq.ticket.job.prompt_ids for seq in mine))
                 plan = ChoicePlan.of([s.sampler for s in mine], [s.row for s in mine], self.engine.device)
                 chosen, scored = self._choose_tokens(mine, logits[to_device(rows, logits.device, torch.long)], plan)
             except Exception as exc:  # noqa: BLE001
