@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer
 from transformers.generation.stopping_criteria import StopStringCriteria
 
-from predictor.engine.model.runner import _backend_decode
+from predictor.engine.model.runner import LoadSpec, _backend_decode, load_engine
 from predictor.engine.sampling.sampler import TextStopCriteria, stop_string_criteria, token_stop_matching_error
 from predictor.tiny import TOKENIZER_KINDS, build_tiny_falcon, build_tokenizer
 
@@ -85,6 +85,15 @@ def test_the_engines_direct_decode_is_transformers_decode(tokenizers, kind: str)
         for skip in (True, False):
             assert direct(piece, skip_special_tokens=skip) == tokenizer.decode(
                 piece, skip_special_tokens=skip, clean_up_tokenization_spaces=False), (piece, skip)
+
+
+def test_the_engine_decodes_through_the_direct_call(tmp_path) -> None:
+    """A checkpoint's fast tokenizer gives the engine the direct call, and the engine's text is transformers'."""
+    engine = load_engine(LoadSpec(str(build_tiny_falcon(tmp_path / "7b", "7b", tokenizer="unigram"))))
+    assert engine._decode_ids is not None
+    ids = engine.encode(TEXT)
+    assert engine.decode(ids) == engine.tokenizer.decode(ids, skip_special_tokens=True,
+                                                         clean_up_tokenization_spaces=False)
 
 
 # -- over HTTP, on a checkpoint with a word-level tokenizer --------------------------------------------------------
