@@ -8,8 +8,8 @@ import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from predictor.engine.options import GenerationOptions
-from predictor.engine.sampling.choice import (MIN_NEW, ChoicePlan, SamplingTable, _penalize, _suppress_early_eos,
-                                              _warp_rows, choose_tokens)
+from predictor.engine.sampling.choice import (MIN_NEW, TEMPERATURE, TOP_K, ChoicePlan, SamplingTable, _penalize,
+                                              _suppress_early_eos, _warp_rows, choose_tokens)
 from predictor.engine.sampling.sampler import OpenAIPenalties, make_sampler, warp
 
 CPU = torch.device("cpu")
@@ -36,6 +36,7 @@ def table_for(samplers, prompts):
     table = SamplingTable(CPU, VOCAB)
     for row, (s, prompt) in enumerate(zip(samplers, prompts)):
         table.set_row(row, s, list(prompt))
+    table.commit()  # read below without choose_tokens, which commits
     return table, ChoicePlan.of(samplers, list(range(len(samplers))), CPU)
 
 
@@ -108,3 +109,13 @@ def test_a_row_with_no_distribution_takes_its_best_finite_score_and_spares_the_o
     logits[1, 4] = 50.0
     tokens, _ = choose_tokens(logits, plan, table, [], torch.Generator().manual_seed(0))
     assert tokens.tolist() == [9 if broken != broken else 0, 4]
+
+
+def test_new_rows_options_are_written_together_at_the_next_commit_and_the_last_one_given_a_row_wins():
+    table = SamplingTable(CPU, VOCAB)
+    table.set_row(0, sampler(do_sample=True, temperature=0.5), [1])
+    table.set_row(1, sampler(do_sample=True, top_k=7), [1])
+    table.set_row(0, sampler(do_sample=True, temperature=0.25), [1])  # row 0 freed and given again before a step
+    assert table.values[:, TEMPERATURE].tolist() == [0.0, 0.0]  # nothing written per row
+    table.commit()
+    assert table.values[:, TEMPERATURE].tolist() == [0.25, 1.0] and table.counters[1, TOP_K] == 7

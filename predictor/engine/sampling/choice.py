@@ -1,8 +1,8 @@
 """Token choice for the whole running batch in one call on the device, each row with its own options.
 
 Every cache row's options (temperature, top-k, top-p, min-p, typical-p, penalties, min_new_tokens and its eos ids)
-live in device tensors (``SamplingTable``), written once when a sequence takes the row; a step gathers them by the
-rows it runs. Each warper is the batched form of transformers' own, with the same arithmetic, applied only where a
+live in device tensors (``SamplingTable``), written when sequences take rows (once a step for all of them); a step
+gathers them by the rows it runs. Each warper is the batched form of transformers' own, with the same arithmetic, applied only where a
 row asks for it, so each option keeps its exact ``generate`` meaning; greedy rows take the best token of the
 processed scores. Sampled rows draw by the exponential race, ``argmax(probs / noise)`` with ``noise ~ Exp(1)`` (as
 gpt-fast and vLLM do): one kernel for every row and no read-back, unlike ``multinomial`` per generator. A row with a
@@ -40,19 +40,17 @@ class SamplingTable:
         self.eos = torch.zeros(0, 1, dtype=torch.long, device=device)  # [rows, eos ids]: banned before min_new
         self.seen: torch.Tensor | None = None  # [rows, vocab] bool: prompt and generated ids (repetition penalty)
         self.counts: torch.Tensor | None = None  # [rows, vocab]: times each token was generated (OpenAI penalties)
+        self._staged: dict[int, tuple[list[float], list[int], list[int]]] = {}  # row -> options not yet written
 
     def set_row(self, row: int, sampler: SequenceSampler, prompt_ids: list[int]) -> None:
-        """Give ``row`` to a sequence starting with ``prompt_ids``: its options, and its penalty state reset."""
+        """Give ``row`` to a sequence starting with ``prompt_ids``: its penalty state is reset now, its options are
+        written with the other new rows' at the next ``commit``."""
         self._grow(row + 1, len(sampler.eos_token_ids))
         r = sampler.row_options
-        self.values[row] = to_device([r.temperature, r.top_p_drop, r.min_p, r.typical_p, r.repetition_penalty,
-                                      r.presence_penalty, r.frequency_penalty, float(sampler.warp_key is None)],
-                                     self.device, torch.float32)
-        min_new = sampler.min_new_tokens if sampler.eos_token_ids else 0
-        self.counters[row] = to_device([r.top_k, min_new, 0], self.device, torch.long)
-        if sampler.eos_token_ids:
-            ids = list(sampler.eos_token_ids)
-            self.eos[row] = to_device(ids + ids[:1] * (self.eos.shape[1] - len(ids)), self.device, torch.long)
+        self._staged[row] = ([r.temperature, r.top_p_drop, r.min_p, r.typical_p, r.repetition_penalty,
+                              r.presence_penalty, r.frequency_penalty, float(sampler.warp_key is None)],
+                             [r.top_k, sampler.min_new_tokens if sampler.eos_token_ids else 0, 0],
+                             list(sampler.eos_token_ids))
         if r.penalized:
             if self.seen is None:
                 rows = self.values.shape[0]
@@ -62,9 +60,23 @@ class SamplingTable:
             self.seen[row, to_device(prompt_ids, self.device, torch.long)] = True
             self.counts[row] = 0
 
+    def commit(self) -> None:
+        """Write the options of the rows given since the last commit: three copies for all of them (a burst of
+        admissions writes once, not three times a row). Everything that reads the table commits first."""
+        if not self._staged:
+            return
+        staged, self._staged = self._staged, {}
+        width = self.eos.shape[1]  # a row's padding repeats its first id: banning it twice is harmless
+        rows = to_device(list(staged), self.device, torch.long)
+        self.values[rows] = to_device([values for values, _, _ in staged.values()], self.device, torch.float32)
+        self.counters[rows] = to_device([counters for _, counters, _ in staged.values()], self.device, torch.long)
+        self.eos[rows] = to_device([(ids + ids[:1] * width)[:width] if ids else [0] * width
+                                    for _, _, ids in staged.values()], self.device, torch.long)
+
     def advance(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         """``tokens`` [n] were chosen for cache ``rows`` [n] (a row may appear more than once: a speculating
         step gives a row several tokens): count them, on the device."""
+        self.commit()
         self.counters[:, GENERATED].index_add_(0, rows, torch.ones_like(rows))
         if self.seen is not None:
             self.seen[rows, tokens] = True
@@ -72,7 +84,7 @@ class SamplingTable:
 
     def _grow(self, rows: int, eos_ids: int) -> None:
         """Room for ``rows`` rows and ``eos_ids`` eos ids a row (the KV cache may be reserved anew, larger)."""
-        if eos_ids > self.eos.shape[1]:  # a row's padding repeats its first id: banning it twice is harmless
+        if eos_ids > self.eos.shape[1]:  # padded as ``commit`` pads
             self.eos = torch.cat([self.eos, self.eos[:, :1].expand(-1, eos_ids - self.eos.shape[1])], dim=1)
         more = rows - self.values.shape[0]
         if more <= 0:
@@ -132,6 +144,7 @@ def choose_tokens(logits: torch.Tensor, plan: ChoicePlan, table: SamplingTable, 
     """One token per row of ``logits`` [n, vocab], on the device (nothing is read back unless a row wants its
     log-probability); ``sequences`` holds each row's ids so far (read only by the rows in ``plan.id_rows``).
     Returns the tokens [n] and, when any row asked, each row's log-probability (None for the others)."""
+    table.commit()
     scores = logits.float()  # [n, vocab]
     if plan.id_rows:  # written in place below: the caller's logits stay as they were, for a retry
         scores = scores.clone()

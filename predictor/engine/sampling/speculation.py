@@ -96,6 +96,7 @@ def position_table(table: SamplingTable, rows: Sequence[int], drafts: Sequence[S
     """A sampling table with one row per verified position: cache row ``rows[i]``'s options at each of its
     ``len(drafts[i]) + 1`` positions, with its generated count and penalty state as they will be once the drafts
     before that position were chosen. Positions are in order, row by row."""
+    table.commit()
     device = table.device
     spans = [len(d) + 1 for d in drafts]
     index = torch.tensor([row for row, span in zip(rows, spans) for _ in range(span)], device=device)  # [P]

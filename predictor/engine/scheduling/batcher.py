@@ -246,7 +246,7 @@ class Batcher:
                 # A request that cannot start is answered and takes no row. First come, first served: one whose
                 # adapter finds no free slot waits at the head of the queue, so it is never overtaken for good
                 # (the slots free up as running requests end).
-                taken = self._batch.admit(ticket)
+                taken = self._batch.admit(ticket, rows)
                 if taken is None:
                     break
                 self._waiting.popleft()

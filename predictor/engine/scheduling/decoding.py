@@ -55,15 +55,17 @@ class DecodeBatch:
     def running_sequences(self) -> int:
         return sum(len(request.sequences) for request in self.requests)
 
-    def admit(self, ticket: Ticket) -> int | None:
-        """Start ``ticket``'s request in the batch; the rows it took (0 if it could not start: then it has its
-        answer, a 4xx naming its option or a 500), or None while every adapter slot is in use (it waits)."""
+    def admit(self, ticket: Ticket, running: int | None = None) -> int | None:
+        """Start ``ticket``'s request in the batch, beside ``running`` sequences (the caller's count, when it keeps
+        one: counting them is a walk over every request); the rows it took (0 if it could not start: then it has
+        its answer, a 4xx naming its option or a 500), or None while every adapter slot is in use (it waits)."""
         try:
             slot = self._place_adapter(ticket)
             if slot is None:
                 return None
             try:
-                self.requests.append(self._start(ticket, self.running_sequences, slot))
+                running = self.running_sequences if running is None else running
+                self.requests.append(self._start(ticket, running, slot))
                 self._admitted += 1
             except BaseException:
                 self._release_slot(slot)
