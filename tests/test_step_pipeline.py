@@ -163,3 +163,41 @@ def test_a_stop_string_ends_the_sequence_at_its_token_on_other_tokenizers(tmp_pa
                                       make_job(engine, "Hello", **steady)])
     assert generated(stopped) == [ids[:at + 1]] and stopped.sequences[0].finish_reason == "stop"
     assert len(generated(neighbour)[0]) == 20
+
+
+# -- (e) the clients' work overlaps the device's ----------------------------------------------------------------------
+def test_a_tokens_event_goes_to_its_client_after_the_next_launch_before_the_wait_for_the_device(tiny_dir, monkeypatch):
+    """The events of the tokens a step read back are handed to the event loop by the next step, once it has
+    launched its work and just before it waits for the device: the clients' Python (detokenizing, writing to
+    sockets) runs while the device computes, not between the host's launches. Every event still comes before the
+    request's answer."""
+    import asyncio
+
+    from generation import make_job, reserved_engine
+
+    from predictor.engine.scheduling import decoding
+    from predictor.engine.scheduling.batcher import Batcher
+
+    engine = reserved_engine(tiny_dir, rows=4)
+    log: list[str] = []
+    step, read_back, emit_all = engine.step, decoding.DecodeBatch._read_back, decoding.emit_all
+    monkeypatch.setattr(engine, "step", lambda *args, **kwargs: (log.append("launch"), step(*args, **kwargs))[1])
+    monkeypatch.setattr(decoding.DecodeBatch, "_read_back",
+                        lambda batch, tokens: (log.append("wait"), read_back(batch, tokens))[1])
+    monkeypatch.setattr(decoding, "emit_all", lambda events: (log.append("events"), emit_all(events))[1])
+
+    async def stream() -> tuple[list[int], list[int]]:
+        batcher = Batcher(engine, max_batch_size=4)
+        batcher.start()
+        ticket = batcher.submit(make_job(engine, PROMPT, do_sample=False, max_new_tokens=6, min_new_tokens=6),
+                                stream=True)
+        tokens = [event.token_id async for event in ticket.events()]
+        result = await ticket.result()
+        batcher.close()
+        return tokens, list(result.sequences[0].token_ids)
+
+    tokens, answered = asyncio.run(stream())
+    assert tokens == answered and len(tokens) == 6
+    # The prompt's step; the second token's step reads the first back; four steps each hand over the token read
+    # back before, then wait; the last read-back, and the last token's event before the answer.
+    assert log == ["launch"] + ["launch", "wait"] + ["launch", "events", "wait"] * 4 + ["events", "wait", "events"]

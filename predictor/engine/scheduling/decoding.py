@@ -50,6 +50,7 @@ class DecodeBatch:
         self._plan: tuple[object, ChoicePlan] | None = None  # the last step's choice plan, and whom it was for
         self._pending: PendingTokens | None = None  # tokens chosen by the last step, on the device, not read yet
         self._waited = 0.0  # this step's time reading tokens back (waiting for the device)
+        self._outbox: list[tuple[Ticket, TokenEvent]] = []  # the last tokens' events, not yet handed to clients
 
     @property
     def running_sequences(self) -> int:
@@ -184,6 +185,8 @@ class DecodeBatch:
         if pending is not None:
             self._settle(pending, fed)
         self._retire()
+        if self._pending is None:  # no read-back next step: the events go now
+            self._send_events()
         if forwarded is not None or not (decoding or prefilling):  # every request in the pass failed: no sign
             self.health.succeeded()
 
@@ -198,7 +201,12 @@ class DecodeBatch:
         """Read back the tokens chosen by the step before and give them to their sequences: the cache learns those
         ``fed`` this step, each sequence checks whether it ends (eos, stop strings, length, cancellation) and its
         client gets its event. A sequence that ended already (on the token before, or its request failed) drops
-        its token: no text past its end is ever sent."""
+        its token: no text past its end is ever sent.
+
+        The events wait in the outbox until the next read-back (or an answer, or the batch's last step): handed to
+        the event loop while this thread waits for the device, the clients' Python does not take turns on the GIL
+        with the launch of the next step."""
+        self._send_events()
         tokens = self._read_back(pending.tokens)
         fed_now = {id(seq) for seq in fed}
         taking = []
@@ -217,7 +225,13 @@ class DecodeBatch:
             seq.finish_reason = seq.finish_reason_after(token, stop, now)
             if seq.ticket.wants_events:
                 events.append((seq.ticket, TokenEvent(seq.index, token, seq.finish_reason, logprob)))
-        emit_all(events)
+        self._outbox += events
+
+    def _send_events(self) -> None:
+        """Hand the outbox's events to their clients (one wake-up of the event loop)."""
+        if self._outbox:
+            events, self._outbox = self._outbox, []
+            emit_all(events)
 
     def _forward(self, decoding: list[RunningSequence], prefilling: list[tuple[RunningRequest, int, int]],
                  pending: PendingTokens | None, drafts: dict[int, list[int]]
@@ -335,6 +349,7 @@ class DecodeBatch:
     def _verify(self, decoding: list[RunningSequence], logits: torch.Tensor, drafts: dict[int, list[int]]) -> None:
         """The verified sequences choose and take their tokens now (``speculating``). If choice fails, it is
         redone request by request, and only the requests it fails for again end."""
+        self._send_events()  # the tokens settled before come first: the speculator sends its own at once
         try:
             faults.inject_each("sampling", (seq.ticket.job.prompt_ids for seq in decoding))
             bursts = self.speculator.choose(decoding, logits, drafts, self.sampling, self.rng, self._read_back)
@@ -389,6 +404,7 @@ class DecodeBatch:
             if all(seq.finish_reason is None for seq in request.sequences):  # most requests, most steps
                 remaining.append(request)
                 continue
+            self._send_events()  # a request's events come before its answer
             try:
                 self._release_finished(request)
                 if not request.finished:
@@ -417,12 +433,13 @@ class DecodeBatch:
         for request in self.requests:
             self._release_adapter(request)
         self.requests = []
-        self._pending = None
+        self._pending, self._outbox = None, []
         self.engine.cache.clear()
         fail_tickets(self.health, tickets, exc)
 
     def _fail_requests(self, requests: list[RunningRequest], exc: Exception, stage: str = "generation") -> None:
         """Fail ``requests`` and free their rows; the others go on."""
+        self._send_events()  # every event before the answers
         for request in requests:
             self._release_adapter(request)
             for seq in request.sequences:
