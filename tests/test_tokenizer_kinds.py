@@ -14,7 +14,9 @@ from transformers import AutoTokenizer
 from transformers.generation.stopping_criteria import StopStringCriteria
 
 from predictor.engine.model.runner import LoadSpec, _backend_decode, load_engine
-from predictor.engine.sampling.sampler import TextStopCriteria, stop_string_criteria, token_stop_matching_error
+from predictor.engine.options import GenerationOptions
+from predictor.engine.sampling.sampler import (TextStopCriteria, make_sampler, stop_string_criteria, stopped_on_strings,
+                                             token_stop_matching_error)
 from predictor.tiny import TOKENIZER_KINDS, build_tiny_falcon, build_tokenizer
 
 TEXT = "Return the value of the first argument, or the default when it is missing."
@@ -70,6 +72,31 @@ def test_text_matching_agrees_with_transformers(tokenizers, kind: str) -> None:
     for stop in STOPS:
         assert (first_stop(TextStopCriteria(tokenizer, (stop,)), ids)
                 == first_stop(StopStringCriteria(tokenizer, [stop]), ids)), stop
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+def test_a_step_matches_only_the_rows_whose_last_token_can_end_a_stop_string_and_answers_as_the_matcher(
+        tokenizers, kind: str, monkeypatch) -> None:
+    """Every prefix of a text and rows ending in random tokens: the step's check gives each row the matcher's own
+    answer, while transformers' matcher sees only the rows whose last token can end one of the strings."""
+    tokenizer = tokenizers[kind]
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    noise = torch.randint(len(tokenizer), (200, 6), generator=torch.Generator().manual_seed(0)).tolist()
+    rows = [ids[:end] for end in range(2, len(ids) + 1)] + [ids[:5] + tail for tail in noise]
+    for stop in STOPS:
+        sampler = make_sampler(GenerationOptions(max_new_tokens=8, stop_strings=(stop,)), ids[:1], 0,
+                               torch.device("cpu"), tokenizer)
+        matcher = sampler.stop_strings
+        expected = [bool(matcher(torch.tensor([row[-matcher.maximum_token_len:]]), None)[0]) for row in rows]
+        matched: list[int] = []
+        match = type(matcher).__call__
+        monkeypatch.setattr(type(matcher), "__call__", lambda self, input_ids, scores, **kwargs: (
+            matched.append(len(input_ids)), match(self, input_ids, scores, **kwargs))[1])
+        assert stopped_on_strings([sampler] * len(rows), rows) == expected, stop
+        monkeypatch.undo()
+        assert any(expected) == (stop in tokenizer.decode(ids)), stop
+        if isinstance(matcher, StopStringCriteria):  # a text matcher reads every row
+            assert sum(matched) <= len(rows) // 2, (stop, sum(matched))
 
 
 @pytest.mark.parametrize("kind", TOKENIZER_KINDS)

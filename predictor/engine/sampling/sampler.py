@@ -144,12 +144,16 @@ class SequenceSampler:
 
 def stopped_on_strings(samplers: Sequence[SequenceSampler], sequences: Sequence[list[int]]) -> list[bool]:
     """Whether each sequence now ends with one of its stop strings: one matcher call for all the sequences that
-    share a set of stop strings (the matcher is kept per set) and hold at least its tail of tokens."""
+    share a set of stop strings (the matcher is kept per set), hold at least its tail of tokens and whose last token
+    can end one of the strings."""
     stopped = [False] * len(samplers)
     groups: dict[int, list[int]] = {}
     for i, (sampler, tokens) in enumerate(zip(samplers, sequences)):
-        if sampler.stop_strings is not None and len(tokens) > sampler.prompt_len:
-            groups.setdefault(id(sampler.stop_strings), []).append(i)
+        matcher = sampler.stop_strings
+        if matcher is not None and len(tokens) > sampler.prompt_len:
+            ending = ending_tokens(matcher)
+            if ending is None or tokens[-1] in ending:  # most rows, most steps: their token cannot end a string
+                groups.setdefault(id(matcher), []).append(i)
     for rows in groups.values():
         matcher = samplers[rows[0]].stop_strings
         tail = matcher.maximum_token_len
@@ -162,6 +166,19 @@ def stopped_on_strings(samplers: Sequence[SequenceSampler], sequences: Sequence[
             for i, hit in zip(part, matcher(ids, None).tolist()):
                 stopped[i] = bool(hit)
     return stopped
+
+
+@functools.lru_cache(maxsize=64)
+def ending_tokens(matcher: StoppingCriteria) -> frozenset[int] | None:
+    """The ids that can be the last token of one of ``matcher``'s stop strings, None when any can (a text matcher).
+    transformers' matcher stops a row only when its last token holds the end of a string (an end overlap above 0 in
+    its table, its own ``initial_match``), so a row whose last token is not among these is not stopped: it need
+    not be matched."""
+    if not isinstance(matcher, StopStringCriteria):
+        return None
+    first = matcher.max_valid_positions * matcher.num_stop_strings  # the table's columns: positions, ends, length
+    end_overlaps = torch.as_tensor(matcher.embedding_vec)[:, first:-1]
+    return frozenset((end_overlaps > 0).any(dim=-1).nonzero().flatten().tolist())
 
 
 def make_sampler(options: GenerationOptions, prompt_ids: list[int], sequence_index: int, device: torch.device,
