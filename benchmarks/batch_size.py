@@ -55,7 +55,7 @@ def _prefill(engine, rows: list[int], length: int) -> None:
 
 
 def _engine(model_dir: str, rows: int):
-    from predictor.engine.model.runner import LoadSpec, load_engine
+    from predictor.engine.model.loading import LoadSpec, load_engine
 
     engine = load_engine(LoadSpec(model_dir, device="cpu", dtype="float32"))
     engine.reserve(rows)

@@ -246,7 +246,7 @@ def _synchronize(device: torch.device) -> None:
 
 # -- one architecture, end to end ------------------------------------------------------------------------------
 def bench_arch(config: BenchConfig, arch: str) -> dict[str, Any]:
-    from predictor.engine.model.runner import LoadSpec, load_engine
+    from predictor.engine.model.loading import LoadSpec, load_engine
 
     model_dir = prepare_checkpoint(config, arch)
     _log(f"[{arch}] direct generate() on {model_dir}")

@@ -79,7 +79,7 @@ def engine_alone(model_dir: str, concurrency: list[int], seconds: float = 4.0) -
 
     from predictor.api.chat.mapping import to_generation_job
     from predictor.api.chat.schema import parse_chat_request
-    from predictor.engine.model.runner import LoadSpec, load_engine
+    from predictor.engine.model.loading import LoadSpec, load_engine
     from predictor.engine.options import Limits
     from predictor.engine.scheduling.batcher import Batcher
 
@@ -132,7 +132,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import bench
-    from predictor.engine.model.runner import LoadSpec, load_engine
+    from predictor.engine.model.loading import LoadSpec, load_engine
     from predictor.tiny import build_tiny_falcon
 
     workdir = Path(tempfile.mkdtemp(prefix="cores-"))

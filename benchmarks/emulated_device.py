@@ -132,7 +132,10 @@ def measure(model_dir: str, rows: list[int], device_ms: list[float], tokens: int
     from predictor.api.chat.mapping import to_generation_job
     from predictor.api.chat.schema import parse_chat_request
     from predictor.api.streaming import IncrementalDecoder
-    from predictor.engine.model.runner import LoadSpec, load_engine
+    try:
+        from predictor.engine.model.loading import LoadSpec, load_engine
+    except ImportError:  # an engine from before the loading functions left ``runner`` (--before)
+        from predictor.engine.model.runner import LoadSpec, load_engine
     from predictor.engine.options import Limits
     from predictor.engine.scheduling.batcher import Batcher
     from predictor.engine.scheduling.decoding import DecodeBatch

@@ -76,7 +76,7 @@ def build_grouped(path: Path) -> Path:
 
 
 def measured_on_tiny(workdir: Path) -> list[dict[str, Any]]:
-    from predictor.engine.model.runner import LoadSpec, load_engine
+    from predictor.engine.model.loading import LoadSpec, load_engine
     from predictor.tiny import build_tiny_falcon
 
     dirs = {"7b": build_tiny_falcon(workdir / "tiny-7b", "7b"), "40b": build_tiny_falcon(workdir / "tiny-40b", "40b"),

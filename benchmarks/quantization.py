@@ -74,7 +74,7 @@ def measure(model_dir: str, dtype: str, quantization: str | None, steps: int) ->
     """One configuration, in this process: load, then time decode steps."""
     import torch
 
-    from predictor.engine.model.runner import LoadSpec, load_engine
+    from predictor.engine.model.loading import LoadSpec, load_engine
     from predictor.engine.quantization.linear import weight_bytes
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
@@ -104,7 +104,7 @@ def measure(model_dir: str, dtype: str, quantization: str | None, steps: int) ->
 
 def kv_rows(model_dir: str) -> dict:
     """Rows a 1 GiB budget holds with the cache in bfloat16 and in fp8, on this model and the real shapes."""
-    from predictor.engine.model.runner import LoadSpec, load_engine
+    from predictor.engine.model.loading import LoadSpec, load_engine
     from predictor.variants import VARIANTS
 
     rows = {}

@@ -41,7 +41,8 @@ import torch  # noqa: E402
 from predictor import metrics  # noqa: E402
 from predictor.api.chat.mapping import to_generation_job  # noqa: E402
 from predictor.api.chat.schema import parse_chat_request  # noqa: E402
-from predictor.engine.model.runner import Engine, LoadSpec, load_engine  # noqa: E402
+from predictor.engine.model.runner import Engine  # noqa: E402
+from predictor.engine.model.loading import LoadSpec, load_engine  # noqa: E402
 from predictor.engine.options import Limits, SpeculativeConfig  # noqa: E402
 from predictor.engine.sampling.speculation import DraftLength  # noqa: E402
 from predictor.engine.scheduling.batcher import Batcher  # noqa: E402

@@ -42,7 +42,10 @@ def measure(model_dir: str, batch: int, tokens: int) -> float:
         from predictor.api.schema import parse_chat_request
     from predictor.engine.scheduling.batcher import Batcher
     from predictor.engine.options import Limits
-    from predictor.engine.model.runner import LoadSpec, load_engine
+    try:
+        from predictor.engine.model.loading import LoadSpec, load_engine
+    except ImportError:  # an engine from before the loading functions left ``runner`` (--before)
+        from predictor.engine.model.runner import LoadSpec, load_engine
 
     torch.set_num_threads(1)
     engine = load_engine(LoadSpec(model_dir))

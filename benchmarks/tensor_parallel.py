@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from predictor.engine.parallel.ranks import ParallelSpec, load_sharded_engine  # noqa: E402
-from predictor.engine.model.runner import Engine, LoadSpec, load_engine  # noqa: E402
+from predictor.engine.model.runner import Engine  # noqa: E402
+from predictor.engine.model.loading import LoadSpec, load_engine  # noqa: E402
 from predictor.tiny import build_tokenizer  # noqa: E402
 
 SHAPE = dict(vocab_size=1024, hidden_size=1024, num_attention_heads=16, num_kv_heads=4, num_hidden_layers=8,

@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 CHILD = r"""
 import json, os, sys, time
 import torch, transformers  # noqa: F401 - imported before the baseline
-from predictor.engine.model import loading
-from predictor.engine.model.runner import LoadSpec, load_engine
+from predictor.engine.model import layerwise
+from predictor.engine.model.loading import LoadSpec, load_engine
 from predictor.engine.parallel import sharding
 from predictor.engine.parallel.sharding import shard_model
 
@@ -36,7 +36,7 @@ way, source = sys.argv[1], sys.argv[2]
 baseline = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024  # resident now, KiB
 read = []
 preadv = os.preadv
-loading.os.preadv = lambda *args: read.append(preadv(*args)) or read[-1]
+layerwise.os.preadv = lambda *args: read.append(preadv(*args)) or read[-1]
 spec = LoadSpec(source, device="cpu")
 started = time.perf_counter()
 if way == "slices":

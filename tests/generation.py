@@ -11,7 +11,8 @@ from predictor.api.chat.mapping import to_generation_job
 from predictor.api.chat.schema import parse_chat_request
 from predictor.engine.scheduling.batcher import Batcher
 from predictor.engine.options import Limits
-from predictor.engine.model.runner import Engine, LoadSpec, load_engine
+from predictor.engine.model.runner import Engine
+from predictor.engine.model.loading import LoadSpec, load_engine
 
 
 def reserved_engine(model_dir, rows: int = 32, **spec) -> Engine:

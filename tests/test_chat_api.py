@@ -20,7 +20,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from predictor.engine.model.runner import resolve_device_and_dtype
+from predictor.engine.model.loading import resolve_device_and_dtype
 
 MISSING_PROMPT = "Text generation parameter prompt required"
 PROMPT = "The quick brown fox"  # plain ASCII: the continuation decodes alone exactly as it does after the prompt

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from predictor.engine.sampling.group_beam_search import group_beam_search
-from predictor.engine.model.runner import resolve_device_and_dtype
+from predictor.engine.model.loading import resolve_device_and_dtype
 
 # Plain ASCII prompts: the server decodes prompt + continuation and cuts the prompt's text off, which for these
 # equals decoding the continuation alone, as done here.

@@ -8,7 +8,7 @@ import pytest
 from generation import make_job, run
 from lora_adapters import ALL_TARGETS, greedy, make_adapter, peft_model
 from predictor.engine.lora.adapter import linear_shapes, read_adapter
-from predictor.engine.model.runner import LoadSpec, load_engine
+from predictor.engine.model.loading import LoadSpec, load_engine
 
 PROMPTS = ["Return the value of", "The quick brown fox", "Create a new"]
 LONG = " ".join(["Return the value of the key"] * 8)  # several blocks of the prefix cache

@@ -24,7 +24,7 @@ import torch
 from generation import generated, make_job, run
 from lora_adapters import ALL_TARGETS, make_adapter, peft_model
 from predictor.engine.lora.adapter import TARGETS, linear_shapes, read_adapter
-from predictor.engine.model.runner import LoadSpec, load_engine, quantize
+from predictor.engine.model.loading import LoadSpec, load_engine, quantize
 from predictor.engine.parallel.ranks import ParallelSpec, load_sharded_engine
 from predictor.engine.quantization.linear import Int8Linear, weight_bytes
 from predictor.engine.quantization.schemes import scheme_refusal

@@ -20,7 +20,7 @@ from predictor.engine.options import SpeculativeConfig, parse_speculative_config
 from predictor.engine.sampling.speculation import (
     PAUSE_STEPS, DraftLength, accepted_drafts, position_table, propose_ngram)
 from predictor.engine.scheduling.batcher import Batcher
-from predictor.engine.model.loading import planned_weight_bytes
+from predictor.engine.model.layerwise import planned_weight_bytes
 from predictor.engine.quantization.linear import weight_bytes
 from predictor.engine.scheduling.drafting import DraftModel, draft_fit_refusal, tokenizer_mismatch
 from predictor.engine.scheduling.speculating import Speculator

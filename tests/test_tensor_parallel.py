@@ -13,7 +13,7 @@ from generation import generated, make_job, reserved_engine, run
 
 from predictor.engine.model.falcon import FalconShape, _layer
 from predictor.engine.parallel.ranks import ParallelSpec, load_sharded_engine
-from predictor.engine.model.runner import LoadSpec, load_engine
+from predictor.engine.model.loading import LoadSpec, load_engine
 from predictor.engine.parallel.sharding import SPLIT_BY_OUTPUT, shard_model, tensor_parallel_refusal
 from predictor.tiny import tiny_config
 

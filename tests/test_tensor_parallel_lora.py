@@ -13,7 +13,8 @@ from lora_adapters import ALL_TARGETS, make_adapter
 
 from predictor.engine.lora.adapter import read_adapter
 from predictor.engine.parallel.ranks import ParallelSpec, load_sharded_engine
-from predictor.engine.model.runner import Engine, LoadSpec, load_engine
+from predictor.engine.model.runner import Engine
+from predictor.engine.model.loading import LoadSpec, load_engine
 from predictor.engine.parallel.sharding import SPLIT_BY_OUTPUT, shard_adapter
 
 PROMPTS = ["The quick brown fox", "Return the value of", "Hello"]

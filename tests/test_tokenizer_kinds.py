@@ -13,7 +13,8 @@ import torch
 from transformers import AutoTokenizer
 from transformers.generation.stopping_criteria import StopStringCriteria
 
-from predictor.engine.model.runner import LoadSpec, _backend_decode, load_engine
+from predictor.engine.model.runner import _backend_decode
+from predictor.engine.model.loading import LoadSpec, load_engine
 from predictor.engine.options import GenerationOptions
 from predictor.engine.sampling.sampler import (TextStopCriteria, make_sampler, stop_string_criteria, stopped_on_strings,
                                              token_stop_matching_error)

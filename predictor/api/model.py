@@ -29,8 +29,9 @@ from ..engine.scheduling.speculating import Speculator
 from ..engine.model.kv_cache import BLOCK_SIZE
 from ..engine.options import GenerationJob, Limits
 from ..engine.parallel.ranks import ParallelSpec, ShardedEngine, load_sharded_engine
-from ..engine.model.loading import planned_weight_bytes
-from ..engine.model.runner import Engine, LoadSpec, load_engine, resolve_device_and_dtype
+from ..engine.model.layerwise import planned_weight_bytes
+from ..engine.model.runner import Engine
+from ..engine.model.loading import LoadSpec, load_engine, resolve_device_and_dtype
 from ..engine.scheduling.tickets import GenerationResult, Ticket
 from ..errors import GenerationFailed, InvalidRequest, ModelNotFound, NotReady
 from ..tiny import build_tiny_falcon, default_cache_dir

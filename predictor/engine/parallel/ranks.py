@@ -40,7 +40,8 @@ from ..model.falcon import FalconShape, StepTensors, moved
 from ..model.kv_cache import KVCache
 from ..lora.adapter import LoraAdapter
 from ..lora.bank import AdapterBank
-from ..model.runner import Engine, LoadSpec, resolve_device_and_dtype
+from ..model.runner import Engine
+from ..model.loading import LoadSpec, resolve_device_and_dtype
 from .sharding import load_shard, reads_slices, shard_adapter, tensor_parallel_refusal
 
 logger = logging.getLogger(__name__)

@@ -29,8 +29,8 @@ import time
 import torch
 
 from ..model.falcon import FalconShape
-from ..model.loading import Reader, StoredTensor, can_load_by_layers, load_by_layers
-from ..model.runner import LoadSpec, load_engine, load_tokenizer, quantize, resolve_device_and_dtype
+from ..model.layerwise import Reader, StoredTensor, can_load_by_layers, load_by_layers
+from ..model.loading import LoadSpec, load_engine, load_tokenizer, quantize, resolve_device_and_dtype
 from ..lora.adapter import TARGETS, LoraAdapter, linear_shapes
 from ..quantization.linear import Int8Linear
 from ..quantization.schemes import QUANTIZED_BEFORE_THE_CUT, scheme_refusal
