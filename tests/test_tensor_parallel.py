@@ -120,12 +120,12 @@ def test_a_sharded_layer_sums_to_the_whole_layer(tiny_dirs):
 def test_each_rank_reads_only_its_slices_and_keeps_what_a_whole_load_keeps(tiny_dirs, monkeypatch, tmp_path):
     """A rank loading a safetensors directory reads its rows or columns of each split layer from the file, not the
     whole tensor, and ends with the very tensors that loading everything and cutting gives."""
-    from predictor.engine.model import loading
+    from predictor.engine.model import layerwise
     from predictor.engine.parallel import sharding
 
     read: list[int] = []
     preadv = os.preadv
-    monkeypatch.setattr(loading.os, "preadv", lambda *args: read.append(preadv(*args)) or read[-1])
+    monkeypatch.setattr(layerwise.os, "preadv", lambda *args: read.append(preadv(*args)) or read[-1])
     spec = LoadSpec(str(tiny_dirs["40b"]), device="cpu")
     assert sharding.reads_slices(spec)
     partial = tmp_path / "partial"  # a checkpoint lacking weights loads whole, initialised as from_pretrained does
@@ -134,7 +134,7 @@ def test_each_rank_reads_only_its_slices_and_keeps_what_a_whole_load_keeps(tiny_
     save_file({"transformer.ln_f.weight": torch.ones(64)}, str(partial / "model.safetensors"))
     assert not sharding.reads_slices(LoadSpec(str(partial), device="cpu"))
     stored = {name: tensor for path in sorted(tiny_dirs["40b"].glob("*.safetensors"))
-              for name, tensor in loading.stored_tensors(path).items()}
+              for name, tensor in layerwise.stored_tensors(path).items()}
     size = {name: tensor.end - tensor.start for name, tensor in stored.items()}
     split = {name for name in stored if name.split(".")[-2] in SPLIT_BY_OUTPUT}
     first_rank_only = {name for name in split if name.endswith(".bias") and not SPLIT_BY_OUTPUT[name.split(".")[-2]]}
