@@ -6,8 +6,8 @@ what finished. When the shared forward pass raises, the prompts being computed a
 when the decode rows alone still fail, each request's rows run on their own and only those that fail again end.
 Token choice is redone request by request in the same way. Keys and values are committed only by a pass that
 succeeded (``Engine.step``), so a pass can be rerun. A request that cannot be admitted (its adapter, sampler, prefix
-lookup or rows) fails before it takes any row or adapter slot; one whose answer cannot be made fails at retirement,
-its rows and slot freed.
+lookup or rows: ``admission``) fails before it takes any row or adapter slot; one whose answer cannot be made fails
+at retirement, its rows and slot freed.
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ import time
 import torch
 
 from ... import metrics
-from ...errors import GenerationFailed, ModelNotFound, PredictorError
+from ...errors import GenerationFailed, PredictorError
 from .. import faults
+from .admission import admission_error, place_adapter, start_request
 from .health import EngineHealth
 from ..lora.bank import BASE
 from ..model.runner import DeviceTokens, Engine
 from .running import PendingTokens, RunningRequest, RunningSequence
 from .speculating import Speculator, positions, verify_rows
 from ..sampling.choice import ChoicePlan, SamplingTable, choose_tokens
-from ..sampling.sampler import TokenLogprob, make_sampler, stopped_on_strings
+from ..sampling.sampler import TokenLogprob, stopped_on_strings
 from .tickets import Ticket, TokenEvent, emit_all
 from ..transfer import to_device
 
@@ -61,79 +62,21 @@ class DecodeBatch:
         one: counting them is a walk over every request); the rows it took (0 if it could not start: then it has
         its answer, a 4xx naming its option or a 500), or None while every adapter slot is in use (it waits)."""
         try:
-            slot = self._place_adapter(ticket)
+            slot = place_adapter(self.engine, ticket)
             if slot is None:
                 return None
             try:
                 running = self.running_sequences if running is None else running
-                self.requests.append(self._start(ticket, running, slot))
+                self.requests.append(start_request(self.engine, self.sampling, ticket, running, slot,
+                                                   self.prefix_caching))
                 self._admitted += 1
             except BaseException:
                 self._release_slot(slot)
                 raise
         except Exception as exc:  # noqa: BLE001 - this request cannot start: it fails alone
-            self._fail_admission(ticket, exc)
+            ticket.fail(admission_error(exc))
             return 0
         return len(self.requests[-1].sequences)
-
-    def _place_adapter(self, ticket: Ticket) -> int | None:
-        """The bank slot of the ticket's adapter (``BASE`` without one), None while every slot is in use;
-        ModelNotFound when its adapter was unloaded after the request was accepted."""
-        name = ticket.job.adapter
-        if name is None:
-            return BASE
-        faults.inject("adapter", ticket.job.prompt_ids)
-        bank = self.engine.lora
-        try:
-            if bank is None:
-                raise KeyError(name)
-            return bank.place(name)
-        except KeyError:
-            raise ModelNotFound(f"the adapter {name!r} was unloaded before this request started") from None
-
-    def _start(self, ticket: Ticket, running: int, slot: int = BASE) -> RunningRequest:
-        """Give a request's sequences their samplers and rows, with its adapter's ``slot``; the leader's starts
-        from the longest prefix cached with the same adapter. If any of it fails, the rows it took are given
-        back."""
-        ticket.started_at = time.monotonic()
-        options, cache, prompt = ticket.job.options, self.engine.cache, list(ticket.job.prompt_ids)
-        samplers = [make_sampler(options, prompt, index, self.engine.device, self.engine.tokenizer)
-                    for index in range(options.num_return_sequences)]
-        # Keys and values computed with an adapter are that adapter's alone.
-        salt = self.engine.lora.key(slot) if slot != BASE else None
-        hit = None
-        # A prompt's log-probabilities come from computing it: a request that asks for them reuses no prefix.
-        if self.prefix_caching and options.prompt_logprobs is None:
-            faults.inject("prefix", prompt)
-            hit = cache.find_prefix(prompt, salt)
-            metrics.PREFIX_CACHE_QUERIES.inc(len(prompt))
-            metrics.PREFIX_CACHE_HITS.inc(hit.tokens if hit else 0)
-            ticket.cached_tokens = hit.tokens if hit else 0
-        sequences: list[RunningSequence] = []
-        try:
-            for index, sampler in enumerate(samplers):
-                row = cache.allocate(running + index, hit if index == 0 else None, salt)
-                self.engine.use_adapter(row, slot)
-                self.sampling.set_row(row, sampler, prompt)
-                sequences.append(RunningSequence(ticket, index, row, list(prompt), sampler, len(prompt),
-                                                 computed=cache.length(row)))
-                faults.inject("rows", prompt)
-        except BaseException:
-            for seq in sequences:
-                cache.release(seq.row)
-            raise
-        if ticket.job.adapter is not None:
-            metrics.LORA_REQUESTS.labels(ticket.job.adapter).inc()
-        return RunningRequest(ticket, sequences, slot)
-
-    def _fail_admission(self, ticket: Ticket, exc: Exception) -> None:
-        """A request that could not start: a 4xx naming its option when one was at fault, else a 500."""
-        if isinstance(exc, PredictorError):
-            error = exc
-        else:
-            logger.error("Starting a request failed", exc_info=exc)
-            error = GenerationFailed(f"the request could not be started: {type(exc).__name__}", stage="admission")
-        ticket.fail(error)
 
     @torch.inference_mode()
     def step(self) -> None:
