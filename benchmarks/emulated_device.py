@@ -108,6 +108,10 @@ class EmulatedDevice:
         self._offset = (self._offset + rows) % (self.logits.shape[0] - rows)
         return self.logits[self._offset:self._offset + rows]
 
+    def as_accelerator(self, batcher) -> None:
+        """The batch behaves as on the accelerator this device stands for (its CPU engine would not)."""
+        batcher._batch.hold_events = True  # a step's events go to the event loop while it waits for the device
+
     def choose_narrow(self, batcher) -> None:
         """The batch's options table as wide as the scores it chooses from."""
         from predictor.engine.sampling.choice import SamplingTable
@@ -166,6 +170,7 @@ def measure(model_dir: str, rows: list[int], device_ms: list[float], tokens: int
     async def serve(n: int, mix: str) -> float:
         options, streamed = MIXES[mix]
         batcher = Batcher(engine, max_batch_size=n, max_queue=n, prefix_caching=False)
+        device.as_accelerator(batcher)
         if on_device:
             device.choose_narrow(batcher)
         batcher.start()

@@ -166,11 +166,12 @@ def test_a_stop_string_ends_the_sequence_at_its_token_on_other_tokenizers(tmp_pa
 
 
 # -- (e) the clients' work overlaps the device's ----------------------------------------------------------------------
-def test_a_tokens_event_goes_to_its_client_after_the_next_launch_before_the_wait_for_the_device(tiny_dir, monkeypatch):
-    """The events of the tokens a step read back are handed to the event loop by the next step, once it has
-    launched its work and just before it waits for the device: the clients' Python (detokenizing, writing to
-    sockets) runs while the device computes, not between the host's launches. Every event still comes before the
-    request's answer."""
+@pytest.mark.parametrize("accelerator", [True, False], ids=["accelerator", "cpu"])
+def test_a_tokens_event_goes_to_its_client_while_the_host_waits_for_the_device(tiny_dir, monkeypatch, accelerator):
+    """On an accelerator, the events of the tokens a step read back are handed to the event loop by the next step,
+    once it has launched its work and just before it waits for the device: the clients' Python (detokenizing,
+    writing to sockets) runs while the device computes, not between the host's launches. On the CPU, where the next
+    forward is the host's own computing, they go as soon as they are made. Every event comes before the answer."""
     import asyncio
 
     from generation import make_job, reserved_engine
@@ -188,6 +189,8 @@ def test_a_tokens_event_goes_to_its_client_after_the_next_launch_before_the_wait
 
     async def stream() -> tuple[list[int], list[int]]:
         batcher = Batcher(engine, max_batch_size=4)
+        assert batcher._batch.hold_events is False  # the engine is on the CPU
+        batcher._batch.hold_events = accelerator
         batcher.start()
         ticket = batcher.submit(make_job(engine, PROMPT, do_sample=False, max_new_tokens=6, min_new_tokens=6),
                                 stream=True)
@@ -198,6 +201,8 @@ def test_a_tokens_event_goes_to_its_client_after_the_next_launch_before_the_wait
 
     tokens, answered = asyncio.run(stream())
     assert tokens == answered and len(tokens) == 6
-    # The prompt's step; the second token's step reads the first back; four steps each hand over the token read
-    # back before, then wait; the last read-back, and the last token's event before the answer.
-    assert log == ["launch"] + ["launch", "wait"] + ["launch", "events", "wait"] * 4 + ["events", "wait", "events"]
+    if accelerator:  # the prompt's step; the second token's step reads the first back; four steps each hand over
+        # the token read back before, then wait; the last read-back, and the last token's event before the answer
+        assert log == ["launch"] + ["launch", "wait"] + ["launch", "events", "wait"] * 4 + ["events", "wait", "events"]
+    else:  # each token's event as soon as it is read back
+        assert log == ["launch"] + ["launch", "wait", "events"] * 5 + ["wait", "events"]

@@ -52,6 +52,7 @@ class DecodeBatch:
         self._pending: PendingTokens | None = None  # tokens chosen by the last step, on the device, not read yet
         self._waited = 0.0  # this step's time reading tokens back (waiting for the device)
         self._outbox: list[tuple[Ticket, TokenEvent]] = []  # the last tokens' events, not yet handed to clients
+        self.hold_events = engine.device.type != "cpu"  # an accelerator's: see ``_settle``
 
     @property
     def running_sequences(self) -> int:
@@ -146,9 +147,11 @@ class DecodeBatch:
         client gets its event. A sequence that ended already (on the token before, or its request failed) drops
         its token: no text past its end is ever sent.
 
-        The events wait in the outbox until the next read-back (or an answer, or the batch's last step): handed to
-        the event loop while this thread waits for the device, the clients' Python does not take turns on the GIL
-        with the launch of the next step."""
+        On an accelerator (``hold_events``) the events wait in the outbox until the next read-back (or an answer, or
+        the batch's last step): handed to the event loop while this thread waits for the device, the clients'
+        Python does not take turns on the GIL with the launch of the next step. On the CPU they go at once: there
+        the next step's forward is this thread's own computing, whose operators leave the GIL to the event loop,
+        and holding the events would delay each token by a forward."""
         self._send_events()
         tokens = self._read_back(pending.tokens)
         fed_now = {id(seq) for seq in fed}
@@ -169,6 +172,8 @@ class DecodeBatch:
             if seq.ticket.wants_events:
                 events.append((seq.ticket, TokenEvent(seq.index, token, seq.finish_reason, logprob)))
         self._outbox += events
+        if not self.hold_events:
+            self._send_events()
 
     def _send_events(self) -> None:
         """Hand the outbox's events to their clients (one wake-up of the event loop)."""
