@@ -77,6 +77,20 @@ def test_rows_go_low_first_and_a_freed_row_keeps_its_prefix():
     assert cache.find_prefix(prompt[:5]) is None
 
 
+def test_a_row_released_without_keeping_holds_nothing_and_moves_nothing_when_taken_again():
+    cache = cache_of()
+    kept, dropped = cache.allocate(0), cache.allocate(1)
+    prompt = list(range(2 * BLOCK_SIZE + 1))
+    cache.extend(kept, prompt)
+    cache.extend(dropped, [7] + prompt)
+    cache.release(kept)
+    cache.release(dropped, keep=False)  # a batch without prefix caching
+    assert cache.usage == 0 and cache.length(dropped) == 0 and cache.find_prefix([7] + prompt + [1]) is None
+    assert cache.find_prefix(prompt + [1]).row == kept
+    assert cache.allocate(0) == kept and cache.length(2) == len(prompt)  # the kept prefix moved up
+    assert cache.allocate(1) == dropped and cache.length(3) == 0  # nothing to move
+
+
 def test_a_copy_shares_a_prefix_and_a_taken_row_moves_its_prefix_up():
     cache = cache_of()
     row = cache.allocate(0)
@@ -392,3 +406,12 @@ def test_on_a_gpu_the_compiled_step_gives_the_same_tokens(tiny_dirs):
               stagger_s=0.02, prepare=compiled.warm_up)
     assert compiled.cache.keys[0].device.type == "cuda"
     assert [generated(r) for r in got] == [generated(r) for r in expected]
+
+
+def test_a_batch_without_prefix_caching_leaves_no_rows_holding_tokens(tiny_dirs):
+    """What no later request can find is not kept: a finished request's rows are empty again."""
+    engine = reserved_engine(tiny_dirs["7b"], rows=4)
+    run(engine, [make_job(engine, "Once upon a time", max_new_tokens=4) for _ in range(3)], prefix_caching=False)
+    assert [engine.cache.length(row) for row in range(engine.cache.rows)] == [0] * engine.cache.rows
+    run(engine, [make_job(engine, "Once upon a time", max_new_tokens=4)], prefix_caching=True)
+    assert any(engine.cache.length(row) for row in range(engine.cache.rows))  # kept for the prefix cache

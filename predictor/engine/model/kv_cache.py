@@ -225,9 +225,14 @@ class KVCache:
         self._last_used[target] = self._last_used[row]
         return target
 
-    def release(self, row: int) -> None:
-        """The sequence in ``row`` ended; its contents stay, indexed, until the row is needed again."""
+    def release(self, row: int, keep: bool = True) -> None:
+        """The sequence in ``row`` ended; its contents stay, indexed, until the row is needed again (``keep``: the
+        prefix cache may find them), or are forgotten now: without prefix caching nothing would find them, and the
+        next sequence to take the row would first move them to a free row above (a copy, and a search of the free
+        rows, per admission)."""
         self.used_tokens -= self._lengths[row]
+        if not keep:
+            self._forget(row, keep=0)
         self._last_used[row] = next(self._clock)
         self._free.add(row)
 

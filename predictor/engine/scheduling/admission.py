@@ -66,7 +66,7 @@ def start_request(engine: Engine, sampling: SamplingTable, ticket: Ticket, runni
             faults.inject("rows", prompt)
     except BaseException:
         for seq in sequences:
-            cache.release(seq.row)
+            cache.release(seq.row, keep=prefix_caching)
         raise
     if ticket.job.adapter is not None:
         metrics.LORA_REQUESTS.labels(ticket.job.adapter).inc()

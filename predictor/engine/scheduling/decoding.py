@@ -372,7 +372,7 @@ class DecodeBatch:
     def _release_finished(self, request: RunningRequest) -> None:
         for seq in request.sequences:
             if seq.finish_reason is not None and seq.row >= 0:
-                self.engine.cache.release(seq.row)
+                self.engine.cache.release(seq.row, keep=self.prefix_caching)
                 seq.row = -1
 
     def fail_all(self, exc: Exception) -> None:
@@ -392,7 +392,7 @@ class DecodeBatch:
             self._release_adapter(request)
             for seq in request.sequences:
                 if seq.row >= 0:
-                    self.engine.cache.release(seq.row)
+                    self.engine.cache.release(seq.row, keep=self.prefix_caching)
                     seq.row = -1
         self.requests = [request for request in self.requests if request not in requests]
         fail_tickets(self.health, [request.ticket for request in requests], exc, stage)
