@@ -2,12 +2,12 @@
 
 Every cache row's options (temperature, top-k, top-p, min-p, typical-p, penalties, min_new_tokens and its eos ids)
 live in device tensors (``SamplingTable``), written when sequences take rows (once a step for all of them); a step
-gathers them by the rows it runs. Each warper is the batched form of transformers' own, with the same arithmetic, applied only where a
-row asks for it, so each option keeps its exact ``generate`` meaning; greedy rows take the best token of the
-processed scores. Sampled rows draw by the exponential race, ``argmax(probs / noise)`` with ``noise ~ Exp(1)`` (as
-gpt-fast and vLLM do): one kernel for every row and no read-back, unlike ``multinomial`` per generator. A row with a
-seed draws its noise from its own generator, always one vocabulary's worth per step, so its tokens do not depend on
-its batch; the other rows share the batch's generator.
+gathers them by the rows it runs. Each warper is the batched form of transformers' own, with the same arithmetic,
+applied only where a row asks for it, so each option keeps its exact ``generate`` meaning; greedy rows take the best
+token of the processed scores. Sampled rows draw by the exponential race, ``argmax(probs / noise)`` with
+``noise ~ Exp(1)`` (as gpt-fast and vLLM do): one kernel for every row and no read-back, unlike ``multinomial`` per
+generator. A row with a seed draws its noise from its own generator, always one vocabulary's worth per step, so its
+tokens do not depend on its batch; the other rows share the batch's generator.
 
 What the host needs to know about a step's rows (which options anyone uses, who has a seed, who wants
 log-probabilities) is a ``ChoicePlan``, made when the rows change, not every step. The rare options that read a
