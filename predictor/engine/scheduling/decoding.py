@@ -58,16 +58,15 @@ class DecodeBatch:
     def running_sequences(self) -> int:
         return sum(len(request.sequences) for request in self.requests)
 
-    def admit(self, ticket: Ticket, running: int | None = None) -> int | None:
-        """Start ``ticket``'s request in the batch, beside ``running`` sequences (the caller's count, when it keeps
-        one: counting them is a walk over every request); the rows it took (0 if it could not start: then it has
+    def admit(self, ticket: Ticket, running: int) -> int | None:
+        """Start ``ticket``'s request in the batch, beside ``running`` sequences (the caller counts them as it admits:
+        ``running_sequences`` walks every request); the rows it took (0 if it could not start: then it has
         its answer, a 4xx naming its option or a 500), or None while every adapter slot is in use (it waits)."""
         try:
             slot = place_adapter(self.engine, ticket)
             if slot is None:
                 return None
             try:
-                running = self.running_sequences if running is None else running
                 self.requests.append(start_request(self.engine, self.sampling, ticket, running, slot,
                                                    self.prefix_caching))
                 self._admitted += 1
