@@ -149,7 +149,7 @@ def choose_tokens(logits: torch.Tensor, plan: ChoicePlan, table: SamplingTable, 
     if plan.id_rows:  # written in place below: the caller's logits stay as they were, for a retry
         scores = scores.clone()
     for i in plan.id_rows:
-        ids = torch.tensor([sequences[i]], device=scores.device)  # [1, seq]
+        ids = to_device([sequences[i]], scores.device, torch.long)  # [1, seq]
         scores[i:i + 1] = plan.samplers[i].processors(ids, scores[i:i + 1])
     values = table.values[plan.rows] if plan.sampled or plan.penalties else None  # [n, 8]
     counters = table.counters[plan.rows] if plan.top_k or plan.min_new else None  # [n, 3]

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..transfer import to_device
 from .choice import GENERATED, SamplingTable
 
 # A sequence whose drafts keep failing stops drafting for this many steps, twice as many after each further failed
@@ -99,18 +100,18 @@ def position_table(table: SamplingTable, rows: Sequence[int], drafts: Sequence[S
     table.commit()
     device = table.device
     spans = [len(d) + 1 for d in drafts]
-    index = torch.tensor([row for row, span in zip(rows, spans) for _ in range(span)], device=device)  # [P]
+    index = to_device([row for row, span in zip(rows, spans) for _ in range(span)], device, torch.long)  # [P]
     view = SamplingTable(device, table.vocab_size)
     view.values, view.eos = table.values[index], table.eos[index]
     view.counters = table.counters[index]  # gathered: a copy
-    view.counters[:, GENERATED] += torch.tensor([j for span in spans for j in range(span)], device=device)
+    view.counters[:, GENERATED] += to_device([j for span in spans for j in range(span)], device, torch.long)
     if table.seen is not None:
         view.seen, view.counts = table.seen[index], table.counts[index]
         # (position, draft) for every draft before each position
         pairs = [(start + j, token) for start, d in zip(np.cumsum([0, *spans[:-1]]), drafts)
                  for j in range(1, len(d) + 1) for token in d[:j]]
         if pairs:
-            at, tokens = torch.tensor(pairs, device=device).unbind(1)
+            at, tokens = to_device(pairs, device, torch.long).unbind(1)
             view.seen[at, tokens] = True
             view.counts.index_put_((at, tokens), torch.ones(len(pairs), device=device), accumulate=True)
     return view
